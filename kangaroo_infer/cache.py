@@ -1,0 +1,66 @@
+"""The three KV caches of Kangaroo decoding and the exit states waiting to enter them.
+
+One transformers ``DynamicCache`` holds every base layer; the shallow layers [0, ℓ) run ahead of the deep layers
+[ℓ, L) while drafting, so the two halves have different lengths until verification. A second ``DynamicCache`` holds
+the adapter's single attention layer, which may lag behind: it only ever needs the exit states of committed tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class KangarooCache:
+    exit_layer: int
+    num_layers: int
+    base: DynamicCache = field(default_factory=DynamicCache)
+    adapter: DynamicCache = field(default_factory=DynamicCache)
+    # Exit states (inputs of layer ℓ) of tokens that the shallow layers have seen and the deep layers not yet.
+    deep_pending: list[torch.Tensor] = field(default_factory=list)  # each [1, q, H]
+    # Exit states of committed tokens that the adapter has not seen yet (e.g. a fully accepted draft's last token).
+    adapter_pending: list[torch.Tensor] = field(default_factory=list)  # each [1, q, H]
+
+    @property
+    def shallow_len(self) -> int:
+        return self.base.get_seq_length(0)
+
+    @property
+    def deep_len(self) -> int:
+        return self.base.get_seq_length(self.exit_layer)
+
+    @property
+    def adapter_len(self) -> int:
+        return self.adapter.get_seq_length(0)
+
+    def take_deep_pending(self) -> torch.Tensor:  # [1, m, H]
+        states = torch.cat(self.deep_pending, dim=1) if len(self.deep_pending) > 1 else self.deep_pending[0]
+        self.deep_pending = []
+        return states
+
+    def take_adapter_pending(self, newest: torch.Tensor) -> torch.Tensor:  # [1, a + q, H]
+        """The adapter's pending exit states followed by ``newest`` ([1, q, H]); the pending list is emptied."""
+        states = torch.cat([*self.adapter_pending, newest], dim=1) if self.adapter_pending else newest
+        self.adapter_pending = []
+        return states
+
+    def rollback(self, length: int, last_exit: torch.Tensor | None) -> None:
+        """Keep only positions [0, length) in every cache after a verification.
+
+        ``last_exit`` ([1, 1, H]) is the exit state of the token at position length-1; if the adapter has not seen
+        it yet (a fully accepted draft), it is queued for the adapter's next call.
+        """
+        for idx in range(self.num_layers):
+            self.base.layers[idx].crop(min(0, length - self.base.get_seq_length(idx)))
+        adapter_len = self.adapter_len
+        if adapter_len > length:
+            self.adapter.layers[0].crop(length - adapter_len)
+        elif adapter_len < length:
+            missing = length - adapter_len
+            pending = sum(s.shape[1] for s in self.adapter_pending)
+            if missing != pending + 1 or last_exit is None:
+                raise RuntimeError(f"adapter cache out of step: {adapter_len} cached, {pending} pending, {length} kept")
+            self.adapter_pending.append(last_exit)

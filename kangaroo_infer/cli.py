@@ -1,0 +1,84 @@
+"""Command line: ``python -m kangaroo_infer generate ...`` (and ``bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="adapter checkpoint directory (omit for a fresh, untrained adapter)")
+    parser.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
+    parser.add_argument("--exit-layer", type=int, help="exit layer ℓ (required for a fresh adapter)")
+    parser.add_argument("--init", choices=["random", "copy"], default="random", help="fresh adapter init")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default fp32)")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--threshold", type=float, help="early-exit threshold η (default: adapter's, else 0.6)")
+    parser.add_argument("--steps", type=int, help="max draft steps γ per round (default: adapter's, else 6)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kangaroo_infer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="decode one prompt, streaming the text; prints τ and tokens/s")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    return parser
+
+
+def load_model(args: argparse.Namespace):
+    from .model import KangarooModel
+
+    if args.adapter is None and args.base is None:
+        raise ValueError("Pass --adapter DIR (a trained adapter) or --base MODEL --exit-layer N (a fresh adapter).")
+    return KangarooModel.from_pretrained(
+        args.base, adapter=args.adapter, exit_layer=args.exit_layer, dtype=args.dtype, device=args.device, init=args.init
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from .base import load_tokenizer
+
+    km = load_model(args)
+    tokenizer = load_tokenizer(km.base)
+    if args.chat:
+        input_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = km.generate(
+        input_ids,
+        max_new_tokens=args.max_new_tokens,
+        threshold=args.threshold,
+        max_draft_steps=args.steps,
+        streamer=streamer,
+    )
+    seconds = time.perf_counter() - start
+    n = out.num_new_tokens
+    print(
+        f"\n[kangaroo] {n} tokens in {seconds:.2f} s = {n / seconds:.1f} tokens/s; τ = {out.tau:.2f} tokens per "
+        f"full forward ({len(out.accept_lengths)} forwards, exit layer {km.exit_layer})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    commands = {"generate": cmd_generate}
+    try:
+        return commands[args.command](args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,75 @@
+"""Drafting: shallow layers [0, ℓ) + adapter + LM head, one token at a time, stopping early on low confidence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import KangarooAdapter
+from .arch import Backbone, causal_mask
+from .cache import KangarooCache
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # d_1..d_k proposed after the last committed token
+    probs: list[float]  # the adapter's top-1 probability of each draft
+
+
+def shallow_step(backbone: Backbone, exit_layer: int, cache: KangarooCache, token: torch.Tensor) -> torch.Tensor:
+    """Run one token ([1, 1]) through layers [0, ℓ); queue its exit state for the deep layers; return it [1, 1, H]."""
+    pos = cache.shallow_len
+    positions = torch.arange(pos, pos + 1, device=token.device)
+    hidden = backbone.embed_tokens(token)  # [1, 1, H]
+    pe = backbone.rotary_emb(hidden, position_ids=positions[None])
+    exit_state = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base)
+    cache.deep_pending.append(exit_state)
+    return exit_state
+
+
+def adapter_logits(
+    backbone: Backbone, adapter: KangarooAdapter, cache: KangarooCache, exit_state: torch.Tensor
+) -> torch.Tensor:  # [V] draft logits for the token after the one whose exit state is given
+    """Feed the adapter everything it has not seen yet (ending with ``exit_state``) and read the last position."""
+    states = cache.take_adapter_pending(exit_state)  # [1, a, H]
+    start = cache.adapter_len
+    positions = torch.arange(start, start + states.shape[1], device=states.device)
+    pe = backbone.rotary_emb(states, position_ids=positions[None])
+    mask = causal_mask(positions, start + states.shape[1], None, states.dtype, backbone.eager)
+    out = adapter(states, position_embeddings=pe, attention_mask=mask, cache=cache.adapter)  # [1, a, H]
+    return backbone.lm_head(out[0, -1])
+
+
+def draft_chain(
+    backbone: Backbone,
+    adapter: KangarooAdapter,
+    cache: KangarooCache,
+    last_token: int,
+    max_steps: int,
+    threshold: float,
+    eos_ids: frozenset[int],
+    device: torch.device,
+) -> Draft:
+    """Propose up to ``max_steps`` tokens after ``last_token``; every drafted token also gets its shallow pass.
+
+    Stops after a draft whose top-1 probability is below ``threshold`` (that draft is still proposed) or that is an
+    end-of-sequence token. Layers [0, ℓ) run exactly once per token: the exit states are kept for verification.
+    """
+    exit_layer = adapter.config.exit_layer
+    tokens: list[int] = []
+    probs: list[float] = []
+    token = last_token
+    for _ in range(max_steps):
+        exit_state = shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
+        logits = adapter_logits(backbone, adapter, cache, exit_state)
+        top_logit, top_id = logits.max(dim=-1)
+        prob = torch.exp(top_logit - torch.logsumexp(logits.float(), dim=-1))
+        prob_value, token = prob.item(), int(top_id)
+        tokens.append(token)
+        probs.append(prob_value)
+        if prob_value < threshold or token in eos_ids:
+            break
+    # The newest token (last draft, or the last committed token when max_steps is 0) still needs its shallow pass.
+    shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
+    return Draft(tokens, probs)

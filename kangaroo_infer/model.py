@@ -1,0 +1,217 @@
+"""KangarooModel: a base causal LM plus an adapter at exit layer ℓ, decoding losslessly by self-speculation."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .adapter import INITS, KangarooAdapter, check_exit_layer, read_adapter_config
+from .arch import Backbone
+from .base import load_base
+from .cache import KangarooCache
+from .draft import draft_chain
+from .verify import deep_logits, verify_chain
+
+
+DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6}
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.LongTensor  # [1, T + n]: prompt + new tokens
+    accept_lengths: list[int]  # tokens committed by each full-model forward (the prefill included); sum == n
+    draft_lengths: list[int] = field(default_factory=list)  # drafts proposed in each round (prefill excluded)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(self.accept_lengths)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per full-model forward."""
+        return self.num_new_tokens / max(len(self.accept_lengths), 1)
+
+
+def _eos_set(eos_token_id: int | list[int] | torch.Tensor | None) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(t) for t in eos_token_id)
+
+
+class KangarooModel:
+    """Double early exiting: draft with layers [0, ℓ) + adapter, verify with layers [ℓ, L) in one pass."""
+
+    def __init__(self, base: PreTrainedModel, adapter: KangarooAdapter):
+        self.base = base
+        self.adapter = adapter.eval()
+        self.backbone = Backbone.of(base)
+        check_exit_layer(adapter.config.exit_layer, self.backbone.num_layers)
+
+    @property
+    def exit_layer(self) -> int:
+        return self.adapter.config.exit_layer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike | PreTrainedModel | None,
+        adapter: str | os.PathLike | None = None,
+        exit_layer: int | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        init: str = "random",
+    ) -> KangarooModel:
+        """Load a base model and an adapter checkpoint (or make a fresh adapter when ``adapter`` is None).
+
+        ``base_model`` is an HF directory, a hub id, an alias (``smollm2-135m-instruct``) or a loaded model; None
+        takes the base recorded in the adapter's config. ``exit_layer`` is required for a fresh adapter and, with a
+        checkpoint, must agree with the checkpoint's.
+        """
+        if adapter is None:
+            if base_model is None:
+                raise ValueError("Name a base model (base_model=...) or an adapter checkpoint (adapter=DIR).")
+            if exit_layer is None:
+                raise ValueError("A fresh adapter (adapter=None) needs exit_layer=ℓ, the number of shallow layers.")
+            if init not in INITS:
+                raise ValueError(f"Unknown adapter init {init!r}; choose one of {list(INITS)}.")
+            base = load_base(base_model, dtype, device)
+            check_exit_layer(exit_layer, base.config.num_hidden_layers)
+            name = None if isinstance(base_model, PreTrainedModel) else str(base_model)
+            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name))
+        config = read_adapter_config(adapter)
+        if exit_layer is not None and exit_layer != config.exit_layer:
+            raise ValueError(
+                f"exit_layer={exit_layer} disagrees with the adapter checkpoint {adapter}, trained at exit layer "
+                f"{config.exit_layer}; drop exit_layer or pass the matching adapter."
+            )
+        if base_model is None:
+            if not config.base_model:
+                raise ValueError(f"Adapter {adapter} records no base model; pass base_model=... explicitly.")
+            base_model = _resolve_recorded_base(config.base_model, Path(adapter))
+        base = load_base(base_model, dtype, device)
+        return cls(base, KangarooAdapter.from_pretrained(adapter, base))
+
+    def _check_inputs(self, input_ids: torch.Tensor, max_new_tokens: int, threshold: float, steps: int) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError("input_ids must be an integer torch tensor of shape [1, T].")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(
+                f"input_ids must have shape [1, T] (one prompt); got {list(input_ids.shape)}. Decode prompts one at a "
+                f"time, or unsqueeze a 1-D prompt with input_ids[None]."
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("The prompt is empty (input_ids has 0 tokens); give at least one token.")
+        vocab = self.base.config.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids contain ids outside the vocabulary [0, {vocab}); check the tokenizer.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+        limit = self.backbone.max_positions
+        total = input_ids.shape[1] + max_new_tokens
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"Prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"model's {limit} positions; shorten the prompt or lower max_new_tokens to {limit - input_ids.shape[1]}."
+            )
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1]; got {threshold!r}.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"max_draft_steps must be an integer >= 1; got {steps!r}.")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int = 128,
+        threshold: float | None = None,
+        max_draft_steps: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        streamer=None,
+    ) -> GenerateOutput:
+        """Greedy decoding, token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
+
+        ``threshold`` (η) and ``max_draft_steps`` (γ) default to the adapter checkpoint's recorded generation
+        defaults, else 0.6 and 6.
+        ``eos_token_id`` None falls back to the base model's generation config, as ``generate`` does. ``streamer``
+        is any object with ``put(tensor)`` / ``end()`` (e.g. transformers' TextStreamer); it first receives the
+        prompt, then each round's committed tokens.
+        """
+        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        threshold = defaults["threshold"] if threshold is None else threshold
+        max_draft_steps = defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps
+        self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
+        if eos_token_id is None:
+            eos_token_id = self.base.generation_config.eos_token_id
+        eos_ids = _eos_set(eos_token_id)
+        device = self.backbone.embed_tokens.weight.device
+        input_ids = input_ids.to(device=device, dtype=torch.long)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        backbone, ell = self.backbone, self.exit_layer
+        cache = KangarooCache(ell, backbone.num_layers)
+
+        t0 = time.perf_counter()
+        first = self._prefill(input_ids, cache)
+        t1 = time.perf_counter()
+        new_tokens = [first]
+        accept_lengths = [1]
+        draft_lengths: list[int] = []
+        if streamer is not None:
+            streamer.put(torch.tensor([first]))
+        while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
+            remaining = max_new_tokens - len(new_tokens)
+            draft = draft_chain(
+                backbone,
+                self.adapter,
+                cache,
+                new_tokens[-1],
+                max_steps=min(max_draft_steps, remaining - 1),
+                threshold=threshold,
+                eos_ids=eos_ids,
+                device=device,
+            )
+            committed = verify_chain(backbone, ell, cache, draft.tokens)
+            for i, token in enumerate(committed):  # stop right after an end-of-sequence token
+                if token in eos_ids:
+                    committed = committed[: i + 1]
+                    break
+            new_tokens.extend(committed)
+            accept_lengths.append(len(committed))
+            draft_lengths.append(len(draft.tokens))
+            if streamer is not None:
+                streamer.put(torch.tensor(committed))
+        if streamer is not None:
+            streamer.end()
+        sequences = torch.cat([input_ids, torch.tensor([new_tokens], device=device)], dim=1)
+        return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1)
+
+    def _prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> int:
+        """All layers over the prompt; the adapter also reads the prompt's exit states. Returns the first token."""
+        backbone, ell = self.backbone, self.exit_layer
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = backbone.embed_tokens(input_ids)  # [1, T, H]
+        pe = backbone.rotary_emb(hidden, position_ids=positions[None])
+        exit_states = backbone.run_layers(hidden, 0, ell, pe, positions, cache.base)  # [1, T, H]
+        cache.deep_pending.append(exit_states)
+        logits, _ = deep_logits(backbone, ell, cache, last_only=True)  # [1, V]
+        cache.adapter_pending.append(exit_states)  # the adapter reads them with its first draft step
+        return int(logits[-1].argmax())
+
+
+def _resolve_recorded_base(recorded: str, adapter_dir: Path) -> str:
+    """A recorded relative path is taken relative to the adapter directory when it exists there."""
+    candidate = adapter_dir / recorded
+    if not Path(recorded).is_absolute() and candidate.exists():
+        return str(candidate)
+    return recorded

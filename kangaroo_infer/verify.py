@@ -1,0 +1,46 @@
+"""Verification: deep layers [ℓ, L) over the exit states of all pending tokens in one pass, then greedy acceptance."""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import Backbone
+from .cache import KangarooCache
+
+
+def deep_logits(
+    backbone: Backbone, exit_layer: int, cache: KangarooCache, last_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish the forward pass of every pending token; return logits [m, V] (or [1, V]) and exit states [1, m, H]."""
+    states = cache.take_deep_pending()  # [1, m, H]
+    start = cache.deep_len
+    positions = torch.arange(start, start + states.shape[1], device=states.device)
+    pe = backbone.rotary_emb(states, position_ids=positions[None])
+    hidden = backbone.run_layers(states, exit_layer, backbone.num_layers, pe, positions, cache.base)
+    if last_only:
+        hidden = hidden[:, -1:]
+    return backbone.lm_head(backbone.norm(hidden))[0], states
+
+
+def accept_greedy(drafts: list[int], targets: list[int]) -> int:
+    """Number of leading drafts equal to the full model's greedy choice at the same position.
+
+    ``targets[i]`` is the model's token after the i-th pending token, so draft i (0-based) is checked against it.
+    """
+    n = 0
+    while n < len(drafts) and drafts[n] == targets[n]:
+        n += 1
+    return n
+
+
+def verify_chain(backbone: Backbone, exit_layer: int, cache: KangarooCache, drafts: list[int]) -> list[int]:
+    """Verify ``drafts`` (the pending tokens are the last committed token + drafts); return the committed tokens.
+
+    Commits the accepted drafts plus the model's own next token, and rolls every cache back to the accepted path.
+    """
+    start = cache.deep_len
+    logits, states = deep_logits(backbone, exit_layer, cache)  # [k + 1, V], [1, k + 1, H]
+    targets = logits.argmax(dim=-1).tolist()
+    n = accept_greedy(drafts, targets)
+    cache.rollback(start + n + 1, states[:, n : n + 1])
+    return drafts[:n] + [targets[n]]
