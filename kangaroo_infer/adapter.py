@@ -82,7 +82,7 @@ class AdapterConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); re-export the adapter checkpoint.") from err
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a Kangaroo adapter config (missing \"format\": \"{FORMAT}\").")
+            raise ValueError(f'{path} is not a Kangaroo adapter config (missing "format": "{FORMAT}").')
         if raw.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has format_version {raw.get('format_version')!r}; this kangaroo reads version "
@@ -155,7 +155,12 @@ class KangarooAdapter(nn.Module):
 
     @classmethod
     def for_base(
-        cls, base: PreTrainedModel, exit_layer: int, init: str = "random", mlp: bool = False, base_name: str | None = None
+        cls,
+        base: PreTrainedModel,
+        exit_layer: int,
+        init: str = "random",
+        mlp: bool = False,
+        base_name: str | None = None,
     ) -> KangarooAdapter:
         """A fresh adapter for ``base``: torch-default weights (``random``) or copied from base layer ℓ (``copy``)."""
         check_exit_layer(exit_layer, base.config.num_hidden_layers)

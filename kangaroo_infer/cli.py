@@ -37,7 +37,12 @@ def load_model(args: argparse.Namespace):
     if args.adapter is None and args.base is None:
         raise ValueError("Pass --adapter DIR (a trained adapter) or --base MODEL --exit-layer N (a fresh adapter).")
     return KangarooModel.from_pretrained(
-        args.base, adapter=args.adapter, exit_layer=args.exit_layer, dtype=args.dtype, device=args.device, init=args.init
+        args.base,
+        adapter=args.adapter,
+        exit_layer=args.exit_layer,
+        dtype=args.dtype,
+        device=args.device,
+        init=args.init,
     )
 
 
@@ -50,7 +55,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(km.base)
     if args.chat:
         input_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )["input_ids"]
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids

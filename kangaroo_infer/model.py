@@ -17,7 +17,6 @@ from .cache import KangarooCache
 from .draft import draft_chain
 from .verify import deep_logits, verify_chain
 
-
 DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6}
 
 
