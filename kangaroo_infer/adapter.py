@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .arch import check_supported
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "kangaroo-adapter"
@@ -108,6 +110,7 @@ class _BaseModules:
 
 def _base_modules(config: PretrainedConfig) -> _BaseModules:
     """The base architecture's own module classes, found by building a one-layer copy on the meta device."""
+    check_supported(config)
     one_layer = copy.deepcopy(config)
     one_layer.num_hidden_layers = 1
     if getattr(one_layer, "layer_types", None) is not None:

@@ -12,10 +12,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, PretrainedConfig, PreTrainedModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Refuse, by name, architectures whose forward is not plain "embed -> layers -> norm -> head"."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise ValueError(
+            f"Unsupported architecture {name} (model_type {model_type!r}). Kangaroo supports model types "
+            f"{list(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)."
+        )
 
 
 @dataclass
@@ -33,12 +44,7 @@ class Backbone:
     @classmethod
     def of(cls, model: PreTrainedModel) -> Backbone:
         config = model.config
-        model_type = getattr(config, "model_type", type(model).__name__)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"Unsupported architecture {type(model).__name__} (model_type {model_type!r}). Kangaroo supports "
-                f"model types {list(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)."
-            )
+        check_supported(config)
         decoder = model.get_decoder()
         lm_head = model.get_output_embeddings()
         missing = [

@@ -18,6 +18,7 @@ from .draft import draft_chain
 from .verify import deep_logits, verify_chain
 
 DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6}
+FROM_GENERATION_CONFIG = "from_generation_config"  # eos_token_id default: as base.generate without the argument
 
 
 @dataclass
@@ -135,14 +136,15 @@ class KangarooModel:
         max_new_tokens: int = 128,
         threshold: float | None = None,
         max_draft_steps: int | None = None,
-        eos_token_id: int | list[int] | None = None,
+        eos_token_id: int | list[int] | None | str = FROM_GENERATION_CONFIG,
         streamer=None,
     ) -> GenerateOutput:
         """Greedy decoding, token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
 
         ``threshold`` (η) and ``max_draft_steps`` (γ) default to the adapter checkpoint's recorded generation
         defaults, else 0.6 and 6.
-        ``eos_token_id`` None falls back to the base model's generation config, as ``generate`` does. ``streamer``
+        ``eos_token_id`` behaves as in transformers' ``generate``: left out, the base's generation config names the
+        end-of-sequence token(s); an explicit None (or []) disables stopping early. ``streamer``
         is any object with ``put(tensor)`` / ``end()`` (e.g. transformers' TextStreamer); it first receives the
         prompt, then each round's committed tokens.
         """
@@ -150,7 +152,9 @@ class KangarooModel:
         threshold = defaults["threshold"] if threshold is None else threshold
         max_draft_steps = defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
-        if eos_token_id is None:
+        if isinstance(eos_token_id, str):
+            if eos_token_id != FROM_GENERATION_CONFIG:
+                raise ValueError(f"eos_token_id must be an int, a list of ints or None; got {eos_token_id!r}.")
             eos_token_id = self.base.generation_config.eos_token_id
         eos_ids = _eos_set(eos_token_id)
         device = self.backbone.embed_tokens.weight.device

@@ -1,0 +1,90 @@
+"""The generate CLI, run as users run it (a subprocess), on a tiny model with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kangaroo_infer import KangarooAdapter, load_tokenizer
+
+from .conftest import identity_adapter, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory with SmolLM2's tokenizer, plus an adapter checkpoint for it."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, vocab_size=len(tokenizer), max_position_embeddings=512)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    adapter = KangarooAdapter.for_base(model, exit_layer=2, init="copy", base_name=str(root / "base"))
+
+    class _Km:  # identity_adapter only needs .adapter and .base
+        pass
+
+    km = _Km()
+    km.adapter, km.base = adapter, model
+    identity_adapter(km)
+    adapter.save_pretrained(root / "adapter")
+    return root, model, tokenizer
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kangaroo_infer", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_generate_streams_the_vanilla_text_and_reports_tau(tiny_dirs):
+    root, model, tokenizer = tiny_dirs
+    result = run_cli(
+        "generate", "--adapter", str(root / "adapter"), "--prompt", "Hello there", "--max-new-tokens", "24"
+    )
+    assert result.returncode == 0, result.stderr
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    ref = model.generate(ids, do_sample=False, max_new_tokens=24)
+    expected = tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+    assert result.stdout.strip() == expected.strip()
+    assert "tokens/s" in result.stderr and "τ =" in result.stderr
+
+
+def test_generate_chat_with_fresh_adapter_and_explicit_base(tiny_dirs):
+    root, model, tokenizer = tiny_dirs
+    result = run_cli(
+        "generate", "--base", str(root / "base"), "--exit-layer", "1", "--prompt", "Hi", "--chat",
+        "--max-new-tokens", "12", "--threshold", "0.2", "--steps", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, do_sample=False, max_new_tokens=12)
+    assert result.stdout.strip() == tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--adapter", "/no/such/adapter"], "does not exist or is not a directory"),
+        (["--base", "/no/such/model", "--exit-layer", "1"], "neither an existing directory"),
+        ([], "Pass --adapter DIR"),
+    ],
+)
+def test_generate_errors_are_one_clear_line(tiny_dirs, args, message):
+    result = run_cli("generate", *args, "--prompt", "x")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exit_layer_out_of_range_on_cli(tiny_dirs):
+    root, _, _ = tiny_dirs
+    result = run_cli("generate", "--base", str(root / "base"), "--exit-layer", "4", "--prompt", "x")
+    assert result.returncode == 2 and "choose an integer in [1, 3]" in result.stderr
