@@ -122,7 +122,8 @@ class KangarooModel:
         if limit is not None and total > limit:
             raise ValueError(
                 f"Prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"model's {limit} positions; shorten the prompt or lower max_new_tokens to {limit - input_ids.shape[1]}."
+                f"model's {limit} positions; shorten the prompt or lower max_new_tokens to "
+                f"{limit - input_ids.shape[1]}."
             )
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1]; got {threshold!r}.")

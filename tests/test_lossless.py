@@ -12,7 +12,6 @@ from kangaroo_infer import KangarooModel
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 
-
 UNSET = object()
 
 
@@ -24,7 +23,7 @@ def vanilla(model, ids, max_new_tokens, eos_token_id=UNSET):
 def classify(out) -> set[str]:
     """Kinds of verification rounds in one generation (prefill excluded)."""
     kinds = set()
-    for drafted, accepted in zip(out.draft_lengths, out.accept_lengths[1:]):
+    for drafted, accepted in zip(out.draft_lengths, out.accept_lengths[1:], strict=True):
         if drafted == 0:
             kinds.add("plain")
         elif accepted == drafted + 1:
