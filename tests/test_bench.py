@@ -1,0 +1,111 @@
+"""The bench command end to end on a tiny model (results schema, identity, plot), and its input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kangaroo_infer.bench import load_questions
+
+KEYS = {"speedup", "tau", "vanilla_tokens_per_s", "kangaroo_tokens_per_s", "identical", "questions"}
+SPEC_BENCH = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a poem about the sea.", "Shorter."]},
+    {"question_id": 82, "category": "coding", "turns": ["Write hello world in C."]},
+    {"question_id": 201, "category": "translation", "turns": ["Translate 'bonjour' to English."]},
+    {"question_id": 202, "category": "translation", "turns": ["Translate 'hola' to English."]},
+    {"question_id": 301, "category": "qa", "turns": ["Who wrote Hamlet?"]},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_bench(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "kangaroo_infer", "bench", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_bench_end_to_end(tiny_dirs, tmp_path):
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", SPEC_BENCH)
+    out = tmp_path / "out"
+    result = run_bench(
+        "--adapter", str(root / "adapter"), "--questions", str(questions), "--max-new-tokens", "24",
+        "--threshold", "0.1", "--steps", "4", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["overall"]) == KEYS
+    assert summary["overall"]["identical"] is True and summary["overall"]["questions"] == 5
+    assert set(summary["categories"]) == {"mt_bench", "translation", "qa"}  # MT-bench categories folded
+    assert summary["categories"]["translation"]["questions"] == 2
+    for row in summary["categories"].values():
+        assert set(row) == KEYS and row["tau"] >= 1.0 and row["speedup"] > 0
+    assert summary["overall"]["tau"] > 1.2  # the identity-like adapter is accepted often
+    profile = summary["cost_profile"]
+    assert profile["full_forward_1_ms"] > 0 and profile["draft_step_ms"] > 0 and "4" in profile["deep_verify_ms"]
+    assert profile["speedup_limit_at_measured_tau"] > 0
+    assert summary["config"]["threshold"] == 0.1 and summary["config"]["max_draft_steps"] == 4
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 5
+    for a in answers:
+        assert {"question_id", "turns", "new_tokens", "wall_time", "accept_lengths"} <= set(a)
+        assert sum(a["accept_lengths"]) == a["new_tokens"] and a["identical"]
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "overall" in result.stdout and "speedup limit" in result.stdout
+
+
+def test_bench_sweep_and_category_filter(tiny_dirs, tmp_path):
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", SPEC_BENCH)
+    out = tmp_path / "sweep"
+    result = run_bench(
+        "--adapter", str(root / "adapter"), "--questions", str(questions), "--categories", "translation,qa",
+        "--num-questions", "1", "--max-new-tokens", "12", "--sweep", "--sweep-thresholds", "0.1,0.9",
+        "--sweep-steps", "1,3", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["grid"]) == 4 and sweep["questions"] == 2
+    assert all(g["identical"] for g in sweep["grid"])
+    assert sweep["best"] == max(sweep["grid"], key=lambda g: g["speedup"])
+    assert "best: threshold" in result.stdout
+
+
+def test_question_loading_rules(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", SPEC_BENCH)
+    assert [q.category for q in load_questions(path)] == ["mt_bench", "mt_bench", "translation", "translation", "qa"]
+    assert [q.question_id for q in load_questions(path, num_questions=1)] == [81, 201, 301]
+    mt_only = write_jsonl(tmp_path / "mt.jsonl", SPEC_BENCH[:2])
+    assert [q.category for q in load_questions(mt_only)] == ["writing", "coding"]  # plain MT-bench keeps its own
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "does not exist"),
+        ('{"question_id": 1, "category": "qa", "turns": ["a"]}\n{oops\n', "line 2: not valid JSON"),
+        ('{"question_id": 1, "category": "qa", "turns": []}\n', "line 1: needs fields"),
+        ("\n\n", "holds no questions"),
+    ],
+)
+def test_question_file_errors(tmp_path, content, message):
+    path = tmp_path / "q.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_questions(path)
+
+
+def test_unknown_category_on_cli(tiny_dirs, tmp_path):
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", SPEC_BENCH)
+    result = run_bench("--adapter", str(root / "adapter"), "--questions", str(questions), "--categories", "poetry",
+                       "--out", str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode == 2 and "Unknown categories ['poetry']" in result.stderr
