@@ -269,12 +269,13 @@ def bench(
     profile: bool = True,
     progress: bool = True,
     adapter_name: str | None = None,
+    policy: str = "adaptive",
 ) -> dict[str, Any]:
     """Run every question with vanilla and Kangaroo (alternating which goes first) and write the results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = km.backbone.embed_tokens.weight.device
-    kw = {"threshold": threshold, "max_draft_steps": steps}
+    kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy}
     for q in questions[:warmup]:
         ids = chat_ids(tokenizer, q.prompt, device)
         run_vanilla(km, ids, min(32, max_new_tokens))
@@ -329,6 +330,7 @@ def bench(
         "exit_layer": km.exit_layer,
         "threshold": threshold,
         "max_draft_steps": steps,
+        "policy": policy,
         "max_new_tokens": max_new_tokens,
         "dtype": str(km.base.dtype).removeprefix("torch."),
         "device": str(device),
@@ -347,6 +349,7 @@ def sweep(
     thresholds: list[float],
     steps_grid: list[int],
     max_new_tokens: int = 256,
+    policy: str = "adaptive",
 ) -> dict[str, Any]:
     """Threshold × steps grid on a few questions (vanilla timed once per question); picks the fastest pair."""
     out_dir = Path(out_dir)
@@ -360,7 +363,9 @@ def sweep(
         for steps in steps_grid:
             ratios, new_tokens, forwards, identical = [], 0, 0, True
             for ids, (ref, ref_time) in zip(prompts, vanilla, strict=True):
-                out, wall = run_kangaroo(km, ids, max_new_tokens, threshold=threshold, max_draft_steps=steps)
+                out, wall = run_kangaroo(
+                    km, ids, max_new_tokens, threshold=threshold, max_draft_steps=steps, policy=policy
+                )
                 new = out.sequences[0, ids.shape[1] :].tolist()
                 ratios.append((len(new) / wall) / (len(ref) / ref_time))
                 new_tokens += len(new)
@@ -375,6 +380,7 @@ def sweep(
                     "identical": identical,
                 }
             )
-    result = {"grid": grid, "best": max(grid, key=lambda g: g["speedup"]), "questions": len(questions)}
+    best = max(grid, key=lambda g: g["speedup"])
+    result = {"grid": grid, "best": best, "questions": len(questions), "policy": policy}
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

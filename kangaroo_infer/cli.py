@@ -18,6 +18,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threshold", type=float, help="early-exit threshold η (default: adapter's, else 0.6)")
     parser.add_argument("--steps", type=int, help="max draft steps γ per round (default: adapter's, else 6)")
+    parser.add_argument(
+        "--policy",
+        choices=["adaptive", "fixed"],
+        default="adaptive",
+        help="adaptive: draft only as much as acceptance and costs make worthwhile (plain steps otherwise); "
+        "fixed: always draft up to γ",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_draft_steps=args.steps,
         streamer=streamer,
+        policy=args.policy,
     )
     seconds = time.perf_counter() - start
     n = out.num_new_tokens
@@ -116,6 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _floats(args.sweep_thresholds),
             [int(x) for x in _floats(args.sweep_steps)],
             args.max_new_tokens,
+            policy=args.policy,
         )
         for g in result["grid"]:
             print(f"η={g['threshold']:<4} γ={g['steps']:<2} speedup {g['speedup']:.3f}x  τ {g['tau']:.2f}")
@@ -135,6 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         profile=not args.no_profile,
         adapter_name=args.adapter,
+        policy=args.policy,
     )
     bench.print_table(summary)
     if "cost_profile" in summary:

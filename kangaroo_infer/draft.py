@@ -51,10 +51,12 @@ def draft_chain(
     eos_ids: frozenset[int],
     device: torch.device,
 ) -> Draft:
-    """Propose up to ``max_steps`` tokens after ``last_token``; every drafted token also gets its shallow pass.
+    """Propose up to ``max_steps`` tokens after ``last_token``.
 
     Stops after a draft whose top-1 probability is below ``threshold`` (that draft is still proposed) or that is an
-    end-of-sequence token. Layers [0, ℓ) run exactly once per token: the exit states are kept for verification.
+    end-of-sequence token. Layers [0, ℓ) run exactly once per token and their exit states are kept for verification;
+    the newest token (last draft, or ``last_token`` itself when nothing was drafted) still needs its shallow pass,
+    which ``verify_chain`` gives it.
     """
     exit_layer = adapter.config.exit_layer
     tokens: list[int] = []
@@ -70,6 +72,4 @@ def draft_chain(
         probs.append(prob_value)
         if prob_value < threshold or token in eos_ids:
             break
-    # The newest token (last draft, or the last committed token when max_steps is 0) still needs its shallow pass.
-    shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
     return Draft(tokens, probs)

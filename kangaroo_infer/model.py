@@ -15,6 +15,7 @@ from .arch import Backbone
 from .base import load_base
 from .cache import KangarooCache
 from .draft import draft_chain
+from .policy import POLICIES, DraftPolicy, PolicyConfig
 from .verify import deep_logits, verify_chain
 
 DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6}
@@ -147,6 +148,7 @@ class KangarooModel:
         max_draft_steps: int | None = None,
         eos_token_id: int | list[int] | None | str = FROM_GENERATION_CONFIG,
         streamer=None,
+        policy: str | PolicyConfig = "adaptive",
     ) -> GenerateOutput:
         """Greedy decoding, token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
 
@@ -155,10 +157,14 @@ class KangarooModel:
         ``eos_token_id`` behaves as in transformers' ``generate``: left out, the base's generation config names the
         end-of-sequence token(s); an explicit None (or []) disables stopping early. ``streamer``
         is any object with ``put(tensor)`` / ``end()`` (e.g. transformers' TextStreamer); it first receives the
-        prompt, then each round's committed tokens.
+        prompt, then each round's committed tokens. ``policy`` "adaptive" (default) drafts only as many tokens per
+        round (up to γ, possibly none) as the observed acceptance and costs make worthwhile; "fixed" always drafts
+        up to γ; a ``PolicyConfig`` selects the adaptive policy with those settings (see ``policy.py``).
         """
         threshold, max_draft_steps = self.resolve_generation(threshold, max_draft_steps)
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
+        if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
+            raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
         if isinstance(eos_token_id, str):
             if eos_token_id != FROM_GENERATION_CONFIG:
                 raise ValueError(f"eos_token_id must be an int, a list of ints or None; got {eos_token_id!r}.")
@@ -179,19 +185,19 @@ class KangarooModel:
         draft_lengths: list[int] = []
         if streamer is not None:
             streamer.put(torch.tensor([first]))
+        if isinstance(policy, PolicyConfig):
+            policy = DraftPolicy(max_draft_steps, adaptive=True, config=policy)
+        else:
+            policy = DraftPolicy(max_draft_steps, adaptive=policy == "adaptive")
         while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
-            remaining = max_new_tokens - len(new_tokens)
-            draft = draft_chain(
-                backbone,
-                self.adapter,
-                cache,
-                new_tokens[-1],
-                max_steps=min(max_draft_steps, remaining - 1),
-                threshold=threshold,
-                eos_ids=eos_ids,
-                device=device,
+            steps = policy.plan(remaining=max_new_tokens - len(new_tokens))
+            round_start = time.perf_counter()
+            draft = draft_chain(backbone, self.adapter, cache, new_tokens[-1], steps, threshold, eos_ids, device)
+            drafted_at = time.perf_counter()
+            committed = verify_chain(backbone, ell, cache, new_tokens[-1], draft.tokens)
+            policy.update(
+                len(draft.tokens), len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at
             )
-            committed = verify_chain(backbone, ell, cache, draft.tokens)
             for i, token in enumerate(committed):  # stop right after an end-of-sequence token
                 if token in eos_ids:
                     committed = committed[: i + 1]

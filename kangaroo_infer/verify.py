@@ -6,6 +6,7 @@ import torch
 
 from .arch import Backbone
 from .cache import KangarooCache
+from .draft import shallow_step
 
 
 def deep_logits(
@@ -33,11 +34,18 @@ def accept_greedy(drafts: list[int], targets: list[int]) -> int:
     return n
 
 
-def verify_chain(backbone: Backbone, exit_layer: int, cache: KangarooCache, drafts: list[int]) -> list[int]:
-    """Verify ``drafts`` (the pending tokens are the last committed token + drafts); return the committed tokens.
+def verify_chain(
+    backbone: Backbone, exit_layer: int, cache: KangarooCache, last_token: int, drafts: list[int]
+) -> list[int]:
+    """Verify ``drafts`` proposed after ``last_token``; return the committed tokens.
 
-    Commits the accepted drafts plus the model's own next token, and rolls every cache back to the accepted path.
+    The newest token gets its shallow pass first; then the deep layers run over every pending token (the last
+    committed token + drafts). Commits the accepted drafts plus the model's own next token, and rolls every cache
+    back to the accepted path.
     """
+    newest = drafts[-1] if drafts else last_token
+    device = backbone.embed_tokens.weight.device
+    shallow_step(backbone, exit_layer, cache, torch.tensor([[newest]], device=device))
     start = cache.deep_len
     logits, states = deep_logits(backbone, exit_layer, cache)  # [k + 1, V], [1, k + 1, H]
     targets = logits.argmax(dim=-1).tolist()

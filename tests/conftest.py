@@ -14,6 +14,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads, and lose a lot when the machine is shared
+
 ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 VOCAB = 96
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kangaroo_infer import KangarooModel
+from kangaroo_infer.policy import PolicyConfig
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 
@@ -60,12 +61,15 @@ def test_lossless_sweep(arch, tied):
         km = KangarooModel.from_pretrained(model, exit_layer=exit_layer)
         if adapter_kind == "identity":
             identity_adapter(km)
-        for threshold, steps, prompt_len, max_new in rng.sample(grid, 14):
+        for i, (threshold, steps, prompt_len, max_new) in enumerate(rng.sample(grid, 14)):
             ids = torch.randint(3, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(rng.randrange(1000)))
-            out = check_identical(km, ids, max_new, eos_token_id=None, threshold=threshold, max_draft_steps=steps)
+            policy = "fixed" if i % 2 else PolicyConfig(measure_costs=False)  # deterministic adaptive decisions
+            out = check_identical(
+                km, ids, max_new, eos_token_id=None, threshold=threshold, max_draft_steps=steps, policy=policy
+            )
             assert out.sequences.shape[1] == prompt_len + max_new  # no EOS: exactly max_new_tokens
             kinds |= classify(out)
-    assert {"all-accepted", "partly-accepted", "all-rejected"} <= kinds, kinds
+    assert {"all-accepted", "partly-accepted", "all-rejected", "plain"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -77,14 +81,14 @@ def test_stops_right_after_eos_inside_a_draft(arch):
     found = 0
     for seed in range(12):
         ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(seed))
-        free = km.generate(ids, max_new_tokens=48, eos_token_id=[], threshold=0.0, max_draft_steps=6)
+        free = km.generate(ids, max_new_tokens=48, eos_token_id=[], threshold=0.0, max_draft_steps=6, policy="fixed")
         new = free.sequences[0, ids.shape[1] :].tolist()
         start = 0
         for length in free.accept_lengths:
             round_tokens = new[start : start + length]
             if length >= 3 and round_tokens[1] not in new[: start + 1] and round_tokens[1] not in ids[0].tolist():
                 eos = round_tokens[1]
-                out = check_identical(km, ids, 48, eos_token_id=eos, threshold=0.0, max_draft_steps=6)
+                out = check_identical(km, ids, 48, eos_token_id=eos, threshold=0.0, max_draft_steps=6, policy="fixed")
                 assert out.sequences[0, -1].item() == eos
                 assert out.sequences.shape[1] == ids.shape[1] + start + 2
                 assert out.accept_lengths[-1] >= 2  # EOS came with accepted drafts in the same forward
