@@ -70,6 +70,7 @@ class AdapterConfig:
     base_model: str | None = None  # path, hub id or alias the adapter was trained for
     init: str = "random"
     mlp: bool = False
+    draft_vocab_size: int | None = None  # drafts come from this many frequent tokens (None = the full vocabulary)
     generation: dict[str, Any] = field(default_factory=dict)  # optional defaults: threshold, max_draft_steps
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -155,6 +156,26 @@ class KangarooAdapter(nn.Module):
             self.mlp = mods.mlp(attn_config)
         self.norm = mods.norm(hidden, eps=eps)
         self.rotary_emb = mods.rotary(config=attn_config)  # buffers only (not saved)
+        if config.draft_vocab_size is not None:
+            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | list[int]) -> None:
+        """Restrict drafting to these token ids (e.g. the most frequent ones in the training data, as FR-Spec does).
+
+        Only the draft's LM head shrinks (a draft step then computes |draft vocab| logits instead of V); verification
+        keeps the full head, so decoding stays lossless. Stored in the checkpoint as the ``draft_vocab`` buffer.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().cpu()
+        vocab = self.base_config.vocab_size
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"A draft vocabulary needs 1..{vocab} token ids within [0, {vocab}).")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError("The draft vocabulary repeats token ids; pass each id once.")
+        device = self.norm.weight.device
+        if "draft_vocab" in self._buffers:
+            del self._buffers["draft_vocab"]
+        self.register_buffer("draft_vocab", ids.to(device))
+        self.config.draft_vocab_size = ids.numel()
 
     @classmethod
     def for_base(
@@ -264,6 +285,11 @@ class KangarooAdapter(nn.Module):
                 f"{', '.join(problems)}. The checkpoint is damaged or was written for another adapter layout."
             )
         adapter.load_state_dict(state, strict=True)
+        if "draft_vocab" in state:
+            vocab = base.config.vocab_size
+            draft = state["draft_vocab"]
+            if int(draft.min()) < 0 or int(draft.max()) >= vocab or draft.unique().numel() != draft.numel():
+                raise ValueError(f"{weights}: draft_vocab holds repeated ids or ids outside [0, {vocab}).")
         param = next(base.parameters())
         return adapter.to(device=param.device, dtype=param.dtype)
 

@@ -163,7 +163,7 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
         cache.deep_pending, cache.adapter_pending = [], []
 
     exit_state = shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
-    adapter_logits(backbone, km.adapter, cache, exit_state)  # the adapter reads the prompt once
+    adapter_logits(backbone, km.adapter, km.draft_head, cache, exit_state)  # the adapter reads the prompt once
     reset()
 
     def measure(fn) -> float:
@@ -181,7 +181,7 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
 
     def draft_step():
         state = shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
-        adapter_logits(backbone, km.adapter, cache, state).max(-1)
+        adapter_logits(backbone, km.adapter, km.draft_head, cache, state).max(-1)
 
     def verify(k):
         def run():

@@ -12,6 +12,29 @@ from .cache import KangarooCache
 
 
 @dataclass
+class DraftHead:
+    """The LM head as drafting uses it: the full head, or only the rows of the adapter's draft vocabulary."""
+
+    weight: torch.Tensor  # [V_draft, H]
+    bias: torch.Tensor | None  # [V_draft]
+    vocab: torch.Tensor | None  # [V_draft] token id of each row (None: row i is token i)
+
+    @classmethod
+    def of(cls, lm_head: torch.nn.Linear, adapter: KangarooAdapter) -> DraftHead:
+        vocab = getattr(adapter, "draft_vocab", None)
+        if vocab is None:
+            return cls(lm_head.weight, lm_head.bias, None)
+        bias = None if lm_head.bias is None else lm_head.bias[vocab].contiguous()
+        return cls(lm_head.weight[vocab].contiguous(), bias, vocab)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V_draft]
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+    def token(self, index: int) -> int:
+        return index if self.vocab is None else int(self.vocab[index])
+
+
+@dataclass
 class Draft:
     tokens: list[int]  # d_1..d_k proposed after the last committed token
     probs: list[float]  # the adapter's top-1 probability of each draft
@@ -29,8 +52,8 @@ def shallow_step(backbone: Backbone, exit_layer: int, cache: KangarooCache, toke
 
 
 def adapter_logits(
-    backbone: Backbone, adapter: KangarooAdapter, cache: KangarooCache, exit_state: torch.Tensor
-) -> torch.Tensor:  # [V] draft logits for the token after the one whose exit state is given
+    backbone: Backbone, adapter: KangarooAdapter, head: DraftHead, cache: KangarooCache, exit_state: torch.Tensor
+) -> torch.Tensor:  # [V_draft] draft logits for the token after the one whose exit state is given
     """Feed the adapter everything it has not seen yet (ending with ``exit_state``) and read the last position."""
     states = cache.take_adapter_pending(exit_state)  # [1, a, H]
     start = cache.adapter_len
@@ -38,12 +61,13 @@ def adapter_logits(
     pe = backbone.rotary_emb(states, position_ids=positions[None])
     mask = causal_mask(positions, start + states.shape[1], None, states.dtype, backbone.eager)
     out = adapter(states, position_embeddings=pe, attention_mask=mask, cache=cache.adapter)  # [1, a, H]
-    return backbone.lm_head(out[0, -1])
+    return head.logits(out[0, -1])
 
 
 def draft_chain(
     backbone: Backbone,
     adapter: KangarooAdapter,
+    head: DraftHead,
     cache: KangarooCache,
     last_token: int,
     max_steps: int,
@@ -64,10 +88,10 @@ def draft_chain(
     token = last_token
     for _ in range(max_steps):
         exit_state = shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
-        logits = adapter_logits(backbone, adapter, cache, exit_state)
+        logits = adapter_logits(backbone, adapter, head, cache, exit_state)
         top_logit, top_id = logits.max(dim=-1)
         prob = torch.exp(top_logit - torch.logsumexp(logits.float(), dim=-1))
-        prob_value, token = prob.item(), int(top_id)
+        prob_value, token = prob.item(), head.token(int(top_id))
         tokens.append(token)
         probs.append(prob_value)
         if prob_value < threshold or token in eos_ids:

@@ -14,7 +14,7 @@ from .adapter import INITS, KangarooAdapter, check_exit_layer, read_adapter_conf
 from .arch import Backbone
 from .base import load_base
 from .cache import KangarooCache
-from .draft import draft_chain
+from .draft import DraftHead, draft_chain
 from .policy import POLICIES, DraftPolicy, PolicyConfig
 from .verify import deep_logits, verify_chain
 
@@ -58,10 +58,21 @@ class KangarooModel:
         self.adapter = adapter.eval()
         self.backbone = Backbone.of(base)
         check_exit_layer(adapter.config.exit_layer, self.backbone.num_layers)
+        self._draft_head: tuple[tuple, DraftHead] | None = None
 
     @property
     def exit_layer(self) -> int:
         return self.adapter.config.exit_layer
+
+    @property
+    def draft_head(self) -> DraftHead:
+        """The LM head rows drafting uses; rebuilt only when the draft vocabulary or the head's weights change."""
+        vocab = getattr(self.adapter, "draft_vocab", None)
+        weight = self.backbone.lm_head.weight
+        key = (id(vocab), None if vocab is None else vocab.data_ptr(), weight.data_ptr(), weight.dtype, weight.device)
+        if self._draft_head is None or self._draft_head[0] != key:
+            self._draft_head = (key, DraftHead.of(self.backbone.lm_head, self.adapter))
+        return self._draft_head[1]
 
     @classmethod
     def from_pretrained(
@@ -176,6 +187,7 @@ class KangarooModel:
             streamer.put(input_ids.cpu())
         backbone, ell = self.backbone, self.exit_layer
         cache = KangarooCache(ell, backbone.num_layers)
+        head = self.draft_head
 
         t0 = time.perf_counter()
         first = self._prefill(input_ids, cache)
@@ -192,7 +204,7 @@ class KangarooModel:
         while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
             steps = policy.plan(remaining=max_new_tokens - len(new_tokens))
             round_start = time.perf_counter()
-            draft = draft_chain(backbone, self.adapter, cache, new_tokens[-1], steps, threshold, eos_ids, device)
+            draft = draft_chain(backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device)
             drafted_at = time.perf_counter()
             committed = verify_chain(backbone, ell, cache, new_tokens[-1], draft.tokens)
             policy.update(

@@ -159,3 +159,31 @@ def test_streamer_receives_prompt_then_every_committed_token():
     assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
     assert [len(c) for c in streamer.chunks[1:]] == out.accept_lengths
     assert sum(streamer.chunks[1:], []) == out.sequences[0, 6:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_draft_vocabulary_is_lossless(arch, tmp_path):
+    """Drafts drawn from a token subset (FR-Spec style); tokens outside it can only come from verification."""
+    model = tiny_model(arch, deep_scale=0.05, exit_layer=2, seed=8, tied=arch == "qwen2")
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    full = km.generate(torch.tensor([[5, 9, 14]]), max_new_tokens=40, eos_token_id=None, policy="fixed", threshold=0.0)
+    seen = sorted(set(full.sequences[0].tolist()))
+    for vocab in (seen, seen[: len(seen) // 2], list(range(VOCAB))):
+        km.adapter.set_draft_vocab(vocab)
+        assert km.draft_head.weight.shape == (len(vocab), 64)
+        for steps in (1, 4):
+            out = check_identical(
+                km, torch.tensor([[5, 9, 14]]), 40, eos_token_id=None, max_draft_steps=steps, threshold=0.0,
+                policy="fixed",
+            )  # fmt: skip
+            if vocab is seen:
+                assert out.tau > 1.5
+    km.adapter.save_pretrained(tmp_path / "ckpt")
+    loaded = KangarooModel.from_pretrained(model, adapter=tmp_path / "ckpt")
+    assert loaded.adapter.draft_vocab.tolist() == list(range(VOCAB))
+    assert loaded.adapter.config.draft_vocab_size == VOCAB
+    with pytest.raises(ValueError, match="repeats token ids"):
+        km.adapter.set_draft_vocab([3, 3])
+    with pytest.raises(ValueError, match=r"within \[0, 96\)"):
+        km.adapter.set_draft_vocab([VOCAB])
