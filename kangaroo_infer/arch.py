@@ -90,14 +90,22 @@ class Backbone:
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         positions: torch.Tensor,  # [q] absolute positions of the q new tokens
         cache: Cache,
+        tree: tuple[torch.Tensor, torch.Tensor] | None = None,  # allowed [q, kv] and key positions [kv]
     ) -> torch.Tensor:  # [B, q, H]
-        """Run decoder layers [start, end) on new tokens, appending their keys/values to ``cache``."""
+        """Run decoder layers [start, end) on new tokens, appending their keys/values to ``cache``.
+
+        Without ``tree`` the new tokens continue the cached sequence causally. With it, ``allowed[i, j]`` says
+        whether new token i may attend to cache entry j (the cache plus the new tokens), as tree drafting needs.
+        """
         masks: dict[int | None, torch.Tensor | None] = {}
         for idx in range(start, end):
             window = self.windows[idx]
             if window not in masks:
-                past = cache.get_seq_length(idx)
-                masks[window] = causal_mask(positions, past + positions.shape[0], window, hidden.dtype, self.eager)
+                if tree is None:
+                    past = cache.get_seq_length(idx)
+                    masks[window] = causal_mask(positions, past + positions.shape[0], window, hidden.dtype, self.eager)
+                else:
+                    masks[window] = tree_mask(positions, *tree, window, hidden.dtype, self.eager)
             hidden = self.layers[idx](
                 hidden, attention_mask=masks[window], position_embeddings=position_embeddings, cache=cache
             )
@@ -126,6 +134,20 @@ def causal_mask(
     allowed = keys[None, :] <= positions[:, None]  # [q, kv]
     if window is not None:
         allowed &= positions[:, None] - keys[None, :] < window
+    return attention_bias(allowed[None, None], dtype, eager)
+
+
+def tree_mask(
+    positions: torch.Tensor,  # [q] absolute positions of the queries
+    allowed: torch.Tensor,  # [q, kv] bool: which cache entries each query may see (ancestors, itself, the prefix)
+    key_positions: torch.Tensor,  # [kv] absolute position of each cache entry
+    window: int | None,
+    dtype: torch.dtype,
+    eager: bool,
+) -> torch.Tensor:  # [1, 1, q, kv]
+    """Tree attention mask, with a sliding window applied on positions (not on cache indices)."""
+    if window is not None:
+        allowed = allowed & (positions[:, None] - key_positions[None, :] < window)
     return attention_bias(allowed[None, None], dtype, eager)
 
 

@@ -64,3 +64,16 @@ class KangarooCache:
             if missing != pending + 1 or last_exit is None:
                 raise RuntimeError(f"adapter cache out of step: {adapter_len} cached, {pending} pending, {length} kept")
             self.adapter_pending.append(last_exit)
+
+    def gather(self, base_keep: torch.Tensor, adapter_keep: torch.Tensor) -> None:
+        """Keep only the listed cache entries, in that order (the accepted path of a verified tree).
+
+        ``base_keep`` indexes every base layer (shallow and deep hold the same entries after a tree verification),
+        ``adapter_keep`` the adapter's cache. Keys/values are gathered, never recomputed.
+        """
+        for layer in self.base.layers:
+            layer.keys = layer.keys.index_select(-2, base_keep)
+            layer.values = layer.values.index_select(-2, base_keep)
+        layer = self.adapter.layers[0]
+        layer.keys = layer.keys.index_select(-2, adapter_keep)
+        layer.values = layer.values.index_select(-2, adapter_keep)

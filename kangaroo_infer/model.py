@@ -16,9 +16,10 @@ from .base import load_base
 from .cache import KangarooCache
 from .draft import DraftHead, draft_chain
 from .policy import POLICIES, DraftPolicy, PolicyConfig
+from .tree import draft_tree, verify_tree
 from .verify import deep_logits, verify_chain
 
-DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6}
+DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6, "tree_top_k": 4, "tree_max_nodes": 16}
 FROM_GENERATION_CONFIG = "from_generation_config"  # eos_token_id default: as base.generate without the argument
 
 
@@ -160,6 +161,9 @@ class KangarooModel:
         eos_token_id: int | list[int] | None | str = FROM_GENERATION_CONFIG,
         streamer=None,
         policy: str | PolicyConfig = "adaptive",
+        tree: bool = False,
+        tree_top_k: int | None = None,
+        tree_max_nodes: int | None = None,
     ) -> GenerateOutput:
         """Greedy decoding, token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
 
@@ -171,9 +175,12 @@ class KangarooModel:
         prompt, then each round's committed tokens. ``policy`` "adaptive" (default) drafts only as many tokens per
         round (up to γ, possibly none) as the observed acceptance and costs make worthwhile; "fixed" always drafts
         up to γ; a ``PolicyConfig`` selects the adaptive policy with those settings (see ``policy.py``).
+        ``tree=True`` drafts a dynamic tree instead of a chain (``tree.py``): up to ``tree_top_k`` children per level
+        (default 4), at most ``tree_max_nodes`` drafts (default 16), depth up to γ; η stops a branch's growth.
         """
         threshold, max_draft_steps = self.resolve_generation(threshold, max_draft_steps)
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
+        tree_top_k, tree_max_nodes = self._check_tree(tree, tree_top_k, tree_max_nodes)
         if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
             raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
         if isinstance(eos_token_id, str):
@@ -204,25 +211,47 @@ class KangarooModel:
         while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
             steps = policy.plan(remaining=max_new_tokens - len(new_tokens))
             round_start = time.perf_counter()
-            draft = draft_chain(backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device)
-            drafted_at = time.perf_counter()
-            committed = verify_chain(backbone, ell, cache, new_tokens[-1], draft.tokens)
-            policy.update(
-                len(draft.tokens), len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at
-            )
+            if tree and steps > 0:
+                drafts = draft_tree(
+                    backbone, self.adapter, head, cache, new_tokens[-1], steps, tree_top_k, tree_max_nodes,
+                    threshold, eos_ids,
+                )  # fmt: skip
+                drafted_at = time.perf_counter()
+                committed = verify_tree(backbone, ell, cache, drafts)
+                num_drafts, depth = drafts.num_drafts, max(drafts.depths)
+            else:
+                chain = draft_chain(
+                    backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device
+                )
+                drafted_at = time.perf_counter()
+                committed = verify_chain(backbone, ell, cache, new_tokens[-1], chain.tokens)
+                num_drafts = depth = len(chain.tokens)
+            # For a tree the policy sees its depth as the draft length (an approximation of the tree's cost).
+            policy.update(depth, len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at)
             for i, token in enumerate(committed):  # stop right after an end-of-sequence token
                 if token in eos_ids:
                     committed = committed[: i + 1]
                     break
             new_tokens.extend(committed)
             accept_lengths.append(len(committed))
-            draft_lengths.append(len(draft.tokens))
+            draft_lengths.append(num_drafts)
             if streamer is not None:
                 streamer.put(torch.tensor(committed))
         if streamer is not None:
             streamer.end()
         sequences = torch.cat([input_ids, torch.tensor([new_tokens], device=device)], dim=1)
         return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1)
+
+    def _check_tree(self, tree: bool, top_k: int | None, max_nodes: int | None) -> tuple[int, int]:
+        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        top_k = defaults["tree_top_k"] if top_k is None else top_k
+        max_nodes = defaults["tree_max_nodes"] if max_nodes is None else max_nodes
+        if not isinstance(tree, bool):
+            raise ValueError(f"tree must be True or False; got {tree!r}.")
+        for name, value in (("tree_top_k", top_k), ("tree_max_nodes", max_nodes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+        return top_k, max_nodes
 
     def _prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> int:
         """All layers over the prompt; the adapter also reads the prompt's exit states. Returns the first token."""

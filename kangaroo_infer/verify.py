@@ -10,14 +10,20 @@ from .draft import shallow_step
 
 
 def deep_logits(
-    backbone: Backbone, exit_layer: int, cache: KangarooCache, last_only: bool = False
+    backbone: Backbone,
+    exit_layer: int,
+    cache: KangarooCache,
+    last_only: bool = False,
+    positions: torch.Tensor | None = None,  # [m]; default: the m pending tokens continue the sequence
+    tree: tuple[torch.Tensor, torch.Tensor] | None = None,  # tree attention (see Backbone.run_layers)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish the forward pass of every pending token; return logits [m, V] (or [1, V]) and exit states [1, m, H]."""
     states = cache.take_deep_pending()  # [1, m, H]
-    start = cache.deep_len
-    positions = torch.arange(start, start + states.shape[1], device=states.device)
+    if positions is None:
+        start = cache.deep_len
+        positions = torch.arange(start, start + states.shape[1], device=states.device)
     pe = backbone.rotary_emb(states, position_ids=positions[None])
-    hidden = backbone.run_layers(states, exit_layer, backbone.num_layers, pe, positions, cache.base)
+    hidden = backbone.run_layers(states, exit_layer, backbone.num_layers, pe, positions, cache.base, tree)
     if last_only:
         hidden = hidden[:, -1:]
     return backbone.lm_head(backbone.norm(hidden))[0], states

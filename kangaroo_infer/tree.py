@@ -1,0 +1,173 @@
+"""Dynamic tree drafting and verification (greedy): the adapter's second-best guesses get verified too.
+
+A round grows a tree of drafts from the last committed token (the root), one level per draft step. Every node of
+the newest level whose own draft probability reaches η is expanded with its top-K children; of all children made at
+a level, the K with the highest cumulative draft probability join the tree, within a cap of N nodes and a depth of
+γ. The shallow layers and the adapter run on a whole level at once, each node attending to the committed prefix,
+its ancestors and itself (a tree attention mask; positions = prefix length + depth). The deep layers then verify
+every node in one pass with the same kind of mask; the longest root-to-node path whose tokens match the model's
+greedy choices is accepted, plus the model's own next token, and every KV cache keeps only that path (gathered,
+not recomputed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import KangarooAdapter
+from .arch import Backbone, attention_bias
+from .cache import KangarooCache
+from .draft import DraftHead, adapter_logits, shallow_step
+from .verify import deep_logits
+
+
+@dataclass
+class Tree:
+    """Draft nodes; node 0 is the root (the last committed token)."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    scores: list[float]  # cumulative draft log-probability
+    ancestors: torch.Tensor  # [capacity, capacity] bool: ancestors[i, j] = j is i or an ancestor of i
+    children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
+    shallow_order: list[int] = field(default_factory=list)  # nodes in the order of their shallow-cache entries
+    adapter_slot: dict[int, int] = field(default_factory=dict)  # node -> index in the adapter cache
+
+    @classmethod
+    def rooted_at(cls, token: int, capacity: int) -> Tree:
+        ancestors = torch.zeros(capacity, capacity, dtype=torch.bool)
+        ancestors[0, 0] = True
+        return cls([token], [-1], [0], [0.0], ancestors)
+
+    def add(self, parent: int, token: int, score: float) -> int:
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.scores.append(score)
+        self.ancestors[node] = self.ancestors[parent]
+        self.ancestors[node, node] = True
+        self.children[(parent, token)] = node
+        return node
+
+    @property
+    def num_drafts(self) -> int:
+        return len(self.tokens) - 1
+
+
+def _attend(
+    tree: Tree, queries: list[int], columns: list[int], prefix: int, root_pos: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask pieces for ``queries`` over a cache of ``prefix`` committed entries followed by the nodes ``columns``.
+
+    A node sits at position root_pos + depth. Returns query positions [q], allowed [q, prefix + len(columns)]
+    (every committed entry, plus the node's ancestors and itself) and key positions [prefix + len(columns)].
+    """
+    q_idx = torch.tensor(queries, dtype=torch.long)
+    c_idx = torch.tensor(columns, dtype=torch.long)
+    depths = torch.tensor(tree.depths)
+    allowed = torch.ones(len(queries), prefix + len(columns), dtype=torch.bool)
+    allowed[:, prefix:] = tree.ancestors[q_idx][:, c_idx]
+    key_positions = torch.cat([torch.arange(prefix), root_pos + depths[c_idx]])
+    return (root_pos + depths[q_idx]).to(device), allowed.to(device), key_positions.to(device)
+
+
+def _shallow_level(backbone: Backbone, exit_layer: int, cache: KangarooCache, tree: Tree, nodes: list[int], root_pos):
+    """Layers [0, ℓ) on a set of tree nodes at once; their exit states join the deep layers' queue."""
+    device = backbone.embed_tokens.weight.device
+    positions, allowed, key_positions = _attend(tree, nodes, tree.shallow_order + nodes, root_pos, root_pos, device)
+    hidden = backbone.embed_tokens(torch.tensor([[tree.tokens[n] for n in nodes]], device=device))  # [1, q, H]
+    pe = backbone.rotary_emb(hidden, position_ids=positions[None])
+    exit_states = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base, (allowed, key_positions))
+    cache.deep_pending.append(exit_states)
+    tree.shallow_order.extend(nodes)
+    return exit_states  # [1, q, H]
+
+
+def draft_tree(
+    backbone: Backbone,
+    adapter: KangarooAdapter,
+    head: DraftHead,
+    cache: KangarooCache,
+    last_token: int,
+    max_depth: int,
+    top_k: int,
+    max_nodes: int,
+    threshold: float,
+    eos_ids: frozenset[int],
+) -> Tree:
+    """Grow a draft tree of depth <= ``max_depth`` and at most ``max_nodes`` drafts below ``last_token``."""
+    exit_layer = adapter.config.exit_layer
+    device = backbone.embed_tokens.weight.device
+    root_pos = cache.shallow_len  # the root's position = committed prefix length before it
+    tree = Tree.rooted_at(last_token, max_nodes + 1)
+
+    # Depth 0: the root continues the committed sequence, exactly as in chain drafting.
+    root_exit = shallow_step(backbone, exit_layer, cache, torch.tensor([[last_token]], device=device))
+    tree.shallow_order.append(0)
+    logits = adapter_logits(backbone, adapter, head, cache, root_exit)[None]  # [1, V_draft]
+    adapter_prefix = cache.adapter_len  # adapter entries up to and including the root
+    tree.adapter_slot[0] = adapter_prefix - 1
+    expanded = [0]
+    for depth in range(1, max_depth + 1):
+        # Children of the expanded nodes; the best top_k of them (by cumulative probability) join the tree.
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [len(expanded), V_draft]
+        top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        base_scores = torch.tensor([tree.scores[n] for n in expanded])[:, None]
+        cumulative = (base_scores + top_logp.cpu()).flatten()
+        budget = min(top_k, max_nodes - tree.num_drafts)
+        chosen = cumulative.topk(min(budget, cumulative.numel())).indices.tolist()
+        width = top_idx.shape[-1]
+        top_idx, top_logp = top_idx.cpu().tolist(), top_logp.cpu().tolist()
+        new_level = []
+        for flat in chosen:
+            row, col = divmod(flat, width)
+            node = tree.add(expanded[row], head.token(top_idx[row][col]), float(cumulative[flat]))
+            # A child below η is still verified but not expanded (the chain's early exit, per branch).
+            if math.exp(top_logp[row][col]) >= threshold and tree.tokens[node] not in eos_ids:
+                new_level.append(node)
+        if depth == max_depth or not new_level or tree.num_drafts >= max_nodes:
+            break
+        # Expand the new level: shallow layers + adapter on all its nodes at once.
+        exit_states = _shallow_level(backbone, exit_layer, cache, tree, new_level, root_pos)
+        expanded_before = [n for n in tree.adapter_slot if n != 0]  # in adapter-cache order
+        positions, allowed, _ = _attend(tree, new_level, expanded_before + new_level, adapter_prefix, root_pos, device)
+        pe = backbone.rotary_emb(exit_states, position_ids=positions[None])
+        mask = attention_bias(allowed[None, None], exit_states.dtype, backbone.eager)
+        start = cache.adapter_len
+        out = adapter(exit_states, position_embeddings=pe, attention_mask=mask, cache=cache.adapter)  # [1, q, H]
+        for i, node in enumerate(new_level):
+            tree.adapter_slot[node] = start + i
+        logits = head.logits(out[0])  # [q, V_draft]
+        expanded = new_level
+    leaves = [n for n in range(len(tree.tokens)) if n not in set(tree.shallow_order)]
+    if leaves:
+        _shallow_level(backbone, exit_layer, cache, tree, leaves, root_pos)
+    return tree
+
+
+def verify_tree(backbone: Backbone, exit_layer: int, cache: KangarooCache, tree: Tree) -> list[int]:
+    """Deep layers over every node in one pass; accept the longest greedy-consistent path; gather the caches."""
+    device = backbone.embed_tokens.weight.device
+    root_pos = cache.deep_len
+    order = tree.shallow_order
+    positions, allowed, key_positions = _attend(tree, order, order, root_pos, root_pos, device)
+    logits, states = deep_logits(backbone, exit_layer, cache, positions=positions, tree=(allowed, key_positions))
+    targets = logits.argmax(dim=-1).tolist()
+    row = {node: i for i, node in enumerate(order)}
+    path = [0]
+    while (child := tree.children.get((path[-1], targets[row[path[-1]]]))) is not None:
+        path.append(child)
+    committed = [tree.tokens[n] for n in path[1:]] + [targets[row[path[-1]]]]
+
+    base_keep = torch.cat([torch.arange(root_pos), root_pos + torch.tensor([row[n] for n in path])])
+    slots = [tree.adapter_slot[n] for n in path if n in tree.adapter_slot]
+    adapter_keep = torch.cat([torch.arange(tree.adapter_slot[0]), torch.tensor(slots)])
+    cache.gather(base_keep.to(device), adapter_keep.to(device))
+    if path[-1] not in tree.adapter_slot:  # the adapter has not read the last accepted node yet
+        cache.adapter_pending.append(states[:, row[path[-1]] : row[path[-1]] + 1])
+    return committed
