@@ -128,17 +128,29 @@ def run_kangaroo(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw
     return _timed(lambda: km.generate(ids, max_new_tokens=max_new_tokens, **kw))
 
 
-def summarize(records: list[dict]) -> dict[str, Any]:
-    """speedup = mean over questions of kangaroo tokens/s ÷ vanilla tokens/s; τ = new tokens ÷ full forwards."""
+def summarize(records: list[dict], mode: str | None = None) -> dict[str, Any]:
+    """speedup = mean over questions of kangaroo tokens/s ÷ vanilla tokens/s; τ = new tokens ÷ full forwards.
+
+    ``mode`` None reads the chain results of each record, "tree" its ``tree`` sub-record.
+    """
+    runs = [r if mode is None else r[mode] for r in records]
     v_tps = [r["vanilla_new_tokens"] / r["vanilla_wall_time"] for r in records]
-    k_tps = [r["new_tokens"] / r["wall_time"] for r in records]
+    k_tps = [r["new_tokens"] / r["wall_time"] for r in runs]
     return {
         "speedup": statistics.fmean(k / v for k, v in zip(k_tps, v_tps, strict=True)),
-        "tau": sum(r["new_tokens"] for r in records) / sum(len(r["accept_lengths"]) for r in records),
+        "tau": sum(r["new_tokens"] for r in runs) / sum(len(r["accept_lengths"]) for r in runs),
         "vanilla_tokens_per_s": statistics.fmean(v_tps),
         "kangaroo_tokens_per_s": statistics.fmean(k_tps),
-        "identical": all(r["identical"] for r in records),
+        "identical": all(r["identical"] for r in runs),
         "questions": len(records),
+    }
+
+
+def summarize_by_category(records: list[dict], mode: str | None = None) -> dict[str, Any]:
+    categories = list(dict.fromkeys(r["category"] for r in records))
+    return {
+        "overall": summarize(records, mode),
+        "categories": {c: summarize([r for r in records if r["category"] == c], mode) for c in categories},
     }
 
 
@@ -240,10 +252,14 @@ def print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="kangaroo vs vanilla (greedy)")
-    for col in ("category", "questions", "speedup", "τ", "vanilla tok/s", "kangaroo tok/s", "identical"):
-        table.add_column(col, justify="right" if col != "category" else "left")
     rows = [*summary["categories"].items(), ("overall", summary["overall"])]
+    if "tree" in summary:
+        tree = summary["tree"]
+        rows += [(f"{name} (tree)", r) for name, r in [*tree["categories"].items(), ("overall", tree["overall"])]]
+    table = Table(title="kangaroo vs vanilla (greedy)")
+    table.add_column("category", no_wrap=True, min_width=max(len(name) for name, _ in rows))
+    for col in ("questions", "speedup", "τ", "vanilla tok/s", "kangaroo tok/s", "identical"):
+        table.add_column(col, justify="right")
     for name, r in rows:
         table.add_row(
             name,
@@ -254,7 +270,7 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{r['kangaroo_tokens_per_s']:.1f}",
             "yes" if r["identical"] else "NO",
         )
-    Console().print(table)
+    Console(width=max(100, Console().width)).print(table)
 
 
 def bench(
@@ -270,16 +286,25 @@ def bench(
     progress: bool = True,
     adapter_name: str | None = None,
     policy: str = "adaptive",
+    tree: bool = False,
+    tree_top_k: int | None = None,
+    tree_max_nodes: int | None = None,
 ) -> dict[str, Any]:
-    """Run every question with vanilla and Kangaroo (alternating which goes first) and write the results."""
+    """Run every question with vanilla and Kangaroo (rotating which goes first) and write the results.
+
+    With ``tree=True`` each question is also decoded in tree mode, reported under ``"tree"`` next to the chain.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = km.backbone.embed_tokens.weight.device
-    kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy}
+    modes: dict[str | None, dict] = {None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy}}
+    if tree:
+        modes["tree"] = {**modes[None], "tree": True, "tree_top_k": tree_top_k, "tree_max_nodes": tree_max_nodes}
     for q in questions[:warmup]:
         ids = chat_ids(tokenizer, q.prompt, device)
         run_vanilla(km, ids, min(32, max_new_tokens))
-        run_kangaroo(km, ids, min(32, max_new_tokens), **kw)
+        for kw in modes.values():
+            run_kangaroo(km, ids, min(32, max_new_tokens), **kw)
     records = []
     iterator = questions
     if progress:
@@ -288,35 +313,37 @@ def bench(
         iterator = tqdm(questions, desc="bench", unit="question")
     for i, q in enumerate(iterator):
         ids = chat_ids(tokenizer, q.prompt, device)
-        if i % 2 == 0:
-            vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens)
-            out, wall = run_kangaroo(km, ids, max_new_tokens, **kw)
-        else:
-            out, wall = run_kangaroo(km, ids, max_new_tokens, **kw)
-            vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens)
-        new = out.sequences[0, ids.shape[1] :].tolist()
-        records.append(
-            {
-                "question_id": q.question_id,
-                "category": q.category,
+        runs: dict[str | None, tuple] = {}
+        order = ["vanilla", *modes]
+        for name in order[i % len(order) :] + order[: i % len(order)]:  # rotate who goes first
+            if name == "vanilla":
+                vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens)
+            else:
+                runs[name] = run_kangaroo(km, ids, max_new_tokens, **modes[name])
+        record = {"question_id": q.question_id, "category": q.category}
+        for name, (out, wall) in runs.items():
+            new = out.sequences[0, ids.shape[1] :].tolist()
+            result = {
                 "turns": [tokenizer.decode(new, skip_special_tokens=True)],
                 "new_tokens": len(new),
                 "wall_time": wall,
                 "accept_lengths": out.accept_lengths,
                 "draft_lengths": out.draft_lengths,
-                "vanilla_new_tokens": len(vanilla_tokens),
-                "vanilla_wall_time": vanilla_time,
                 "identical": new == vanilla_tokens,
             }
-        )
+            if name is None:
+                record.update(result)
+            else:
+                record[name] = result
+        record.update({"vanilla_new_tokens": len(vanilla_tokens), "vanilla_wall_time": vanilla_time})
+        records.append(record)
     with open(out_dir / "answers.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    categories = list(dict.fromkeys(r["category"] for r in records))
-    summary: dict[str, Any] = {
-        "overall": summarize(records),
-        "categories": {c: summarize([r for r in records if r["category"] == c]) for c in categories},
-    }
+    summary: dict[str, Any] = summarize_by_category(records)
+    if tree:
+        top_k, max_nodes = km._check_tree(True, tree_top_k, tree_max_nodes)
+        summary["tree"] = {**summarize_by_category(records, "tree"), "tree_top_k": top_k, "tree_max_nodes": max_nodes}
     mean_drafts = statistics.fmean(d for r in records for d in r["draft_lengths"]) if records else 0.0
     if profile:
         costs = cost_profile(km, chat_ids(tokenizer, questions[0].prompt, device))
@@ -346,41 +373,31 @@ def sweep(
     tokenizer,
     questions: list[Question],
     out_dir: str | Path,
-    thresholds: list[float],
-    steps_grid: list[int],
+    grid: list[dict[str, Any]],
     max_new_tokens: int = 256,
-    policy: str = "adaptive",
 ) -> dict[str, Any]:
-    """Threshold × steps grid on a few questions (vanilla timed once per question); picks the fastest pair."""
+    """Decode a few questions once per grid point (generate keyword arguments, e.g. threshold and max_draft_steps,
+    or tree_top_k and tree_max_nodes); vanilla is timed once per question. Picks the fastest point."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = km.backbone.embed_tokens.weight.device
     prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
     run_vanilla(km, prompts[0], min(32, max_new_tokens))  # warm-up
     vanilla = [run_vanilla(km, ids, max_new_tokens) for ids in prompts]
-    grid = []
-    for threshold in thresholds:
-        for steps in steps_grid:
-            ratios, new_tokens, forwards, identical = [], 0, 0, True
-            for ids, (ref, ref_time) in zip(prompts, vanilla, strict=True):
-                out, wall = run_kangaroo(
-                    km, ids, max_new_tokens, threshold=threshold, max_draft_steps=steps, policy=policy
-                )
-                new = out.sequences[0, ids.shape[1] :].tolist()
-                ratios.append((len(new) / wall) / (len(ref) / ref_time))
-                new_tokens += len(new)
-                forwards += len(out.accept_lengths)
-                identical &= new == ref
-            grid.append(
-                {
-                    "threshold": threshold,
-                    "steps": steps,
-                    "speedup": statistics.fmean(ratios),
-                    "tau": new_tokens / forwards,
-                    "identical": identical,
-                }
-            )
-    best = max(grid, key=lambda g: g["speedup"])
-    result = {"grid": grid, "best": best, "questions": len(questions), "policy": policy}
+    results = []
+    for point in grid:
+        ratios, new_tokens, forwards, identical = [], 0, 0, True
+        for ids, (ref, ref_time) in zip(prompts, vanilla, strict=True):
+            out, wall = run_kangaroo(km, ids, max_new_tokens, **point)
+            new = out.sequences[0, ids.shape[1] :].tolist()
+            ratios.append((len(new) / wall) / (len(ref) / ref_time))
+            new_tokens += len(new)
+            forwards += len(out.accept_lengths)
+            identical &= new == ref
+        results.append(
+            {**point, "speedup": statistics.fmean(ratios), "tau": new_tokens / forwards, "identical": identical}
+        )
+    best = max(results, key=lambda g: g["speedup"])
+    result = {"grid": results, "best": best, "questions": len(questions)}
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -25,6 +25,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="adaptive: draft only as much as acceptance and costs make worthwhile (plain steps otherwise); "
         "fixed: always draft up to γ",
     )
+    parser.add_argument(
+        "--tree", action="store_true", help="dynamic tree drafting (bench: tree mode reported beside the chain)"
+    )
+    parser.add_argument("--tree-top-k", type=int, help="tree: children per level K (default: adapter's, else 4)")
+    parser.add_argument("--tree-max-nodes", type=int, help="tree: max draft nodes N (default: adapter's, else 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--warmup", type=int, default=1, help="questions decoded untimed first")
     b.add_argument("--out", required=True, help="output directory (results.json, answers.jsonl, speedup.png)")
-    b.add_argument("--sweep", action="store_true", help="grid over --sweep-thresholds x --sweep-steps instead")
+    b.add_argument(
+        "--sweep", action="store_true", help="grid search instead: η x γ (with --tree: K x N) on the questions"
+    )
     b.add_argument("--sweep-thresholds", default="0.2,0.4,0.6,0.8")
     b.add_argument("--sweep-steps", default="1,2,4,6")
+    b.add_argument("--sweep-top-k", default="2,4,8")
+    b.add_argument("--sweep-max-nodes", default="8,16,32")
     b.add_argument("--no-profile", action="store_true", help="skip the cost profile")
     return parser
 
@@ -91,6 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_draft_steps=args.steps,
         streamer=streamer,
         policy=args.policy,
+        tree=args.tree,
+        tree_top_k=args.tree_top_k,
+        tree_max_nodes=args.tree_max_nodes,
     )
     seconds = time.perf_counter() - start
     n = out.num_new_tokens
@@ -106,6 +118,10 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .base import load_tokenizer
@@ -116,22 +132,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     km = load_model(args)
     tokenizer = load_tokenizer(km.base)
     if args.sweep:
-        result = bench.sweep(
-            km,
-            tokenizer,
-            questions,
-            args.out,
-            _floats(args.sweep_thresholds),
-            [int(x) for x in _floats(args.sweep_steps)],
-            args.max_new_tokens,
-            policy=args.policy,
-        )
+        fixed = {"policy": args.policy}
+        if args.tree:
+            fixed.update(tree=True, threshold=args.threshold, max_draft_steps=args.steps)
+            grid = [
+                {**fixed, "tree_top_k": k, "tree_max_nodes": n}
+                for k in _ints(args.sweep_top_k)
+                for n in _ints(args.sweep_max_nodes)
+            ]
+            keys = ("tree_top_k", "tree_max_nodes")
+        else:
+            grid = [
+                {**fixed, "threshold": t, "max_draft_steps": g}
+                for t in _floats(args.sweep_thresholds)
+                for g in _ints(args.sweep_steps)
+            ]
+            keys = ("threshold", "max_draft_steps")
+        result = bench.sweep(km, tokenizer, questions, args.out, grid, args.max_new_tokens)
         for g in result["grid"]:
-            print(f"η={g['threshold']:<4} γ={g['steps']:<2} speedup {g['speedup']:.3f}x  τ {g['tau']:.2f}")
+            print("  ".join(f"{k}={g[k]}" for k in keys) + f"  speedup {g['speedup']:.3f}x  τ {g['tau']:.2f}")
         best = result["best"]
-        print(
-            f"best: threshold {best['threshold']}, steps {best['steps']} ({best['speedup']:.3f}x, τ {best['tau']:.2f})"
-        )
+        print("best: " + ", ".join(f"{k} {best[k]}" for k in keys) + f" ({best['speedup']:.3f}x, τ {best['tau']:.2f})")
         return 0
     summary = bench.bench(
         km,
@@ -145,6 +166,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         profile=not args.no_profile,
         adapter_name=args.adapter,
         policy=args.policy,
+        tree=args.tree,
+        tree_top_k=args.tree_top_k,
+        tree_max_nodes=args.tree_max_nodes,
     )
     bench.print_table(summary)
     if "cost_profile" in summary:

@@ -37,7 +37,7 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     out = tmp_path / "out"
     result = run_bench(
         "--adapter", str(root / "adapter"), "--questions", str(questions), "--max-new-tokens", "24",
-        "--threshold", "0.1", "--steps", "4", "--out", str(out),
+        "--threshold", "0.1", "--steps", "4", "--policy", "fixed", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "results.json").read_text())
@@ -52,6 +52,7 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert profile["full_forward_1_ms"] > 0 and profile["draft_step_ms"] > 0 and "4" in profile["deep_verify_ms"]
     assert profile["speedup_limit_at_measured_tau"] > 0
     assert summary["config"]["threshold"] == 0.1 and summary["config"]["max_draft_steps"] == 4
+    assert summary["config"]["policy"] == "fixed"
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 5
     for a in answers:
@@ -73,9 +74,40 @@ def test_bench_sweep_and_category_filter(tiny_dirs, tmp_path):
     assert result.returncode == 0, result.stderr
     sweep = json.loads((out / "sweep.json").read_text())
     assert len(sweep["grid"]) == 4 and sweep["questions"] == 2
+    assert [(g["threshold"], g["max_draft_steps"]) for g in sweep["grid"]] == [(0.1, 1), (0.1, 3), (0.9, 1), (0.9, 3)]
     assert all(g["identical"] for g in sweep["grid"])
     assert sweep["best"] == max(sweep["grid"], key=lambda g: g["speedup"])
     assert "best: threshold" in result.stdout
+
+
+def test_bench_tree_beside_chain_and_tree_sweep(tiny_dirs, tmp_path):
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", SPEC_BENCH)
+    out = tmp_path / "tree"
+    result = run_bench(
+        "--adapter", str(root / "adapter"), "--questions", str(questions), "--num-questions", "1",
+        "--max-new-tokens", "16", "--tree", "--tree-top-k", "3", "--tree-max-nodes", "9", "--no-profile",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "results.json").read_text())
+    tree = summary["tree"]
+    assert set(tree["overall"]) == KEYS and tree["overall"]["identical"] is True
+    assert set(tree["categories"]) == set(summary["categories"])
+    assert tree["tree_top_k"] == 3 and tree["tree_max_nodes"] == 9
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert all(a["tree"]["identical"] and max(a["tree"]["draft_lengths"], default=0) <= 9 for a in answers)
+    assert "overall (tree)" in result.stdout
+    result = run_bench(
+        "--adapter", str(root / "adapter"), "--questions", str(questions), "--num-questions", "1",
+        "--categories", "qa", "--max-new-tokens", "12", "--tree", "--sweep", "--sweep-top-k", "2,4",
+        "--sweep-max-nodes", "4,12", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [(g["tree_top_k"], g["tree_max_nodes"]) for g in sweep["grid"]] == [(2, 4), (2, 12), (4, 4), (4, 12)]
+    assert all(g["identical"] and g["tree"] for g in sweep["grid"])
+    assert "best: tree_top_k" in result.stdout
 
 
 def test_question_loading_rules(tmp_path):
