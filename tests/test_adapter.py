@@ -190,3 +190,12 @@ def test_bad_generate_inputs():
             km.generate(**kwargs)
     out = km.generate(ok, max_new_tokens=253, eos_token_id=None)  # exactly at the limit is fine
     assert out.sequences.shape[1] == 256
+
+
+def test_package_file_names_what_to_install():
+    from kangaroo_infer.base import package_file
+
+    with pytest.raises(ValueError, match="needs the PyPI package 'no-such-kangaroo-pkg'.*pip install no-such"):
+        package_file("no-such-kangaroo-pkg", ".gguf", "The alias x", "pip install no-such-kangaroo-pkg")
+    with pytest.raises(ValueError, match=r"installed but its file \*\.nothing is missing"):
+        package_file("safetensors", ".nothing", "Test", "pip install safetensors")
