@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (SmolLM2-135M-Instruct, CPU). Sets up .venv on first use.
-# Until the trainer lands this decodes one chat prompt with a FRESH (untrained, copy-initialised) adapter at exit
-# layer 2: the output is exactly the base model's greedy output, but an untrained adapter drafts badly (τ ≈ 1).
+# The main job on the embedded default (SmolLM2-135M-Instruct, CPU, 2 cores): train the Kangaroo adapter at exit
+# layer 2 on ShareGPT (experiment=smollm2_135m: tokenize -> cache base features -> train -> export), then run a short
+# MT-bench benchmark (vanilla vs kangaroo in one process) and print its table. Sets up .venv on first use.
+# Extra arguments are Hydra overrides for the training run, e.g. `bash scripts/main.sh trainer.max_epochs=1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m kangaroo_infer generate --base smollm2-135m-instruct --exit-layer 2 --init copy --chat \
-  --prompt "${1:-Explain in three sentences why the sky is blue.}" --max-new-tokens 128
+OUT=${KANGAROO_OUT:-outputs/smollm2_135m}
+.venv/bin/python -m kangaroo_train experiment=smollm2_135m paths.output_dir="$OUT" "$@"
+.venv/bin/python -m kangaroo_infer bench --adapter "$OUT/adapter" --num-questions 1 --max-new-tokens 128 \
+  --out "$OUT/bench"

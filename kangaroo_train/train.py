@@ -1,0 +1,458 @@
+"""Hydra entry point: ``python -m kangaroo_train experiment=NAME [overrides]``.
+
+Runs the stages in order, each skipping work already done:
+  data   tokenize the conversations (cached by the datasets library under ``paths.data_dir``)
+  cache  run the frozen base once and store its features (``cache.dir``; skipped with ``cache=none``)
+  train  train the adapter with Lightning (checkpoints in ``paths.ckpt_dir``; ``resume=true`` continues)
+  export write the kangaroo_infer checkpoint to ``paths.adapter_dir`` from the last checkpoint
+
+``stage=X`` runs the stages up to X (``stage=export`` only exports). Under an external multi-process launcher
+(``srun``, ``torchrun``), rank 0 tokenizes while the others wait, and every rank caches its share of the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from kangaroo_infer.base import kangaroo_home
+
+log = logging.getLogger("kangaroo_train")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repo's configs/, wherever Python runs from
+STAGES = ("data", "cache", "train", "export")
+STAGE_CHOICES = ("all", *STAGES)
+DTYPES = ("float32", "bfloat16", "float16")
+
+OmegaConf.register_new_resolver("kangaroo_home", lambda: str(kangaroo_home()), replace=True)
+
+
+# ---- processes --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place among the processes an external launcher started (1 process when run directly)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def external_launch() -> Launch:
+    """srun (inside a job step) or torchrun; Lightning's own DDP children count as one process for data/cache."""
+    env = os.environ
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    if "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    return Launch(0, 1, 0)
+
+
+def _wait_for(ready: Callable[[], bool], what: str, timeout_minutes: float) -> None:
+    """Poll until ``ready()``: how ranks > 0 wait for work that rank 0 (or the other ranks) do on a shared disk."""
+    deadline = time.monotonic() + 60 * timeout_minutes
+    while not ready():
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"Timed out after {timeout_minutes} min waiting for {what}; check the other ranks' logs, or run that "
+                f"stage alone first (stage=data / stage=cache), or raise wait_timeout_minutes."
+            )
+        time.sleep(5)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Catch impossible settings before anything is loaded, each with the override that fixes it."""
+    if cfg.stage not in STAGE_CHOICES:
+        raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGE_CHOICES)}.")
+    ell = cfg.model.exit_layer
+    if isinstance(ell, bool) or not isinstance(ell, int) or ell < 1:
+        raise ValueError(f"model.exit_layer={ell!r} must be an integer >= 1.")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
+    if cfg.adapter.init not in ("random", "copy"):
+        raise ValueError(f"adapter.init={cfg.adapter.init!r} must be random or copy.")
+    if cfg.cache.enabled and cfg.cache.dtype not in DTYPES:
+        raise ValueError(f"cache.dtype={cfg.cache.dtype!r} must be one of {list(DTYPES)}.")
+    t = cfg.trainer
+    for key in ("batch_size", "accumulate_grad_batches", "val_every_n_steps", "ckpt_every_n_steps", "devices"):
+        value = t[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer.{key}={value!r} must be a positive integer.")
+    if t.max_steps == -1 and (t.max_epochs is None or t.max_epochs < 1):
+        raise ValueError("Set trainer.max_steps or trainer.max_epochs (>= 1): training needs an end.")
+    if cfg.optim.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optim.schedule={cfg.optim.schedule!r} must be cosine, linear or constant.")
+    if cfg.temperature is None or cfg.temperature <= 0:
+        raise ValueError(f"temperature={cfg.temperature!r} must be > 0.")
+    if cfg.strategy.name not in ("single", "ddp", "deepspeed"):
+        raise ValueError(f"strategy={cfg.strategy.name!r}: choose strategy=single, ddp or deepspeed.")
+    if not cfg.logger:
+        raise ValueError("No logger configured: use logger=wandb, logger=csv or logger=[wandb,csv].")
+
+
+def generation_defaults(cfg: DictConfig) -> dict[str, Any] | None:
+    """The generation settings that are set (None when none are): kangaroo_infer falls back for the rest."""
+    chosen = {k: v for k, v in (_container(cfg.generation) or {}).items() if v is not None}
+    return chosen or None
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+# ---- stages -----------------------------------------------------------------------------------------------------
+
+
+def prepare_base(cfg: DictConfig) -> str:
+    """The base model name to load and record: tiny models are built on first use; local paths made absolute."""
+    name = str(cfg.model.name)
+    if cfg.model.tiny is not None:
+        from .tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(name, _container(cfg.model.tiny)))
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def stage_data(cfg: DictConfig, base_name: str, launch: Launch):
+    """Tokenized (train, val) datasets; rank 0 builds them first under an external launcher."""
+    from kangaroo_infer.base import load_tokenizer
+
+    from .data import build_datasets
+
+    data_dir = Path(cfg.paths.data_dir)
+    marker = data_dir / f".ready-{_short_hash([_container(cfg.data), base_name])}"
+    if launch.rank != 0 and not marker.exists():
+        _wait_for(marker.exists, f"rank 0 to tokenize the data into {data_dir}", cfg.wait_timeout_minutes)
+    tokenizer = load_tokenizer(base_name)
+    train_set, val_set = build_datasets(cfg.data, tokenizer, data_dir)
+    if len(train_set) == 0:
+        raise ValueError(
+            f"The training split of data.source={cfg.data.source!r} is empty; use more conversations "
+            f"(data.num_conversations) or a smaller data.val_fraction."
+        )
+    if len(val_set) == 0:
+        raise ValueError(
+            f"The held-out split of data.source={cfg.data.source!r} is empty; raise data.val_fraction or "
+            f"data.num_conversations."
+        )
+    if launch.rank == 0:
+        marker.touch()
+    log.info("data: %d training / %d held-out sequences (%s)", len(train_set), len(val_set), data_dir)
+    return train_set, val_set, tokenizer
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def feature_caches(cfg: DictConfig, base_name: str, train_set, val_set) -> dict[str, Any]:
+    """The FeatureCache of each split, identified by base fingerprint, exit layer, dtype and data."""
+    from transformers import AutoConfig
+
+    from kangaroo_infer.adapter import base_fingerprint
+    from kangaroo_infer.base import resolve_base_path
+
+    from .data import data_hash
+    from .features import FeatureCache
+
+    fingerprint = base_fingerprint(AutoConfig.from_pretrained(resolve_base_path(base_name)))
+    return {
+        split: FeatureCache(
+            Path(cfg.cache.dir) / split,
+            fingerprint=fingerprint,
+            exit_layer=cfg.model.exit_layer,
+            dtype=cfg.cache.dtype,
+            data_hash=data_hash(dataset),
+            shard_size=cfg.cache.shard_size,
+        )
+        for split, dataset in (("train", train_set), ("val", val_set))
+    }
+
+
+def stage_cache(cfg: DictConfig, base_name: str, train_set, val_set, launch: Launch) -> None:
+    """Build the feature caches (this rank's shards), or check the ones on disk; skipped with cache=none."""
+    if not cfg.cache.enabled:
+        log.info("cache: disabled (cache=none): features are computed online while training")
+        return
+    from kangaroo_infer.base import load_base
+
+    caches = feature_caches(cfg, base_name, train_set, val_set)
+    datasets = {"train": train_set, "val": val_set}
+    for cache in caches.values():
+        cache.check()  # a cache built for another base / exit layer / dtype / data is an error, not reused
+    todo = [split for split, cache in caches.items() if not cache.is_complete()]
+    if todo:
+        device = _feature_device(cfg, launch)
+        base = load_base(base_name, dtype=cfg.model.dtype, device=device)
+        for split in todo:
+            log.info("cache: building %s features in %s on %s", split, caches[split].directory, device)
+            caches[split].build(
+                base, datasets[split], rank=launch.rank, world_size=launch.world_size, batch_size=cfg.cache.batch_size
+            )
+        del base
+        for split in todo:  # the last rank to finish marks the cache complete
+            where = f"every rank's feature shards in {caches[split].directory}"
+            _wait_for(caches[split].is_complete, where, cfg.wait_timeout_minutes)
+    for split, cache in caches.items():
+        verify_shards(cache)
+        log.info("cache: %s features complete in %s", split, cache.directory)
+
+
+def verify_shards(cache) -> None:
+    """Read one sample of every shard, so a truncated or foreign shard is reported before training starts."""
+    dataset = cache.dataset()
+    for first in dataset.starts:  # raises a ValueError naming the bad file and the fix
+        dataset[first]
+
+
+def _feature_device(cfg: DictConfig, launch: Launch) -> torch.device:
+    if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _make_loggers(cfg: DictConfig) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if "csv" in cfg.logger:
+        loggers.append(CSVLogger(save_dir=cfg.logger.csv.save_dir, name=cfg.logger.csv.name))
+    if "wandb" in cfg.logger:
+        w = cfg.logger.wandb
+        offline = w.offline if w.offline is not None else not wandb_api_key_available()
+        Path(w.save_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(
+            WandbLogger(
+                project=w.project,
+                name=w.name,
+                tags=[*(w.tags or []), Path(str(cfg.model.name)).name, f"exit{cfg.model.exit_layer}"],
+                group=w.group,
+                entity=w.entity,
+                offline=offline,
+                save_dir=w.save_dir,
+                log_model=False,
+            )
+        )
+    unknown = set(cfg.logger) - {"csv", "wandb"}
+    if unknown:
+        raise ValueError(f"Unknown logger(s) {sorted(unknown)}; use logger=wandb, csv or [wandb,csv].")
+    return loggers
+
+
+def wandb_api_key_available() -> bool:
+    """An API key in WANDB_API_KEY or in ~/.netrc for the wandb host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def last_checkpoint(cfg: DictConfig) -> Path | None:
+    """The newest of ``last.ckpt`` and Lightning's SLURM-requeue ``hpc_ckpt_*.ckpt`` (files, or directories under
+    DeepSpeed), or None before the first checkpoint."""
+    candidates = [Path(cfg.paths.ckpt_dir) / "last.ckpt", *Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.exists()]
+    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+
+
+class Checkpoints(ModelCheckpoint):
+    """Every N optimizer steps, at the end, and on SIGTERM; not on other errors, where one crashed rank would hang
+    DeepSpeed's collective save."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own end-of-training save only happens when no last.ckpt was written at all; save the steps
+        # since the last periodic checkpoint too, the same way the periodic saves do.
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
+def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) -> None:
+    """Fit the adapter; every process of a multi-device run executes this (Lightning launches the others)."""
+    from kangaroo_infer.adapter import KangarooAdapter
+    from kangaroo_infer.base import load_base
+
+    from .features import collate_features, collate_tokens, compute_features
+    from .module import FrozenParts, KangarooDataModule, KangarooModule
+    from .strategy import build_strategy
+
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    ckpt_path = last_checkpoint(cfg)
+    if ckpt_path is not None and not cfg.resume:
+        raise ValueError(
+            f"{ckpt_dir} already holds checkpoints from an earlier run. Continue it with resume=true, or start over "
+            f"in another paths.output_dir (or delete {ckpt_dir})."
+        )
+    if cfg.resume and ckpt_path is None:
+        log.warning("train: resume=true but there is no checkpoint in %s yet: starting from step 0", ckpt_dir)
+    elif cfg.resume:
+        log.info("train: resuming from %s", ckpt_path)
+
+    L.seed_everything(cfg.seed, workers=True)
+    t = cfg.trainer
+    base = load_base(base_name, dtype=cfg.model.dtype)
+    adapter = KangarooAdapter.for_base(
+        base, cfg.model.exit_layer, init=cfg.adapter.init, mlp=cfg.adapter.mlp, base_name=base_name
+    ).float()  # fp32 master weights; mixed precision / DeepSpeed cast for compute
+    if cfg.cache.enabled:
+        caches = feature_caches(cfg, base_name, train_set, val_set)
+        train_data, val_data = caches["train"].dataset(), caches["val"].dataset()
+        frozen, collate, features = FrozenParts(lm_head=base.get_output_embeddings()), collate_features, None
+        del base  # from the cache only the LM head is needed
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_data, val_data = train_set, val_set
+        frozen, collate = (
+            FrozenParts(lm_head=base.get_output_embeddings(), base=base),
+            partial(collate_tokens, pad_id=pad),
+        )
+        features = compute_features
+    module = KangarooModule(
+        adapter,
+        frozen,
+        optim=_container(cfg.optim),
+        temperature=cfg.temperature,
+        base_config=adapter.base_config.to_dict(),
+        generation=generation_defaults(cfg),
+        compute_features=features,
+    )
+    datamodule = KangarooDataModule(
+        train_data,
+        val_data,
+        collate,
+        batch_size=t.batch_size,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        num_workers=t.num_workers,
+        seed=cfg.seed,
+    )
+    checkpoints = Checkpoints(
+        dirpath=ckpt_dir,
+        filename="step-{step:08d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every_n_steps,
+        save_top_k=t.keep_checkpoints,
+        monitor="step",
+        mode="max",
+        save_last=True,
+        save_on_exception=True,
+    )
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(_container(cfg.strategy), t.accelerator, t.devices, t.num_nodes),
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.clip,
+        # validation every N optimizer steps = N * accumulation batches, counted across epochs
+        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        callbacks=[checkpoints],
+        logger=_make_loggers(cfg),
+        default_root_dir=cfg.paths.output_dir,
+        use_distributed_sampler=False,  # KangarooDataModule shards by rank itself, in whole optimizer steps
+    )
+    for logger in trainer.loggers:  # the full resolved config (wandb: the run's config)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # a clean exit (a late abort was seen once without it)
+    log.info("train: finished at step %d; last checkpoint %s", trainer.global_step, last_checkpoint(cfg))
+
+
+def is_main_process() -> bool:
+    """False in Lightning's DDP children and on ranks > 0 of an external launcher."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+        return False
+    return external_launch().rank == 0 and int(os.environ.get("RANK", "0")) == 0
+
+
+def stage_export(cfg: DictConfig) -> Path | None:
+    from .export import export_checkpoint
+
+    if not is_main_process():
+        return None
+    ckpt = last_checkpoint(cfg)
+    if ckpt is None:
+        raise ValueError(f"Nothing to export: {cfg.paths.ckpt_dir} holds no last.ckpt; run stage=train first.")
+    out = export_checkpoint(ckpt, cfg.paths.adapter_dir, generation=generation_defaults(cfg))
+    log.info("export: adapter written to %s", out)
+    return out
+
+
+# ---- entry --------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> None:
+    """All stages up to ``cfg.stage``."""
+    validate_config(cfg)
+    stages = (
+        STAGES
+        if cfg.stage == "all"
+        else (("export",) if cfg.stage == "export" else STAGES[: STAGES.index(cfg.stage) + 1])
+    )
+    if stages == ("export",):
+        stage_export(cfg)
+        return
+    launch = external_launch()
+    base_name = prepare_base(cfg)
+    train_set, val_set, tokenizer = stage_data(cfg, base_name, launch)
+    if "cache" in stages:
+        stage_cache(cfg, base_name, train_set, val_set, launch)
+    if "train" in stages:
+        stage_train(cfg, base_name, train_set, val_set, tokenizer)
+    if "export" in stages:
+        stage_export(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ValueError as err:  # bad input: one clear message, no traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except SIGTERMException:  # Lightning stopped after the current step; Checkpoints saved it
+        print("interrupted by SIGTERM: checkpoint saved; continue with resume=true", file=sys.stderr, flush=True)
+        sys.exit(128 + 15)

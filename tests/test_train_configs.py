@@ -1,0 +1,92 @@
+"""Every experiment composes and validates, including the 7B/13B ones, without loading or downloading anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kangaroo_train.strategy import build_strategy
+from kangaroo_train.train import CONFIG_DIR, validate_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_the_four_experiments_exist():
+    assert {"tiny", "smollm2_135m", "vicuna7b", "vicuna13b"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_resolves_and_validates(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    validate_config(cfg)
+    assert cfg.name == experiment
+    assert cfg.paths.adapter_dir == f"{tmp_path}/adapter"
+    build_strategy(cfg.strategy, cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes)
+
+
+def test_vicuna_settings_follow_the_paper():
+    seven = compose_train(["experiment=vicuna7b"])
+    thirteen = compose_train(["experiment=vicuna13b"])
+    assert (seven.model.name, seven.model.exit_layer) == ("lmsys/vicuna-7b-v1.3", 2)
+    assert (thirteen.model.name, thirteen.model.exit_layer) == ("lmsys/vicuna-13b-v1.3", 3)
+    for cfg in (seven, thirteen):
+        assert cfg.strategy.name == "deepspeed" and cfg.strategy.config.zero_optimization.stage == 2
+        assert cfg.trainer.devices == 8 and cfg.trainer.accelerator == "gpu"
+        assert cfg.trainer.precision in ("bf16-mixed", "16-mixed")
+        assert cfg.trainer.max_epochs == 10 and list(cfg.optim.betas) == [0.9, 0.95]
+        assert dict(cfg.generation) == {"threshold": 0.6, "max_draft_steps": 6}
+
+
+def test_overrides_used_by_outside_checks(tmp_path):
+    cfg = compose_train(
+        [
+            "experiment=tiny",
+            f"paths.output_dir={tmp_path}",
+            "stage=cache",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "strategy=deepspeed",
+            "resume=true",
+            "logger=wandb",
+        ]
+    )
+    validate_config(cfg)
+    assert cfg.strategy.name == "deepspeed" and set(cfg.logger) == {"wandb"} and cfg.resume is True
+    zero3 = compose_train(["experiment=vicuna7b", "strategy=deepspeed_zero3"])
+    assert zero3.strategy.config.zero_optimization.stage == 3
+    both = compose_train(["experiment=tiny", "logger=[csv,wandb]", "cache=none", "strategy=ddp"])
+    assert set(both.logger) == {"csv", "wandb"} and both.cache.enabled is False
+
+
+def test_bad_settings_fail_with_the_fix():
+    with pytest.raises(ValueError, match="stage="):
+        validate_config(compose_train(["experiment=tiny", "stage=everything"]))
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches"):
+        validate_config(compose_train(["experiment=tiny", "trainer.accumulate_grad_batches=0"]))
+    with pytest.raises(ValueError, match="strategy=single runs one process"):
+        cfg = compose_train(["experiment=tiny", "trainer.devices=2"])
+        build_strategy(cfg.strategy, "cpu", 2, 1)
+
+
+def test_vicuna7b_cfg_job_from_the_command_line(tmp_path):
+    """`--cfg job` composes the 7B experiment and prints it without touching the model or the data."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kangaroo_train", "experiment=vicuna7b", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "lmsys/vicuna-7b-v1.3" in out.stdout and "exit_layer: 2" in out.stdout
+    assert not (tmp_path / "outputs").exists()

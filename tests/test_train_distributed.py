@@ -1,0 +1,103 @@
+"""Two CPU processes under DDP and DeepSpeed ZeRO-2, and resuming a killed run, through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from kangaroo_infer import KangarooModel
+from kangaroo_train.module import lr_multiplier
+from tests.test_train_e2e import REPO, metrics, run_train, train_rows
+
+LR, WARMUP = 1e-3, 2  # configs/experiment/tiny.yaml
+
+
+def assert_schedule(rows, total: int) -> None:
+    """One logged lr per optimizer step, following warmup + cosine over ``total`` optimizer steps."""
+    for row in rows:
+        step = int(row["step"])
+        expected = LR * lr_multiplier(step, warmup=WARMUP, total=total, schedule="cosine")
+        assert float(row["train/lr"]) == pytest.approx(expected, rel=1e-5), f"step {step}"
+
+
+def steps_per_epoch(output_dir, sequences_per_step: int) -> int:
+    manifest = json.loads((output_dir / "features" / "train" / "manifest.json").read_text())
+    return manifest["num_samples"] // sequences_per_step
+
+
+def test_resume_from_an_epoch_end_starts_the_next_epoch(tmp_path):
+    run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_every_n_steps=100")
+    per_epoch = steps_per_epoch(tmp_path, sequences_per_step=2)
+    run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_every_n_steps=100", "resume=true")
+    resumed = train_rows(metrics(tmp_path, version=1))
+    assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == [(1, s) for s in range(per_epoch, 2 * per_epoch)]
+
+
+def test_ddp_two_processes(tmp_path):
+    run_train(tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.accumulate_grad_batches=3")
+    rows = train_rows(metrics(tmp_path))
+    assert [int(r["step"]) for r in rows] == list(range(12))
+    assert_schedule(rows, total=12)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 12 and all(k.startswith("adapter.") for k in ckpt["state_dict"])
+    KangarooModel.from_pretrained(None, adapter=tmp_path / "adapter")
+
+
+def test_deepspeed_zero2_two_processes_with_accumulation(tmp_path):
+    """ZeRO-2 on 2 CPU processes, 2 micro-batches per optimizer step: the schedule counts optimizer steps."""
+    run_train(tmp_path, "trainer.devices=2", "strategy=deepspeed", "trainer.accumulate_grad_batches=2", timeout=420)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert (last / "checkpoint").is_dir()  # a ZeRO checkpoint directory
+    rows = train_rows(metrics(tmp_path))
+    assert [int(r["step"]) for r in rows] == list(range(12))
+    assert_schedule(rows, total=12)
+    # epochs hold whole optimizer steps of 2 processes x 2 accumulated batches x batch size 2 = 8 sequences
+    per_epoch = steps_per_epoch(tmp_path, sequences_per_step=8)
+    assert [int(r["epoch"]) for r in rows] == [s // per_epoch for s in range(12)]
+    km = KangarooModel.from_pretrained(None, adapter=tmp_path / "adapter")  # exported from the ZeRO directory
+    assert json.loads((tmp_path / "adapter" / "training.json").read_text())["global_step"] == 12
+    assert km.exit_layer == 2
+
+
+def test_resume_after_kill_continues_the_step_count(tmp_path):
+    total = 40
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    command = [
+        sys.executable,
+        "-m",
+        "kangaroo_train",
+        "experiment=tiny",
+        f"paths.output_dir={tmp_path}",
+        f"trainer.max_steps={total}",
+        "trainer.ckpt_every_n_steps=4",
+        "trainer.val_every_n_steps=100",
+    ]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 240
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 4 <= saved < total and saved % 4 == 0
+
+    run_train(tmp_path, f"trainer.max_steps={total}", "trainer.ckpt_every_n_steps=4", "resume=true")
+    resumed = train_rows(metrics(tmp_path, version=1))
+    assert [int(r["step"]) for r in resumed] == list(range(saved, total))  # continues where the checkpoint was
+    assert_schedule(resumed, total=total)  # the schedule continues too
+    # the interrupted epoch continues where it stopped (not replayed), so epochs end where they would have
+    per_epoch = steps_per_epoch(tmp_path, sequences_per_step=2)
+    assert [int(r["epoch"]) for r in resumed] == [s // per_epoch for s in range(saved, total)]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == total
+    assert json.loads((tmp_path / "adapter" / "training.json").read_text())["global_step"] == total

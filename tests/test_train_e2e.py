@@ -1,0 +1,149 @@
+"""The tiny experiment end to end through the real entry point, and the errors it reports for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_train(output_dir: Path, *overrides: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m kangaroo_train experiment=tiny paths.output_dir=... overrides`` in a subprocess."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "kangaroo_train", "experiment=tiny", f"paths.output_dir={output_dir}", *overrides]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    if check:
+        assert out.returncode == 0, f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def metrics(output_dir: Path, version: int = 0) -> list[dict[str, str]]:
+    with open(output_dir / "logs" / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [r for r in rows if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One full tiny run (data -> cache -> train -> export) with csv and offline wandb logging."""
+    output_dir = tmp_path_factory.mktemp("tiny_run")
+    run_train(output_dir, "logger=[csv,wandb]", "generation.threshold=0.5", "generation.max_draft_steps=3")
+    return output_dir
+
+
+def test_all_stages_leave_their_outputs(tiny_run):
+    assert (tiny_run / "features" / "train" / "manifest.json").is_file()
+    assert (tiny_run / "checkpoints" / "last.ckpt").is_file()
+    config = json.loads((tiny_run / "adapter" / "config.json").read_text())
+    assert Path(config["base_model"]).is_absolute() and Path(config["base_model"], "config.json").is_file()
+    assert config["exit_layer"] == 2 and config["generation"] == {"threshold": 0.5, "max_draft_steps": 3}
+    rows = metrics(tiny_run)
+    steps = [int(r["step"]) for r in train_rows(rows)]
+    assert steps == list(range(12))  # max_steps=12, logged every optimizer step
+    logged = set(rows[0])
+    assert {"train/loss", "train/top1", "train/accept", "train/lr", "train/tokens_per_s"} <= logged
+    assert {"val/loss", "val/top1", "val/accept"} <= logged
+    runs = list((tiny_run / "logs" / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote no offline run"
+
+
+def test_checkpoint_holds_only_the_adapter(tiny_run):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 12
+    assert ckpt["state_dict"] and all(k.startswith("adapter.") for k in ckpt["state_dict"])
+    assert not any("lm_head" in k or "embed" in k for k in ckpt["state_dict"])
+
+
+def test_exported_adapter_decodes_losslessly(tiny_run):
+    from kangaroo_infer import KangarooModel, load_tokenizer
+
+    km = KangarooModel.from_pretrained(None, adapter=tiny_run / "adapter")  # the base recorded in the adapter
+    tokenizer = load_tokenizer(km.base)
+    for prompt in ["Tell me about kangaroos.", "Write a haiku about the sea"]:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        ours = km.generate(ids, max_new_tokens=24)
+        reference = km.base.generate(ids, do_sample=False, max_new_tokens=24, attention_mask=torch.ones_like(ids))
+        assert torch.equal(ours.sequences, reference), prompt
+
+
+def test_rerun_skips_finished_stages_and_export_cli(tiny_run, tmp_path):
+    again = run_train(tiny_run, "stage=cache")  # data and cache are found complete
+    assert "building" not in again.stdout + again.stderr
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kangaroo_train.export",
+            f"ckpt={tiny_run / 'checkpoints' / 'step-00000008.ckpt'}",
+            f"out={tmp_path / 'exported'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads((tmp_path / "exported" / "training.json").read_text())
+    assert info["global_step"] == 8
+
+
+def test_training_again_without_resume_is_refused(tiny_run):
+    out = run_train(tiny_run, "stage=train", check=False)
+    assert out.returncode == 2 and "resume=true" in out.stderr
+
+
+# ---- errors surface cleanly from the entry point -------------------------------------------------------------
+
+
+def assert_clean_error(out: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in out.stderr, out.stderr[-3000:]
+
+
+def test_stale_cache_is_refused(tiny_run, tmp_path):
+    # same data, but another exit layer: the cached features belong to ℓ=2
+    out = run_train(tmp_path, f"cache.dir={tiny_run / 'features'}", "model.exit_layer=1", "stage=cache", check=False)
+    assert_clean_error(out, "stale", "exit_layer")
+
+
+def test_corrupt_shard_is_reported(tiny_run, tmp_path):
+    features = tmp_path / "features"
+    import shutil
+
+    shutil.copytree(tiny_run / "features", features)
+    shard = features / "train" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    out = run_train(tmp_path, f"cache.dir={features}", "stage=cache", check=False)
+    assert_clean_error(out, "shard-00001.safetensors", "corrupt or truncated")
+
+
+def test_empty_data_is_reported(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")  # no reply
+    out = run_train(tmp_path, f"data.source={data}", "stage=data", check=False)
+    assert_clean_error(out, "No usable conversation")
+
+
+def test_online_features_without_a_cache(tmp_path):
+    """cache=none: the frozen base computes the features inside each step; checkpoints still hold only the adapter."""
+    run_train(tmp_path, "cache=none", "trainer.max_steps=3", "trainer.val_every_n_steps=3")
+    assert not (tmp_path / "features").exists()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 and all(k.startswith("adapter.") for k in ckpt["state_dict"])
+    rows = metrics(tmp_path)
+    assert any(r["val/top1"] for r in rows) and len(train_rows(rows)) == 3
+    assert (tmp_path / "adapter" / "model.safetensors").is_file()
