@@ -84,6 +84,7 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

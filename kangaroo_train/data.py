@@ -451,3 +451,21 @@ def data_hash(dataset: datasets.Dataset) -> str:
             digest.update(lengths.tobytes())
             digest.update(values.tobytes())
     return digest.hexdigest()
+
+
+def frequent_tokens(dataset: datasets.Dataset, vocab_size: int, size: int) -> list[int]:
+    """The ``size`` token ids seen most often as assistant tokens (loss_mask == 1), most frequent first.
+
+    This is the adapter's draft vocabulary (FR-Spec style): drafting computes only these rows of the LM head.
+    Ties (including never-seen tokens, when the data is small) are broken by the lower id, so the result is
+    deterministic and always has exactly ``size`` ids.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= vocab_size:
+        raise ValueError(f"adapter.draft_vocab_size={size!r} must be an integer in [1, {vocab_size}] (or null).")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for batch in dataset.select_columns(["input_ids", "loss_mask"]).with_format("arrow").iter(batch_size=1024):
+        ids = pc.list_flatten(batch["input_ids"].combine_chunks()).to_numpy(zero_copy_only=False)
+        mask = pc.list_flatten(batch["loss_mask"].combine_chunks()).to_numpy(zero_copy_only=False).astype(bool)
+        counts += np.bincount(ids[mask], minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))  # by count descending, then id ascending
+    return order[:size].tolist()

@@ -97,6 +97,7 @@ def export_checkpoint(
     adapter = adapter_from_checkpoint(checkpoint, base_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:  # write beside, then swap in: a reader never sees a half-written adapter
         adapter.save_pretrained(tmp, generation=generation)
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

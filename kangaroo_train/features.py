@@ -342,6 +342,7 @@ class FeatureCache:
         path = self.shard_path(index)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
     def _shard_counts(self, num_shards: int) -> list[dict[str, int]] | None:

@@ -88,6 +88,7 @@ def ensure_tiny_model(directory: str | os.PathLike, spec: Mapping[str, Any]) -> 
     model.generation_config.pad_token_id = pad
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:  # write beside the target, then swap it in, so a half-written model is never seen
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -328,6 +328,10 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
     adapter = KangarooAdapter.for_base(
         base, cfg.model.exit_layer, init=cfg.adapter.init, mlp=cfg.adapter.mlp, base_name=base_name
     ).float()  # fp32 master weights; mixed precision / DeepSpeed cast for compute
+    if cfg.adapter.get("draft_vocab_size"):
+        from .data import frequent_tokens
+
+        adapter.set_draft_vocab(frequent_tokens(train_set, base.config.vocab_size, cfg.adapter.draft_vocab_size))
     if cfg.cache.enabled:
         caches = feature_caches(cfg, base_name, train_set, val_set)
         train_data, val_data = caches["train"].dataset(), caches["val"].dataset()

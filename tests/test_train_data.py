@@ -339,3 +339,18 @@ def test_data_hash_sees_every_change():
     for other in (changed_mask, moved_boundary, rows[::-1], rows[:1]):
         assert data_hash(datasets.Dataset.from_list(other)) != reference
     assert data_hash(datasets.Dataset.from_list(rows * 2).select([2, 3])) == reference  # a selection hashes its rows
+
+
+def test_frequent_tokens_ranks_assistant_tokens_only():
+    from kangaroo_train.data import frequent_tokens
+
+    ds = datasets.Dataset.from_list(
+        [
+            {"input_ids": [5, 5, 5, 7, 9, 9], "loss_mask": [0, 0, 0, 1, 1, 1]},  # 5 is prompt-only
+            {"input_ids": [7, 7, 3], "loss_mask": [1, 1, 1]},
+        ]
+    )
+    assert frequent_tokens(ds, vocab_size=10, size=3) == [7, 9, 3]  # counts 3, 2, 1
+    assert frequent_tokens(ds, vocab_size=10, size=5) == [7, 9, 3, 0, 1]  # ties (unseen) by id
+    with pytest.raises(ValueError, match=r"draft_vocab_size=11 must be an integer in \[1, 10\]"):
+        frequent_tokens(ds, vocab_size=10, size=11)

@@ -38,7 +38,13 @@ def train_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def tiny_run(tmp_path_factory) -> Path:
     """One full tiny run (data -> cache -> train -> export) with csv and offline wandb logging."""
     output_dir = tmp_path_factory.mktemp("tiny_run")
-    run_train(output_dir, "logger=[csv,wandb]", "generation.threshold=0.5", "generation.max_draft_steps=3")
+    run_train(
+        output_dir,
+        "logger=[csv,wandb]",
+        "generation.threshold=0.5",
+        "generation.max_draft_steps=3",
+        "adapter.draft_vocab_size=64",
+    )
     return output_dir
 
 
@@ -48,6 +54,7 @@ def test_all_stages_leave_their_outputs(tiny_run):
     config = json.loads((tiny_run / "adapter" / "config.json").read_text())
     assert Path(config["base_model"]).is_absolute() and Path(config["base_model"], "config.json").is_file()
     assert config["exit_layer"] == 2 and config["generation"] == {"threshold": 0.5, "max_draft_steps": 3}
+    assert config["draft_vocab_size"] == 64  # the 64 most frequent assistant tokens, stored with the weights
     rows = metrics(tiny_run)
     steps = [int(r["step"]) for r in train_rows(rows)]
     assert steps == list(range(12))  # max_steps=12, logged every optimizer step
