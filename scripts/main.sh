@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT=${KANGAROO_OUT:-outputs/smollm2_135m}
-.venv/bin/python -m kangaroo_train experiment=smollm2_135m paths.output_dir="$OUT" "$@"
+.venv/bin/python -m kangaroo_train experiment=smollm2_135m paths.output_dir="$OUT" resume=true "$@"
 .venv/bin/python -m kangaroo_infer bench --adapter "$OUT/adapter" --num-questions 1 --max-new-tokens 128 \
   --out "$OUT/bench"
