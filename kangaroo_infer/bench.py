@@ -10,6 +10,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +106,21 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def run_vanilla(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float]:
+def run_vanilla(
+    km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> tuple[list[int], float]:
     pad = km.base.generation_config.pad_token_id
+    sampling = {"do_sample": False}
+    if temperature > 0:  # plain temperature sampling, as Kangaroo's (no top-k / top-p from the generation config)
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     out, seconds = _timed(
         lambda: km.base.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad if pad is not None else 0,
+            **sampling,
         )
     )
     return out[0, ids.shape[1] :].tolist(), seconds
@@ -136,7 +143,7 @@ def summarize(records: list[dict], mode: str | None = None) -> dict[str, Any]:
         "tau": sum(r["new_tokens"] for r in runs) / sum(len(r["accept_lengths"]) for r in runs),
         "vanilla_tokens_per_s": statistics.fmean(v_tps),
         "kangaroo_tokens_per_s": statistics.fmean(k_tps),
-        "identical": all(r["identical"] for r in runs),
+        "identical": None if any(r["identical"] is None for r in runs) else all(r["identical"] for r in runs),
         "questions": len(records),
     }
 
@@ -251,7 +258,8 @@ def print_table(summary: dict[str, Any]) -> None:
     if "tree" in summary:
         tree = summary["tree"]
         rows += [(f"{name} (tree)", r) for name, r in [*tree["categories"].items(), ("overall", tree["overall"])]]
-    table = Table(title="kangaroo vs vanilla (greedy)")
+    temperature = summary.get("config", {}).get("temperature", 0.0)
+    table = Table(title=f"kangaroo vs vanilla ({f'temperature {temperature}' if temperature else 'greedy'})")
     table.add_column("category", no_wrap=True, min_width=max(len(name) for name, _ in rows))
     for col in ("questions", "speedup", "τ", "vanilla tok/s", "kangaroo tok/s", "identical"):
         table.add_column(col, justify="right")
@@ -263,7 +271,7 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{r['tau']:.2f}",
             f"{r['vanilla_tokens_per_s']:.1f}",
             f"{r['kangaroo_tokens_per_s']:.1f}",
-            "yes" if r["identical"] else "NO",
+            "n/a" if r["identical"] is None else "yes" if r["identical"] else "NO",
         )
     Console(width=max(100, Console().width)).print(table)
 
@@ -284,15 +292,21 @@ def bench(
     tree: bool = False,
     tree_top_k: int | None = None,
     tree_max_nodes: int | None = None,
+    temperature: float = 0.0,
 ) -> dict[str, Any]:
     """Run every question with vanilla and Kangaroo (rotating which goes first) and write the results.
 
     With ``tree=True`` each question is also decoded in tree mode, reported under ``"tree"`` next to the chain.
+    With ``temperature`` > 0 both sample (seed = question index), so outputs differ: identity is recorded as None.
     """
+    if temperature > 0 and tree:
+        raise ValueError("Tree drafting is greedy; drop --tree or --temperature.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = km.backbone.embed_tokens.weight.device
     modes: dict[str | None, dict] = {None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy}}
+    if temperature > 0:
+        modes[None]["temperature"] = temperature
     if tree:
         modes["tree"] = {**modes[None], "tree": True, "tree_top_k": tree_top_k, "tree_max_nodes": tree_max_nodes}
     for q in questions[:warmup]:
@@ -312,9 +326,10 @@ def bench(
         order = ["vanilla", *modes]
         for name in order[i % len(order) :] + order[: i % len(order)]:  # rotate who goes first
             if name == "vanilla":
-                vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens)
+                vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens, temperature, seed=i)
             else:
-                runs[name] = run_kangaroo(km, ids, max_new_tokens, **modes[name])
+                seeded = {"seed": i} if temperature > 0 else {}
+                runs[name] = run_kangaroo(km, ids, max_new_tokens, **modes[name], **seeded)
         record = {"question_id": q.question_id, "category": q.category}
         for name, (out, wall) in runs.items():
             new = out.sequences[0, ids.shape[1] :].tolist()
@@ -324,7 +339,7 @@ def bench(
                 "wall_time": wall,
                 "accept_lengths": out.accept_lengths,
                 "draft_lengths": out.draft_lengths,
-                "identical": new == vanilla_tokens,
+                "identical": new == vanilla_tokens if temperature == 0 else None,
             }
             if name is None:
                 record.update(result)
@@ -353,6 +368,7 @@ def bench(
         "threshold": threshold,
         "max_draft_steps": steps,
         "policy": policy,
+        "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "dtype": str(km.base.dtype).removeprefix("torch."),
         "device": str(device),
@@ -396,3 +412,141 @@ def sweep(
     result = {"grid": results, "best": best, "questions": len(questions)}
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def left_padded(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, T_i] prompts -> ids [B, T] with left padding and attention_mask [B, T]."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=prompts[0].device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    return ids, mask
+
+
+def _row_tokens(new: list[int], eos_ids: frozenset[int]) -> list[int]:
+    """A batched generate's new tokens for one row, up to and including its first end-of-sequence token."""
+    for i, token in enumerate(new):
+        if token in eos_ids:
+            return new[: i + 1]
+    return new
+
+
+def batch_throughput(
+    km: KangarooModel,
+    tokenizer,
+    questions: list[Question],
+    out_dir: str | Path,
+    batch_sizes: list[int],
+    max_new_tokens: int = 256,
+    threshold: float | None = None,
+    steps: int | None = None,
+    policy: str = "adaptive",
+    temperature: float = 0.0,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Throughput mode: for each B, the questions in batches of B (left-padded), Kangaroo batched vs the base's own
+    batched ``generate``; tokens/s over the batch = new tokens of all rows ÷ wall time. Written under "batch" in
+    results.json (other keys there are kept). Greedy rows are compared with vanilla's batched rows for information
+    only: padding changes float rounding, and exactness is defined against each row's own unbatched run."""
+    from .batch import pad_token_id
+    from .sample import resolve_eos
+
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"--batch-size needs positive batch sizes, e.g. 1,4,8; got {batch_sizes}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = km.backbone.embed_tokens.weight.device
+    pad_id = pad_token_id(km)
+    eos_ids = resolve_eos(km, "from_generation_config")
+    prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
+    kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "temperature": temperature}
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+    def vanilla(ids, mask, seed):
+        torch.manual_seed(seed)
+        out = km.base.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
+        return [_row_tokens(row, eos_ids) for row in out[:, ids.shape[1] :].tolist()]
+
+    def kangaroo(ids, mask, seed):
+        out = km.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, seed=seed, **kw)
+        new = out.sequences[:, ids.shape[1] :].tolist()
+        return [row[: sum(a)] for row, a in zip(new, out.accept_lengths, strict=True)], out
+
+    for p in prompts[:warmup]:
+        ids, mask = left_padded([p, p], pad_id)
+        vanilla(ids, mask, 0)
+        kangaroo(ids, mask, 0)
+    results: dict[str, Any] = {}
+    for size in batch_sizes:
+        totals = {"vanilla_tokens": 0, "vanilla_seconds": 0.0, "tokens": 0, "seconds": 0.0, "rows_identical": 0}
+        forwards, batches = 0, 0
+        for start in range(0, len(prompts), size):
+            ids, mask = left_padded(prompts[start : start + size], pad_id)
+            run_vanilla_batch = partial(vanilla, ids, mask, start)
+            run_kangaroo_batch = partial(kangaroo, ids, mask, start)
+            if batches % 2 == 0:  # alternate who goes first
+                ref, ref_time = _timed(run_vanilla_batch)
+                (rows, out), wall = _timed(run_kangaroo_batch)
+            else:
+                (rows, out), wall = _timed(run_kangaroo_batch)
+                ref, ref_time = _timed(run_vanilla_batch)
+            totals["vanilla_tokens"] += sum(len(r) for r in ref)
+            totals["vanilla_seconds"] += ref_time
+            totals["tokens"] += sum(len(r) for r in rows)
+            totals["seconds"] += wall
+            totals["rows_identical"] += sum(a == b for a, b in zip(rows, ref, strict=True))
+            forwards += sum(len(a) for a in out.accept_lengths)
+            batches += 1
+        vanilla_tps = totals["vanilla_tokens"] / totals["vanilla_seconds"]
+        kangaroo_tps = totals["tokens"] / totals["seconds"]
+        results[str(size)] = {
+            "batches": batches,
+            "rows": len(prompts),
+            "vanilla_tokens_per_s": vanilla_tps,
+            "kangaroo_tokens_per_s": kangaroo_tps,
+            "speedup": kangaroo_tps / vanilla_tps,
+            "tau": totals["tokens"] / max(forwards, 1),
+            "rows_identical_to_vanilla_batch": totals["rows_identical"] if temperature == 0 else None,
+            **totals,
+        }
+    path = out_dir / "results.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    threshold, steps = km.resolve_generation(threshold, steps)
+    summary["batch"] = results
+    summary["batch_config"] = {
+        "base_model": km.base.config.name_or_path,
+        "exit_layer": km.exit_layer,
+        "threshold": threshold,
+        "max_draft_steps": steps,
+        "policy": policy,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "dtype": str(km.base.dtype).removeprefix("torch."),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_batch_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="batched throughput: kangaroo vs vanilla (tokens/s over the batch)")
+    for col in ("batch size", "rows", "vanilla tok/s", "kangaroo tok/s", "speedup", "τ"):
+        table.add_column(col, justify="right")
+    for size, r in summary["batch"].items():
+        table.add_row(
+            size,
+            str(r["rows"]),
+            f"{r['vanilla_tokens_per_s']:.1f}",
+            f"{r['kangaroo_tokens_per_s']:.1f}",
+            f"{r['speedup']:.3f}x",
+            f"{r['tau']:.2f}",
+        )
+    Console(width=max(100, Console().width)).print(table)

@@ -13,9 +13,11 @@ from transformers import PreTrainedModel
 from .adapter import INITS, KangarooAdapter, check_exit_layer, read_adapter_config
 from .arch import Backbone
 from .base import load_base
+from .batch import generate_batch
 from .cache import KangarooCache
 from .draft import DraftHead, draft_chain
 from .policy import POLICIES, DraftPolicy, PolicyConfig
+from .sample import SamplingConfig, generate_sampled
 from .tree import draft_tree, verify_tree
 from .verify import deep_logits, verify_chain
 
@@ -25,20 +27,23 @@ FROM_GENERATION_CONFIG = "from_generation_config"  # eos_token_id default: as ba
 
 @dataclass
 class GenerateOutput:
-    sequences: torch.LongTensor  # [1, T + n]: prompt + new tokens
+    sequences: torch.LongTensor  # [1, T + n]: prompt + new tokens ([B, T + n_max] for a batch)
     accept_lengths: list[int]  # tokens committed by each full-model forward (the prefill included); sum == n
     draft_lengths: list[int] = field(default_factory=list)  # drafts proposed in each round (prefill excluded)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # For a batch (batch.py) accept_lengths and draft_lengths are lists per row: list[list[int]].
 
     @property
     def num_new_tokens(self) -> int:
-        return sum(self.accept_lengths)
+        """New tokens (summed over the rows of a batch)."""
+        return sum(sum(x) if isinstance(x, list) else x for x in self.accept_lengths)
 
     @property
     def tau(self) -> float:
-        """Mean tokens committed per full-model forward."""
-        return self.num_new_tokens / max(len(self.accept_lengths), 1)
+        """Mean tokens committed per full-model forward (per row and forward, for a batch)."""
+        forwards = sum(len(x) if isinstance(x, list) else 1 for x in self.accept_lengths)
+        return self.num_new_tokens / max(forwards, 1)
 
 
 def _eos_set(eos_token_id: int | list[int] | torch.Tensor | None) -> frozenset[int]:
@@ -164,6 +169,11 @@ class KangarooModel:
         tree: bool = False,
         tree_top_k: int | None = None,
         tree_max_nodes: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> GenerateOutput:
         """Greedy decoding, token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
 
@@ -177,7 +187,21 @@ class KangarooModel:
         up to γ; a ``PolicyConfig`` selects the adaptive policy with those settings (see ``policy.py``).
         ``tree=True`` drafts a dynamic tree instead of a chain (``tree.py``): up to ``tree_top_k`` children per level
         (default 4), at most ``tree_max_nodes`` drafts (default 16), depth up to γ; η stops a branch's growth.
+        ``temperature`` > 0 samples instead (exact speculative sampling, ``sample.py``), after ``top_k`` / ``top_p``
+        processing, from a generator seeded with ``seed``. ``input_ids`` [B, T] with B > 1, or any
+        ``attention_mask`` (left padding), decodes a batch (``batch.py``): ``sequences`` is then [B, T + n_max] and
+        ``accept_lengths`` / ``draft_lengths`` are lists per row.
         """
+        sampling = SamplingConfig(temperature, top_p, top_k)
+        shape = getattr(input_ids, "shape", ())
+        batched = attention_mask is not None or (len(shape) == 2 and shape[0] > 1)
+        if tree and (batched or not sampling.greedy):
+            raise ValueError("tree=True drafts for one prompt, greedily; drop tree for batches or temperature > 0.")
+        extended = (max_new_tokens, threshold, max_draft_steps, eos_token_id, streamer, policy, sampling, seed)
+        if batched:
+            return generate_batch(self, input_ids, attention_mask, *extended)
+        if not sampling.greedy:
+            return generate_sampled(self, input_ids, *extended)
         threshold, max_draft_steps = self.resolve_generation(threshold, max_draft_steps)
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
         tree_top_k, tree_max_nodes = self._check_tree(tree, tree_top_k, tree_max_nodes)

@@ -92,10 +92,6 @@ class DraftPolicy:
         if drafted > 0:
             self.accepted = c.decay * self.accepted + accepted
             self.rejected = c.decay * self.rejected + (1 if accepted < drafted else 0)
-            sample = draft_seconds / drafted
-            self.draft_cost = (
-                sample if self.draft_cost is None else (1 - c.cost_ema) * self.draft_cost + c.cost_ema * sample
-            )
             if self.probing:  # a failed probe doubles the wait before the next one; a success resets it
                 self.probing = False
                 failed = accepted == 0

@@ -71,3 +71,13 @@ def test_adaptive_generate_is_lossless_and_skips_a_useless_adapter():
     out = km_good.generate(ids, max_new_tokens=120, eos_token_id=None, max_draft_steps=5, threshold=0.0, policy=PRIORS)
     assert out.sequences.tolist() == good.generate(ids, do_sample=False, max_new_tokens=120, eos_token_id=None).tolist()
     assert sum(out.draft_lengths) > 2 * len(out.draft_lengths) and out.tau > 2
+
+
+def test_priors_only_policy_ignores_timings():
+    """measure_costs=False: the same acceptance history gives the same plans whatever the timings were."""
+    plans = []
+    for draft_s, verify_s in ((1e-6, 1.0), (5.0, 1e-6)):
+        policy = DraftPolicy(max_steps=6, config=PRIORS)
+        plans.append(feed(policy, 40, accept_all=False, draft_s=draft_s, verify_s=verify_s))
+        assert policy.draft_cost is None and policy.verify_cost == {}
+    assert plans[0] == plans[1]

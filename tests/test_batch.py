@@ -1,0 +1,177 @@
+"""Batched greedy Kangaroo decoding: every row equals its own vanilla greedy output (prompt without padding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kangaroo_infer import KangarooModel
+from kangaroo_infer.policy import PolicyConfig
+
+from .conftest import VOCAB, identity_adapter, tiny_model
+
+PAD = 0
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:  # ids [B, T], mask [B, T]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def vanilla_row(model, prompt: list[int], max_new_tokens: int, eos_token_id) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=PAD,
+        eos_token_id=eos_token_id,
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def check_batch(km, prompts, max_new_tokens, eos_token_id=None, **kw):
+    """Each row's new tokens equal its own vanilla run; rows end with pad tokens after they finish."""
+    ids, mask = left_pad(prompts)
+    out = km.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **kw)
+    refs = [vanilla_row(km.base, p, max_new_tokens, eos_token_id) for p in prompts]
+    n_max = max(len(r) for r in refs)
+    assert out.sequences.shape == (len(prompts), ids.shape[1] + n_max)
+    assert out.sequences[:, : ids.shape[1]].tolist() == ids.tolist()
+    for row, ref in enumerate(refs):
+        assert out.sequences[row, ids.shape[1] :].tolist() == ref + [PAD] * (n_max - len(ref)), f"row {row}, {kw}"
+        assert sum(out.accept_lengths[row]) == len(ref)
+        assert len(out.accept_lengths[row]) == len(out.draft_lengths[row]) + 1
+    return out
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("llama", {}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("mistral", {}),
+        ("mistral", {"sliding_window": 5}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),
+        ("llama", {"attn": "eager"}),
+    ],
+    ids=["llama", "qwen2-tied", "mistral", "mistral-window5", "qwen2-window4", "llama-eager"],
+)
+def test_batch_greedy_equals_each_rows_vanilla(arch, overrides):
+    """Random tiny models and adapters (often and rarely accepted drafts), ragged prompts, many settings."""
+    rng = random.Random(f"batch-{arch}-{overrides}")
+    accepted_lengths = set()
+    for deep_scale, exit_layer, adapter in [(0.05, 2, "identity"), (1.0, 1, "random")]:
+        model = tiny_model(arch, deep_scale=deep_scale, exit_layer=exit_layer, seed=rng.randrange(1000), **overrides)
+        km = KangarooModel.from_pretrained(model, exit_layer=exit_layer)
+        if adapter == "identity":
+            identity_adapter(km)
+        for threshold, steps, policy in [(0.0, 5, "fixed"), (0.6, 3, PolicyConfig(measure_costs=False))]:
+            prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(rng.randint(2, 5))]
+            out = check_batch(
+                km, prompts, rng.randint(8, 24), threshold=threshold, max_draft_steps=steps, policy=policy
+            )
+            accepted_lengths |= {a for row in out.accept_lengths for a in row[1:]}
+    assert 1 in accepted_lengths and max(accepted_lengths) >= 3  # rejections and multi-token rounds both happen
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rows_stop_independently_at_eos(arch):
+    """EOS tokens that some rows reach early (inside accepted drafts, or at the first token) and others never."""
+    model = tiny_model(arch, deep_scale=0.05, exit_layer=2, seed=12)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    rng = random.Random(arch)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(length)] for length in (3, 9, 1, 6, 12)]
+    ids, mask = left_pad(prompts)
+    free = km.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=None, threshold=0.0)
+    new = free.sequences[:, ids.shape[1] :].tolist()
+    eos = [new[0][6], new[2][0]]  # row 0 stops at its 7th token at the latest, row 2 at its first
+    out = check_batch(km, prompts, 30, eos_token_id=eos, threshold=0.0, max_draft_steps=6, policy="fixed")
+    lengths = [sum(a) for a in out.accept_lengths]
+    assert lengths[0] <= 7 and lengths[2] == 1 and max(lengths) > 7
+    check_batch(km, prompts, 30, eos_token_id=new[1][3], threshold=0.3, max_draft_steps=4)
+    out = check_batch(km, prompts, 30, eos_token_id=[tok for row in new for tok in row[:3]])
+    assert all(out.sequences[row, ids.shape[1] + sum(a) - 1].item() in new[row][:3] for row, a in
+               enumerate(out.accept_lengths) if sum(a) < 30)  # fmt: skip
+
+
+def test_generation_config_eos_default_and_pad_token():
+    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, seed=13)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    prompts = [[5, 6, 7], [8, 9]]
+    ids, mask = left_pad(prompts)
+    free = km.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None, threshold=0.0)
+    model.generation_config.eos_token_id = free.sequences[0, 3 + 4].item()
+    model.generation_config.pad_token_id = 77
+    out = km.generate(ids, attention_mask=mask, max_new_tokens=20, threshold=0.0)
+    assert sum(out.accept_lengths[0]) <= 5 and out.sequences[0, -1].item() == 77
+
+
+def test_single_row_with_mask_and_draft_vocab_and_short_budgets():
+    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, seed=14)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    out = check_batch(km, [[5, 9, 14]], 20, threshold=0.0)
+    assert isinstance(out.accept_lengths[0], list) and out.tau > 1.5
+    km.adapter.set_draft_vocab(list(range(0, VOCAB, 3)))
+    for max_new in (1, 2, 3, 17):
+        check_batch(km, [[5, 9, 14], [3], [20, 21, 22, 23, 24, 25]], max_new, threshold=0.0, policy="fixed")
+
+
+def test_same_length_rows_without_mask():
+    model = tiny_model("mistral", deep_scale=0.1, exit_layer=2, seed=15)
+    km = KangarooModel.from_pretrained(model, exit_layer=2, init="copy")
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    out = km.generate(ids, max_new_tokens=15, eos_token_id=None)
+    for row in range(3):
+        assert out.sequences[row, 5:].tolist() == vanilla_row(km.base, ids[row].tolist(), 15, None)
+    assert out.num_new_tokens == 45 and out.tau >= 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"attention_mask": torch.ones(2, 3)}, r"attention_mask must be a tensor of input_ids' shape \[2, 4\]"),
+        ({"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}, "right padding or holes"),
+        ({"attention_mask": torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1]])}, "right padding or holes"),
+        ({"attention_mask": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])}, r"Rows \[0\] of attention_mask are all"),
+        ({"attention_mask": torch.tensor([[2, 1, 1, 1], [1, 1, 1, 1]])}, "only 0 .padding. and 1"),
+        ({"streamer": object()}, "A streamer takes one prompt"),
+        ({"tree": True}, "tree=True drafts for one prompt"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"threshold": 2.0}, r"threshold must lie in \[0, 1\]"),
+    ],
+)
+def test_batch_argument_errors(kwargs, message):
+    km = KangarooModel.from_pretrained(tiny_model("llama"), exit_layer=2)
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        km.generate(torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), **kwargs)
+
+
+def test_bench_batch_throughput_cli(tiny_dirs, tmp_path):
+    """--batch-size: batched kangaroo vs batched vanilla per batch size, under "batch" in results.json."""
+    root, _, _ = tiny_dirs
+    questions = tmp_path / "q.jsonl"
+    prompts = ["Write a poem about the sea.", "Hi", "Who wrote Hamlet? Answer briefly, please."]
+    questions.write_text("".join(json.dumps({"category": "x", "turns": [p]}) + "\n" for p in prompts))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "kangaroo_infer", "bench", "--adapter", str(root / "adapter"), "--questions",
+         str(questions), "--max-new-tokens", "10", "--threshold", "0.1", "--batch-size", "1,2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["batch"]) == {"1", "2"} and summary["batch"]["2"]["batches"] == 2
+    for row in summary["batch"].values():
+        assert row["rows"] == 3 and row["kangaroo_tokens_per_s"] > 0 and row["vanilla_tokens_per_s"] > 0
+        assert row["tau"] > 1.0 and row["tokens"] == row["vanilla_tokens"]
+    assert summary["batch"]["1"]["rows_identical_to_vanilla_batch"] == 3
+    assert "batched throughput" in result.stdout

@@ -1,0 +1,249 @@
+"""Exact speculative sampling: the tokens Kangaroo samples are distributed exactly as the base model's.
+
+The χ² tests compare the empirical joint distribution of the first generated tokens (thousands of fixed seeds, so
+the tests are deterministic) with the base model's distribution computed by enumeration, after the same
+temperature / top-k / top-p processing. The tiny model has a 16-token vocabulary, and max_new_tokens=4 makes the
+first round draft two tokens, so the tested tokens come from accepted drafts, residual draws after rejections and
+bonus draws (checked to all occur).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from kangaroo_infer import KangarooModel, bench
+from kangaroo_infer.bench import Question
+from kangaroo_infer.sample import SamplingConfig, accept_sampled, draw, process
+
+from .conftest import VOCAB, identity_adapter, tiny_model
+
+SMALL_VOCAB = 16
+MAX_NEW = 4  # round 1 drafts x2, x3 (remaining 3 -> at most 2 drafts) and may add x4 as a bonus
+P_MIN = 1e-3
+CONFIGS = {
+    "temperature": SamplingConfig(temperature=1.0),
+    "top-k": SamplingConfig(temperature=0.8, top_k=4),
+    "top-p": SamplingConfig(temperature=1.2, top_p=0.8),
+}
+
+
+def small_kangaroo():
+    """3 layers, exit layer 1, random adapter: q overlaps p without being close to it, so that a wrong acceptance or
+    residual rule shifts the distribution of the tested tokens visibly."""
+    model = tiny_model(
+        "llama", layers=3, exit_layer=1, seed=4, vocab_size=SMALL_VOCAB, hidden_size=32,
+        intermediate_size=64, initializer_range=0.1,
+    )  # fmt: skip
+    return KangarooModel.from_pretrained(model, exit_layer=1, init="random")
+
+
+@torch.no_grad()
+def exact_joint(model, prompt: list[int], cfg: SamplingConfig) -> torch.Tensor:  # [V, V, V] P(x1, x2, x3)
+    """The base model's processed distribution of its first three tokens, by enumerating every prefix."""
+    v = SMALL_VOCAB
+    ids = torch.tensor([prompt])
+    p1 = process(model(ids).logits[0, -1], cfg).double()  # [V]
+    p2 = process(model(torch.cat([ids.expand(v, -1), torch.arange(v)[:, None]], 1)).logits[:, -1], cfg)  # [V, V]
+    pairs = torch.cartesian_prod(torch.arange(v), torch.arange(v))  # [V², 2]
+    p3 = process(model(torch.cat([ids.expand(v * v, -1), pairs], 1)).logits[:, -1], cfg).reshape(v, v, v)
+    return p1[:, None, None] * p2.double()[:, :, None] * p3.double()
+
+
+def chi_square_p(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson χ² p-value; bins expected below 5 are merged into one. A sample in a 0-probability bin fails."""
+    observed, expected_probs = observed.flatten().double(), expected_probs.flatten().double()
+    impossible = observed[expected_probs <= 0].sum()
+    assert impossible == 0, f"{int(impossible)} samples fell on tokens of probability 0"
+    expected = expected_probs * observed.sum()
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+def joint_p_values(samples: list[tuple[int, int, int]], joint: torch.Tensor) -> tuple[float, float]:
+    """p-values of the pairs (x1, x2) and (x2, x3) against their exact marginals."""
+    v = SMALL_VOCAB
+    first, second = torch.zeros(v, v), torch.zeros(v, v)
+    for x1, x2, x3 in samples:
+        first[x1, x2] += 1
+        second[x2, x3] += 1
+    return chi_square_p(first, joint.sum(dim=2)), chi_square_p(second, joint.sum(dim=0))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_chi_square_single_prompt(name):
+    cfg = CONFIGS[name]
+    km = small_kangaroo()
+    prompt = [5, 9, 3, 11]
+    joint = exact_joint(km.base, prompt, cfg)
+    samples, rounds = [], Counter()
+    n = 2000
+    for seed in range(n):
+        out = km.generate(
+            torch.tensor([prompt]), max_new_tokens=MAX_NEW, eos_token_id=None, threshold=0.0, max_draft_steps=3,
+            policy="fixed", temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed,
+        )  # fmt: skip
+        samples.append(tuple(out.sequences[0, 4:7].tolist()))
+        drafted, committed = out.draft_lengths[0], out.accept_lengths[1]
+        rounds[
+            "all accepted" if committed == drafted + 1 else "rejected at 1" if committed == 1 else "rejected at 2"
+        ] += 1
+    assert min(rounds.values()) > n // 50 and len(rounds) == 3, rounds  # both acceptances and rejections happen
+    p12, p23 = joint_p_values(samples, joint)
+    assert p12 > P_MIN and p23 > P_MIN, (p12, p23)
+
+
+def test_chi_square_batch_with_ragged_prompts():
+    """Every row of one batch is an independent exact sample; two prompts of different lengths, left-padded."""
+    cfg = SamplingConfig(temperature=0.9, top_k=6, top_p=0.9)
+    km = small_kangaroo()
+    prompts, n = [[5, 9, 3, 11], [7, 2]], 2000
+    ids = torch.tensor([[5, 9, 3, 11]] * n + [[0, 0, 7, 2]] * n)
+    mask = torch.tensor([[1, 1, 1, 1]] * n + [[0, 0, 1, 1]] * n)
+    out = km.generate(
+        ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=None, threshold=0.0, max_draft_steps=3,
+        policy="fixed", temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=7,
+    )  # fmt: skip
+    assert out.sequences.shape == (2 * n, 4 + MAX_NEW)
+    assert {row[1] for row in out.accept_lengths} >= {1, 2, 3}  # rejected at 1, at 2, all accepted
+    for group, prompt in enumerate(prompts):
+        rows = out.sequences[group * n : (group + 1) * n, 4:7].tolist()
+        p12, p23 = joint_p_values([tuple(r) for r in rows], exact_joint(km.base, prompt, cfg))
+        assert p12 > P_MIN and p23 > P_MIN, (prompt, p12, p23)
+
+
+def test_acceptance_rule_reproduces_p():
+    """One draft from q, then the exact rule: the committed token is distributed as p, for several (p, q)."""
+    gen = torch.Generator().manual_seed(0)
+    v, n = 6, 20000
+    for p_logits, q_logits in [(torch.randn(v, generator=gen), torch.randn(v, generator=gen)) for _ in range(3)]:
+        p, q = p_logits.softmax(-1), (2 * q_logits).softmax(-1)
+        drafts = draw(q.expand(n, -1), gen)[:, None]  # [n, 1]
+        accepted, nxt = accept_sampled(
+            drafts, torch.ones(n, dtype=torch.long), q.expand(n, 1, -1), p.expand(n, 2, -1), gen
+        )
+        committed = torch.where(accepted == 1, drafts[:, 0], nxt)
+        assert 0 < float(accepted.float().mean()) < 1
+        assert chi_square_p(torch.bincount(committed, minlength=v), p) > P_MIN
+
+
+def test_processing_matches_transformers_warpers():
+    gen = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(5, 40, generator=gen)
+    for t, k, top_p in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.6), (0.5, 10, 0.9), (2.0, 1, 0.3)]:
+        ref = TemperatureLogitsWarper(t)(None, logits.clone())
+        if k:
+            ref = TopKLogitsWarper(k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        torch.testing.assert_close(process(logits, SamplingConfig(t, top_p, k)), ref.softmax(-1))
+
+
+def test_same_seed_same_output_and_seeds_differ():
+    model = tiny_model("qwen2", deep_scale=0.3, exit_layer=2, seed=6)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=40, eos_token_id=None, temperature=0.7, top_p=0.95)
+    runs = {seed: [km.generate(ids, seed=seed, **kw).sequences.tolist() for _ in range(2)] for seed in range(4)}
+    assert all(a == b for a, b in runs.values())
+    assert len({str(a) for a, _ in runs.values()}) > 1
+    batch = torch.cat([ids, ids, torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))])
+    one, two = (km.generate(batch, seed=11, **kw) for _ in range(2))
+    assert one.sequences.tolist() == two.sequences.tolist() and one.accept_lengths == two.accept_lengths
+    assert one.sequences[0].tolist() != one.sequences[1].tolist()  # rows are independent samples
+
+
+def test_sampling_stops_at_eos_and_uses_draft_vocabulary():
+    """Drafts from a token subset (q = 0 elsewhere): those tokens then only come from residual or bonus draws."""
+    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, seed=8)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    ids = torch.tensor([[5, 9, 14]])
+    kw = dict(max_new_tokens=40, temperature=0.5, seed=1, threshold=0.0, policy="fixed")
+    full = km.generate(ids, eos_token_id=None, **kw)
+    seen = sorted(set(full.sequences[0].tolist()))
+    km.adapter.set_draft_vocab(seen[::2])
+    free = km.generate(ids, eos_token_id=None, **kw)
+    assert free.tau > 1.2 and free.num_new_tokens == 40
+    assert set(free.sequences[0, 3:].tolist()) - set(seen[::2])  # tokens outside the draft vocabulary occur
+    new = free.sequences[0, 3:].tolist()
+    eos = new[10]
+    chunks = []
+
+    class Collect:
+        def put(self, value):
+            chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            chunks.append("end")
+
+    out = km.generate(ids, eos_token_id=eos, streamer=Collect(), **kw)
+    assert out.sequences[0, -1].item() == eos and eos not in out.sequences[0, 3:-1].tolist()
+    assert chunks[0] == [5, 9, 14] and chunks[-1] == "end"
+    assert (
+        sum(chunks[1:-1], []) == out.sequences[0, 3:].tolist() and [len(c) for c in chunks[1:-1]] == out.accept_lengths
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -0.5}, "temperature must be"),
+        ({"temperature": 1.0, "top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
+        ({"temperature": 1.0, "top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
+        ({"temperature": 1.0, "top_k": -1}, "top_k must be an integer >= 0"),
+        ({"temperature": 1.0, "seed": -3}, "seed must be a non-negative integer"),
+        ({"temperature": 1.0, "tree": True}, "tree=True drafts for one prompt, greedily"),
+        ({"temperature": 1.0, "policy": "nope"}, "Unknown policy"),
+    ],
+)
+def test_sampling_argument_errors(kwargs, message):
+    km = KangarooModel.from_pretrained(tiny_model("llama"), exit_layer=2)
+    with pytest.raises(ValueError, match=message):
+        km.generate(torch.tensor([[5, 6]]), max_new_tokens=3, **kwargs)
+
+
+def test_cli_generate_samples_reproducibly(tiny_dirs):
+    """generate --temperature --top-k --top-p --seed prints the text that km.generate gives with the same seed."""
+    root, _, tokenizer = tiny_dirs
+    args = ["--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "5"]
+    result = subprocess.run(
+        [sys.executable, "-m", "kangaroo_infer", "generate", "--adapter", str(root / "adapter"), "--prompt",
+         "Hello there", "--max-new-tokens", "16", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    out = km.generate(ids, max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=5)
+    assert result.stdout.strip() == tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_bench_with_temperature_reports_tau_without_identity(tiny_dirs, tmp_path):
+    root, _, tokenizer = tiny_dirs
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")
+    questions = [Question(i, "x", p) for i, p in enumerate(["Write a poem.", "Who wrote Hamlet?"])]
+    summary = bench.bench(
+        km, tokenizer, questions, tmp_path, max_new_tokens=12, threshold=0.1, profile=False, progress=False,
+        temperature=0.8,
+    )  # fmt: skip
+    overall = summary["overall"]
+    assert overall["identical"] is None and overall["tau"] > 1.0 and overall["speedup"] > 0
+    assert summary["config"]["temperature"] == 0.8
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert all(a["identical"] is None and sum(a["accept_lengths"]) == a["new_tokens"] for a in answers)
+    bench.print_table(summary)
