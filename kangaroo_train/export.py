@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from omegaconf import OmegaConf
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from kangaroo_infer.adapter import AdapterConfig, KangarooAdapter, check_fingerprint
+from kangaroo_infer.base import atomic_directory
 
 TRAINING_INFO = "training.json"  # beside the adapter: which checkpoint and step it came from
 ADAPTER_PREFIX = "adapter."
@@ -95,18 +95,9 @@ def export_checkpoint(
     if info_path.is_file() and json.loads(info_path.read_text()) == info and (out / "model.safetensors").is_file():
         return out
     adapter = adapter_from_checkpoint(checkpoint, base_model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
-    try:  # write beside, then swap in: a reader never sees a half-written adapter
+    with atomic_directory(out) as tmp:  # a reader never sees a half-written adapter
         adapter.save_pretrained(tmp, generation=generation)
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

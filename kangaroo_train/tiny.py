@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kangaroo_infer.base import SMOLLM2_ALIAS, load_tokenizer
+from kangaroo_infer.base import SMOLLM2_ALIAS, atomic_directory, load_tokenizer
 
 SPEC_FILE = "kangaroo_tiny.json"  # the spec a directory was built from; a different spec rebuilds it
 SPEC_KEYS = (
@@ -86,17 +84,8 @@ def ensure_tiny_model(directory: str | os.PathLike, spec: Mapping[str, Any]) -> 
     model = build_tiny_model(spec, len(tokenizer), bos, tokenizer.eos_token_id, pad)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = pad
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
-    try:  # write beside the target, then swap it in, so a half-written model is never seen
+    with atomic_directory(directory) as tmp:  # a half-written model is never seen
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -198,3 +198,17 @@ def test_package_file_names_what_to_install():
         package_file("no-such-kangaroo-pkg", ".gguf", "The alias x", "pip install no-such-kangaroo-pkg")
     with pytest.raises(ValueError, match=r"installed but its file \*\.nothing is missing"):
         package_file("safetensors", ".nothing", "Test", "pip install safetensors")
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    from kangaroo_infer.base import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("2")
+        raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "1"  # the old content survives a failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
