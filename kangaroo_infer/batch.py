@@ -29,17 +29,15 @@ import torch
 from transformers import DynamicCache
 
 from .arch import Backbone, attention_bias
-from .policy import PolicyConfig
+from .policy import DraftPolicy, PolicyConfig
 from .sample import (
     SamplingConfig,
     accept_sampled,
     draw,
     full_vocab_logits,
     make_generator,
-    make_policy,
     nominal_costs,
     process,
-    resolve_eos,
 )
 
 
@@ -267,12 +265,12 @@ def generate_batch(
     if streamer is not None:
         raise ValueError("A streamer takes one prompt: pass input_ids of shape [1, T] without attention_mask.")
     pad = check_batch(km, input_ids, attention_mask, max_new_tokens, threshold, max_draft_steps)
-    eos_ids = resolve_eos(km, eos_token_id)
+    eos_ids = km.resolve_eos(eos_token_id)
     device = km.backbone.embed_tokens.weight.device
     input_ids, pad = input_ids.to(device=device, dtype=torch.long), pad.to(device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     batch = input_ids.shape[0]
-    planners = [make_policy(policy, max_draft_steps) for _ in range(batch)]
+    planners = [DraftPolicy.create(policy, max_draft_steps) for _ in range(batch)]
     generator = None if cfg.greedy else make_generator(seed, device)
     decoder = BatchDecoder(km, pad)
 

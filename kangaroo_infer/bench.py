@@ -165,7 +165,7 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
     """
     backbone, ell = km.backbone, km.exit_layer
     cache = KangarooCache(ell, backbone.num_layers)
-    token = km._prefill(ids, cache)
+    token = int(km._prefill(ids, cache).argmax())
     base_len = cache.shallow_len
     adapter_len = base_len  # after the first draft step below, the adapter has read the prompt
     device = ids.device
@@ -451,7 +451,6 @@ def batch_throughput(
     results.json (other keys there are kept). Greedy rows are compared with vanilla's batched rows for information
     only: padding changes float rounding, and exactness is defined against each row's own unbatched run."""
     from .batch import pad_token_id
-    from .sample import resolve_eos
 
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"--batch-size needs positive batch sizes, e.g. 1,4,8; got {batch_sizes}.")
@@ -459,7 +458,7 @@ def batch_throughput(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = km.backbone.embed_tokens.weight.device
     pad_id = pad_token_id(km)
-    eos_ids = resolve_eos(km, "from_generation_config")
+    eos_ids = km.resolve_eos("from_generation_config")
     prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
     kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "temperature": temperature}
     sampling = {"do_sample": False}

@@ -16,8 +16,16 @@ from .base import load_base
 from .batch import generate_batch
 from .cache import KangarooCache
 from .draft import DraftHead, draft_chain
-from .policy import POLICIES, DraftPolicy, PolicyConfig
-from .sample import SamplingConfig, generate_sampled
+from .policy import DraftPolicy, PolicyConfig
+from .sample import (
+    SamplingConfig,
+    draft_chain_sampled,
+    draw,
+    make_generator,
+    nominal_costs,
+    process,
+    verify_chain_sampled,
+)
 from .tree import draft_tree, verify_tree
 from .verify import deep_logits, verify_chain
 
@@ -120,6 +128,14 @@ class KangarooModel:
         base = load_base(base_model, dtype, device)
         return cls(base, KangarooAdapter.from_pretrained(adapter, base))
 
+    def resolve_eos(self, eos_token_id: int | list[int] | None | str) -> frozenset[int]:
+        """As transformers' generate: left out, the generation config names EOS; None or [] disables it."""
+        if isinstance(eos_token_id, str):
+            if eos_token_id != FROM_GENERATION_CONFIG:
+                raise ValueError(f"eos_token_id must be an int, a list of ints or None; got {eos_token_id!r}.")
+            eos_token_id = self.base.generation_config.eos_token_id
+        return _eos_set(eos_token_id)
+
     def resolve_generation(self, threshold: float | None, max_draft_steps: int | None) -> tuple[float, int]:
         """Fill unset η / γ from the adapter checkpoint's generation defaults, else 0.6 / 6."""
         defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
@@ -200,19 +216,13 @@ class KangarooModel:
         extended = (max_new_tokens, threshold, max_draft_steps, eos_token_id, streamer, policy, sampling, seed)
         if batched:
             return generate_batch(self, input_ids, attention_mask, *extended)
-        if not sampling.greedy:
-            return generate_sampled(self, input_ids, *extended)
         threshold, max_draft_steps = self.resolve_generation(threshold, max_draft_steps)
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
         tree_top_k, tree_max_nodes = self._check_tree(tree, tree_top_k, tree_max_nodes)
-        if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
-            raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
-        if isinstance(eos_token_id, str):
-            if eos_token_id != FROM_GENERATION_CONFIG:
-                raise ValueError(f"eos_token_id must be an int, a list of ints or None; got {eos_token_id!r}.")
-            eos_token_id = self.base.generation_config.eos_token_id
-        eos_ids = _eos_set(eos_token_id)
+        policy = DraftPolicy.create(policy, max_draft_steps)
+        eos_ids = self.resolve_eos(eos_token_id)
         device = self.backbone.embed_tokens.weight.device
+        generator = None if sampling.greedy else make_generator(seed, device)
         input_ids = input_ids.to(device=device, dtype=torch.long)
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -221,17 +231,14 @@ class KangarooModel:
         head = self.draft_head
 
         t0 = time.perf_counter()
-        first = self._prefill(input_ids, cache)
+        logits = self._prefill(input_ids, cache)  # [V]
+        first = int(logits.argmax()) if sampling.greedy else int(draw(process(logits, sampling)[None], generator))
         t1 = time.perf_counter()
         new_tokens = [first]
         accept_lengths = [1]
         draft_lengths: list[int] = []
         if streamer is not None:
             streamer.put(torch.tensor([first]))
-        if isinstance(policy, PolicyConfig):
-            policy = DraftPolicy(max_draft_steps, adaptive=True, config=policy)
-        else:
-            policy = DraftPolicy(max_draft_steps, adaptive=policy == "adaptive")
         while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
             steps = policy.plan(remaining=max_new_tokens - len(new_tokens))
             round_start = time.perf_counter()
@@ -243,15 +250,24 @@ class KangarooModel:
                 drafted_at = time.perf_counter()
                 committed = verify_tree(backbone, ell, cache, drafts)
                 num_drafts, depth = drafts.num_drafts, max(drafts.depths)
-            else:
+            elif sampling.greedy:
                 chain = draft_chain(
                     backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device
                 )
                 drafted_at = time.perf_counter()
                 committed = verify_chain(backbone, ell, cache, new_tokens[-1], chain.tokens)
                 num_drafts = depth = len(chain.tokens)
-            # For a tree the policy sees its depth as the draft length (an approximation of the tree's cost).
-            policy.update(depth, len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at)
+            else:
+                sampled = draft_chain_sampled(
+                    backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, sampling, generator
+                )
+                committed = verify_chain_sampled(backbone, ell, cache, new_tokens[-1], sampled, sampling, generator)
+                num_drafts = depth = len(sampled.tokens)
+            if sampling.greedy:
+                # For a tree the policy sees its depth as the draft length (an approximation of the tree's cost).
+                policy.update(depth, len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at)
+            else:  # a timing-driven schedule would make a seed's output depend on the machine's load
+                policy.update(depth, len(committed) - 1, *nominal_costs(policy, depth))
             for i, token in enumerate(committed):  # stop right after an end-of-sequence token
                 if token in eos_ids:
                     committed = committed[: i + 1]
@@ -277,8 +293,8 @@ class KangarooModel:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
         return top_k, max_nodes
 
-    def _prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> int:
-        """All layers over the prompt; the adapter also reads the prompt's exit states. Returns the first token."""
+    def _prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [V]
+        """All layers over the prompt; the adapter also reads the prompt's exit states. Returns the last logits."""
         backbone, ell = self.backbone, self.exit_layer
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden = backbone.embed_tokens(input_ids)  # [1, T, H]
@@ -287,7 +303,7 @@ class KangarooModel:
         cache.deep_pending.append(exit_states)
         logits, _ = deep_logits(backbone, ell, cache, last_only=True)  # [1, V]
         cache.adapter_pending.append(exit_states)  # the adapter reads them with its first draft step
-        return int(logits[-1].argmax())
+        return logits[-1]
 
 
 def _resolve_recorded_base(recorded: str, adapter_dir: Path) -> str:

@@ -43,6 +43,15 @@ class DraftPolicy:
     probe_interval: int = 0
     probing: bool = False
 
+    @classmethod
+    def create(cls, policy: str | PolicyConfig, max_steps: int) -> DraftPolicy:
+        """From generate's ``policy`` argument: "adaptive", "fixed" or a PolicyConfig (adaptive with settings)."""
+        if isinstance(policy, PolicyConfig):
+            return cls(max_steps, adaptive=True, config=policy)
+        if policy not in POLICIES:
+            raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
+        return cls(max_steps, adaptive=policy == "adaptive")
+
     def __post_init__(self):
         self.accepted, self.rejected = self.config.prior_accepted, self.config.prior_rejected
         self.probe_interval = self.config.probe_interval

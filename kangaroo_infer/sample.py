@@ -15,7 +15,6 @@ number of drafts to the observed acceptance only (``nominal_costs``). Same seed,
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from .adapter import KangarooAdapter
 from .arch import Backbone
 from .cache import KangarooCache
 from .draft import DraftHead, adapter_logits, shallow_step
-from .policy import POLICIES, DraftPolicy, PolicyConfig
+from .policy import DraftPolicy
 from .verify import deep_logits
 
 
@@ -119,25 +118,6 @@ def accept_sampled(
     return accepted, next_tokens
 
 
-def resolve_eos(km, eos_token_id) -> frozenset[int]:
-    """As ``KangarooModel.generate``: left out, the base's generation config names EOS; None or [] disables it."""
-    from .model import FROM_GENERATION_CONFIG, _eos_set
-
-    if isinstance(eos_token_id, str):
-        if eos_token_id != FROM_GENERATION_CONFIG:
-            raise ValueError(f"eos_token_id must be an int, a list of ints or None; got {eos_token_id!r}.")
-        eos_token_id = km.base.generation_config.eos_token_id
-    return _eos_set(eos_token_id)
-
-
-def make_policy(policy: str | PolicyConfig, max_steps: int) -> DraftPolicy:
-    if isinstance(policy, PolicyConfig):
-        return DraftPolicy(max_steps, adaptive=True, config=policy)
-    if policy not in POLICIES:
-        raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
-    return DraftPolicy(max_steps, adaptive=policy == "adaptive")
-
-
 def nominal_costs(policy: DraftPolicy, drafted: int) -> tuple[float, float]:
     """Draft and verify "seconds" of a round as the policy's priors predict them (units of one verify of 1 token):
     fed to ``DraftPolicy.update`` instead of wall-clock timings so that the draft schedule, hence the random numbers
@@ -211,71 +191,3 @@ def verify_chain_sampled(
     n = int(accepted[0])
     cache.rollback(start + n + 1, states[:, n : n + 1])
     return draft.tokens[:n] + [int(next_token[0])]
-
-
-def prefill_logits(backbone: Backbone, exit_layer: int, input_ids: torch.Tensor, cache: KangarooCache) -> torch.Tensor:
-    """As ``KangarooModel._prefill``, returning the last position's logits [V] instead of their argmax."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    hidden = backbone.embed_tokens(input_ids)  # [1, T, H]
-    pe = backbone.rotary_emb(hidden, position_ids=positions[None])
-    exit_states = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base)  # [1, T, H]
-    cache.deep_pending.append(exit_states)
-    logits, _ = deep_logits(backbone, exit_layer, cache, last_only=True)  # [1, V]
-    cache.adapter_pending.append(exit_states)
-    return logits[-1]
-
-
-@torch.inference_mode()
-def generate_sampled(
-    km,  # KangarooModel
-    input_ids: torch.Tensor,  # [1, T]
-    max_new_tokens: int,
-    threshold: float | None,
-    max_draft_steps: int | None,
-    eos_token_id,
-    streamer,
-    policy: str | PolicyConfig,
-    cfg: SamplingConfig,
-    seed: int | None,
-):
-    """One prompt, exact speculative sampling; the same loop as the greedy ``KangarooModel.generate``."""
-    from .model import GenerateOutput
-
-    threshold, max_draft_steps = km.resolve_generation(threshold, max_draft_steps)
-    km._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
-    eos_ids = resolve_eos(km, eos_token_id)
-    planner = make_policy(policy, max_draft_steps)
-    backbone, ell, head = km.backbone, km.exit_layer, km.draft_head
-    device = backbone.embed_tokens.weight.device
-    input_ids = input_ids.to(device=device, dtype=torch.long)
-    generator = make_generator(seed, device)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    cache = KangarooCache(ell, backbone.num_layers)
-
-    t0 = time.perf_counter()
-    first = int(draw(process(prefill_logits(backbone, ell, input_ids, cache), cfg)[None], generator))
-    t1 = time.perf_counter()
-    new_tokens, accept_lengths, draft_lengths = [first], [1], []
-    if streamer is not None:
-        streamer.put(torch.tensor([first]))
-    while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
-        steps = planner.plan(remaining=max_new_tokens - len(new_tokens))
-        draft = draft_chain_sampled(
-            backbone, km.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, cfg, generator
-        )
-        committed = verify_chain_sampled(backbone, ell, cache, new_tokens[-1], draft, cfg, generator)
-        planner.update(len(draft.tokens), len(committed) - 1, *nominal_costs(planner, len(draft.tokens)))
-        for i, token in enumerate(committed):  # stop right after an end-of-sequence token
-            if token in eos_ids:
-                committed = committed[: i + 1]
-                break
-        new_tokens.extend(committed)
-        accept_lengths.append(len(committed))
-        draft_lengths.append(len(draft.tokens))
-        if streamer is not None:
-            streamer.put(torch.tensor(committed))
-    if streamer is not None:
-        streamer.end()
-    sequences = torch.cat([input_ids, torch.tensor([new_tokens], device=device)], dim=1)
-    return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1)

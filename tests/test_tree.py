@@ -64,7 +64,7 @@ def test_every_tree_node_sees_exactly_its_path(arch):
     identity_adapter(km)
     prompt = [5, 17, 33, 8, 40, 41, 2 + 7]
     cache = KangarooCache(2, km.backbone.num_layers)
-    first = km._prefill(torch.tensor([prompt]), cache)
+    first = int(km._prefill(torch.tensor([prompt]), cache).argmax())
     tree = draft_tree(km.backbone, km.adapter, km.draft_head, cache, first, 3, 3, 9, 0.0, frozenset())
     assert tree.num_drafts == 9 and max(tree.depths) == 3
     # Peek at the deep logits by re-running verification's deep pass on a copy of the pending states.
