@@ -247,6 +247,7 @@ class KangarooAdapter(nn.Module):
             self.config.generation = dict(generation)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "kangaroo": FORMAT})
+        os.chmod(directory / WEIGHTS_NAME, 0o644)  # safetensors writes owner-only files; checkpoints are shared
         (directory / CONFIG_NAME).write_text(self.config.to_json())
         return directory
 

@@ -222,11 +222,16 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
 
 
 def speedup_limit(profile: dict[str, Any], tau: float, mean_drafts: float) -> float:
-    """Best speedup the measured costs allow at τ: τ tokens per round for k drafts + one verify of k + 1 tokens."""
+    """Best speedup the measured costs allow at τ, with no overhead at all.
+
+    A round commits τ tokens for k draft steps, one shallow pass of the newest token and one deep verification of
+    k + 1 tokens (k = the measured mean drafts per round); plain decoding pays one full forward per token.
+    """
     verify = profile["deep_verify_ms"]
-    k = max(0, round(mean_drafts))
-    verify_ms = verify[str(min(k + 1, max(int(x) for x in verify)))]
-    return tau * profile["full_forward_1_ms"] / (mean_drafts * profile["draft_step_ms"] + verify_ms)
+    shallow = profile["full_forward_1_ms"] - verify["1"]
+    k = min(max(0, round(mean_drafts)), max(int(x) for x in verify) - 1)
+    round_ms = mean_drafts * profile["draft_step_ms"] + shallow + verify[str(k + 1)]
+    return tau * profile["full_forward_1_ms"] / round_ms
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
