@@ -34,12 +34,6 @@ class DraftHead:
         return index if self.vocab is None else int(self.vocab[index])
 
 
-@dataclass
-class Draft:
-    tokens: list[int]  # d_1..d_k proposed after the last committed token
-    probs: list[float]  # the adapter's top-1 probability of each draft
-
-
 def shallow_step(backbone: Backbone, exit_layer: int, cache: KangarooCache, token: torch.Tensor) -> torch.Tensor:
     """Run one token ([1, 1]) through layers [0, ℓ); queue its exit state for the deep layers; return it [1, 1, H]."""
     pos = cache.shallow_len
@@ -74,8 +68,8 @@ def draft_chain(
     threshold: float,
     eos_ids: frozenset[int],
     device: torch.device,
-) -> Draft:
-    """Propose up to ``max_steps`` tokens after ``last_token``.
+) -> list[int]:
+    """Propose up to ``max_steps`` tokens d_1..d_k after ``last_token``.
 
     Stops after a draft whose top-1 probability is below ``threshold`` (that draft is still proposed) or that is an
     end-of-sequence token. Layers [0, ℓ) run exactly once per token and their exit states are kept for verification;
@@ -84,7 +78,6 @@ def draft_chain(
     """
     exit_layer = adapter.config.exit_layer
     tokens: list[int] = []
-    probs: list[float] = []
     token = last_token
     for _ in range(max_steps):
         exit_state = shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
@@ -93,7 +86,6 @@ def draft_chain(
         prob = torch.exp(top_logit - torch.logsumexp(logits.float(), dim=-1))
         prob_value, token = prob.item(), head.token(int(top_id))
         tokens.append(token)
-        probs.append(prob_value)
         if prob_value < threshold or token in eos_ids:
             break
-    return Draft(tokens, probs)
+    return tokens

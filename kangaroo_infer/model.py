@@ -255,8 +255,8 @@ class KangarooModel:
                     backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device
                 )
                 drafted_at = time.perf_counter()
-                committed = verify_chain(backbone, ell, cache, new_tokens[-1], chain.tokens)
-                num_drafts = depth = len(chain.tokens)
+                committed = verify_chain(backbone, ell, cache, new_tokens[-1], chain)
+                num_drafts = depth = len(chain)
             else:
                 sampled = draft_chain_sampled(
                     backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, sampling, generator
