@@ -7,6 +7,7 @@ The built-in alias ``smollm2-135m-instruct`` is materialised once from the GGUF 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -132,6 +133,26 @@ def load_base(
             ) from err
     if device is not None:
         model = model.to(device)
+    return model.eval()
+
+
+def random_base(
+    config_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> PreTrainedModel:
+    """A base model with random weights built from a config.json (or its directory): for cost profiles of model
+    sizes that need no real weights (e.g. Vicuna-7B's shape on a GPU)."""
+    from transformers import AutoConfig
+
+    path = Path(config_path).expanduser()
+    if not path.exists():
+        raise ValueError(f"Base config {str(path)!r} does not exist; pass a config.json or a directory holding one.")
+    values = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    config._attn_implementation = "sdpa"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device(device or "cpu"):  # initialise in place: a 7B model never passes through host memory twice
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     return model.eval()
 
 

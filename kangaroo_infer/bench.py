@@ -165,6 +165,7 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
     """
     backbone, ell = km.backbone, km.exit_layer
     cache = KangarooCache(ell, backbone.num_layers)
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)  # time finished work only
     token = int(km._prefill(ids, cache).argmax())
     base_len = cache.shallow_len
     adapter_len = base_len  # after the first draft step below, the adapter has read the prompt
@@ -183,8 +184,10 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
     def measure(fn) -> float:
         times = []
         for _ in range(reps):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times.append((time.perf_counter() - start) * 1000)
             reset()
         return statistics.median(times)
@@ -199,8 +202,10 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
 
     def verify(k):
         def run():
+            sync()
             start = time.perf_counter()
             deep_logits(backbone, ell, cache)
+            sync()
             return (time.perf_counter() - start) * 1000
 
         times = []
@@ -232,6 +237,45 @@ def speedup_limit(profile: dict[str, Any], tau: float, mean_drafts: float) -> fl
     k = min(max(0, round(mean_drafts)), max(int(x) for x in verify) - 1)
     round_ms = mean_drafts * profile["draft_step_ms"] + shallow + verify[str(k + 1)]
     return tau * profile["full_forward_1_ms"] / round_ms
+
+
+def profile_only(
+    km: KangarooModel,
+    out_dir: str | Path,
+    context: int = 128,
+    tau: float | None = None,
+    drafts_per_round: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The cost profile alone, at a context of random tokens (no tokenizer or questions needed), and the speedup
+    limit it implies at a τ measured elsewhere (e.g. on CPU with the trained adapter)."""
+    device = km.backbone.embed_tokens.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, km.base.config.vocab_size, (1, context), generator=generator).to(device)
+    profile = cost_profile(km, ids)
+    if tau is not None:
+        drafts = drafts_per_round if drafts_per_round is not None else km.resolve_generation(None, None)[1]
+        profile["tau"] = tau
+        profile["mean_drafts_per_round"] = drafts
+        profile["speedup_limit_at_tau"] = speedup_limit(profile, tau, drafts)
+    summary = {
+        "cost_profile": profile,
+        "config": {
+            "base_model": km.base.config.name_or_path,
+            "model_type": km.base.config.model_type,
+            "num_layers": km.backbone.num_layers,
+            "hidden_size": km.base.config.hidden_size,
+            "exit_layer": km.exit_layer,
+            "dtype": str(km.base.dtype).removeprefix("torch."),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:

@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep-max-nodes", default="8,16,32")
     b.add_argument("--no-profile", action="store_true", help="skip the cost profile")
     b.add_argument(
+        "--cost-profile-only",
+        action="store_true",
+        help="only measure the cost profile, at a context of random tokens (no questions, no tokenizer)",
+    )
+    b.add_argument(
+        "--base-config", help="cost profile: build the base with random weights from this config.json (or its dir)"
+    )
+    b.add_argument("--context", type=int, default=128, help="cost profile: context length in tokens")
+    b.add_argument("--tau", type=float, help="cost profile: report the speedup limit at this τ (measured elsewhere)")
+    b.add_argument("--drafts-per-round", type=float, help="cost profile: mean drafts per round at that τ")
+    b.add_argument(
         "--temperature", type=float, default=0.0, help="> 0: both sides sample (identity is then not checked)"
     )
     b.add_argument(
@@ -141,6 +152,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .base import load_tokenizer
 
+    if args.cost_profile_only:
+        return cost_profile_only(args)
+
     path = args.questions or bench.default_questions()
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = bench.load_questions(path, categories, args.num_questions)
@@ -214,6 +228,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     print(f"results: {args.out}/results.json")
     return 1 if summary["overall"]["identical"] is False else 0  # None: sampled, identity not checked
+
+
+def cost_profile_only(args: argparse.Namespace) -> int:
+    """``bench --cost-profile-only``: e.g. a Vicuna-7B-sized random model in bf16 on a GPU."""
+    from . import bench
+    from .model import KangarooModel
+
+    if args.base_config:
+        from .base import random_base
+
+        if args.exit_layer is None:
+            raise ValueError("--base-config builds a fresh adapter: pass --exit-layer too.")
+        base = random_base(args.base_config, dtype=args.dtype, device=args.device)
+        km = KangarooModel.from_pretrained(base, exit_layer=args.exit_layer)
+    else:
+        km = load_model(args)
+    summary = bench.profile_only(km, args.out, args.context, args.tau, args.drafts_per_round)
+    c, cfg = summary["cost_profile"], summary["config"]
+    print(
+        f"cost profile ({cfg['model_type']}, {cfg['num_layers']} layers, {cfg['dtype']}, {cfg['device_name']}, "
+        f"context {c['context_tokens']}): full forward {c['full_forward_1_ms']:.2f} ms, draft step "
+        f"{c['draft_step_ms']:.2f} ms, deep verify of 1/2/4/8 tokens "
+        + "/".join(f"{c['deep_verify_ms'][k]:.2f}" for k in ("1", "2", "4", "8"))
+        + " ms"
+    )
+    if "speedup_limit_at_tau" in c:
+        print(
+            f"speedup limit at τ={c['tau']} ({c['mean_drafts_per_round']} drafts/round): "
+            f"{c['speedup_limit_at_tau']:.2f}x"
+        )
+    print(f"results: {args.out}/results.json")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

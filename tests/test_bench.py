@@ -141,3 +141,29 @@ def test_unknown_category_on_cli(tiny_dirs, tmp_path):
     result = run_bench("--adapter", str(root / "adapter"), "--questions", str(questions), "--categories", "poetry",
                        "--out", str(tmp_path / "o"))  # fmt: skip
     assert result.returncode == 2 and "Unknown categories ['poetry']" in result.stderr
+
+
+def test_cost_profile_only_on_a_random_model_from_a_config(tmp_path):
+    """What the GPU check runs (Vicuna-7B's shape in bf16), here on a tiny config on the CPU."""
+    config = {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256,
+    }  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    out = tmp_path / "profile"
+    result = run_bench(
+        "--cost-profile-only", "--base-config", str(tmp_path / "cfg.json"), "--exit-layer", "1", "--dtype",
+        "bfloat16", "--context", "40", "--tau", "1.5", "--drafts-per-round", "1", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "results.json").read_text())
+    profile = summary["cost_profile"]
+    assert profile["context_tokens"] == 40 and set(profile["deep_verify_ms"]) == {str(k) for k in range(1, 9)}
+    assert profile["tau"] == 1.5 and profile["speedup_limit_at_tau"] > 0
+    assert summary["config"]["dtype"] == "bfloat16" and summary["config"]["num_layers"] == 4
+    assert "speedup limit at τ=1.5" in result.stdout
+    missing = run_bench("--cost-profile-only", "--base-config", str(tmp_path / "nope.json"), "--exit-layer", "1",
+                        "--out", str(out))  # fmt: skip
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    no_exit = run_bench("--cost-profile-only", "--base-config", str(tmp_path / "cfg.json"), "--out", str(out))
+    assert no_exit.returncode == 2 and "--exit-layer" in no_exit.stderr
