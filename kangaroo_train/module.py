@@ -132,10 +132,10 @@ class KangarooModule(L.LightningModule):
         # Everything export needs to rebuild the adapter without the training config.
         self.save_hyperparameters(
             {
-                "adapter_config": _plain(asdict(adapter.config)),
-                "base_config": _plain(base_config),
-                "generation": _plain(generation) if generation is not None else None,
-                "optim": _plain(optim),
+                "adapter_config": plain_containers(asdict(adapter.config)),
+                "base_config": plain_containers(base_config),
+                "generation": plain_containers(generation) if generation is not None else None,
+                "optim": plain_containers(optim),
                 "temperature": float(temperature),
             }
         )
@@ -214,12 +214,12 @@ class KangarooModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-def _plain(value: Any) -> Any:
+def plain_containers(value: Any) -> Any:
     """Plain Python containers (no tuples), so checkpoints load with torch.load(weights_only=True)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_containers(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain_containers(v) for v in value]
     return value
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 
+from .module import plain_containers
+
 STRATEGIES = ("single", "ddp", "deepspeed")
 
 
@@ -54,7 +56,7 @@ def build_strategy(strategy_cfg: Mapping[str, Any], accelerator: str, devices: i
             find_unused_parameters=bool(strategy_cfg.get("find_unused_parameters", False)),
             timeout=timeout,
         )
-    config = _plain(strategy_cfg["config"])
+    config = plain_containers(strategy_cfg["config"])
     if "gradient_accumulation_steps" in config or "train_micro_batch_size_per_gpu" in config:
         raise ValueError(
             "strategy.config must not set gradient_accumulation_steps / train_micro_batch_size_per_gpu: they come "
@@ -62,11 +64,3 @@ def build_strategy(strategy_cfg: Mapping[str, Any], accelerator: str, devices: i
         )
     cls = CPUDeepSpeedStrategy if cpu else DeepSpeedStrategy
     return cls(config=config, parallel_devices=parallel, process_group_backend=backend, timeout=timeout)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
