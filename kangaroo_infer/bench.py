@@ -130,6 +130,30 @@ def run_kangaroo(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw
     return _timed(lambda: km.generate(ids, max_new_tokens=max_new_tokens, **kw))
 
 
+def run_config(
+    km: KangarooModel,
+    threshold: float | None,
+    steps: int | None,
+    policy: str,
+    temperature: float,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """The settings a benchmark ran with, as written into results.json (η / γ after the adapter's defaults)."""
+    threshold, steps = km.resolve_generation(threshold, steps)
+    return {
+        "base_model": km.base.config.name_or_path,
+        "exit_layer": km.exit_layer,
+        "threshold": threshold,
+        "max_draft_steps": steps,
+        "policy": policy,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "dtype": str(km.base.dtype).removeprefix("torch."),
+        "device": str(km.backbone.embed_tokens.weight.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def summarize(records: list[dict], mode: str | None = None) -> dict[str, Any]:
     """speedup = mean over questions of kangaroo tokens/s ÷ vanilla tokens/s; τ = new tokens ÷ full forwards.
 
@@ -409,19 +433,9 @@ def bench(
         costs["mean_drafts_per_round"] = mean_drafts
         costs["speedup_limit_at_measured_tau"] = speedup_limit(costs, summary["overall"]["tau"], mean_drafts)
         summary["cost_profile"] = costs
-    threshold, steps = km.resolve_generation(threshold, steps)
     summary["config"] = {
-        "base_model": km.base.config.name_or_path,
         "adapter": adapter_name,
-        "exit_layer": km.exit_layer,
-        "threshold": threshold,
-        "max_draft_steps": steps,
-        "policy": policy,
-        "temperature": temperature,
-        "max_new_tokens": max_new_tokens,
-        "dtype": str(km.base.dtype).removeprefix("torch."),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        **run_config(km, threshold, steps, policy, temperature, max_new_tokens),
     }
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out_dir / "speedup.png")
@@ -563,20 +577,8 @@ def batch_throughput(
         }
     path = out_dir / "results.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    threshold, steps = km.resolve_generation(threshold, steps)
     summary["batch"] = results
-    summary["batch_config"] = {
-        "base_model": km.base.config.name_or_path,
-        "exit_layer": km.exit_layer,
-        "threshold": threshold,
-        "max_draft_steps": steps,
-        "policy": policy,
-        "temperature": temperature,
-        "max_new_tokens": max_new_tokens,
-        "dtype": str(km.base.dtype).removeprefix("torch."),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-    }
+    summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
