@@ -382,6 +382,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         precision=t.precision,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
+        max_time=t.get("max_time"),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.clip,
         # validation every N optimizer steps = N * accumulation batches, counted across epochs

@@ -154,3 +154,18 @@ def test_online_features_without_a_cache(tmp_path):
     rows = metrics(tmp_path)
     assert any(r["val/top1"] for r in rows) and len(train_rows(rows)) == 3
     assert (tmp_path / "adapter" / "model.safetensors").is_file()
+
+
+def test_max_time_stops_with_a_checkpoint_and_an_export(tmp_path):
+    """trainer.max_time caps wall-clock time: the run ends early, saves last.ckpt at the step it reached, and
+    exports it (how a time-boxed GPU allocation is used)."""
+    run_train(
+        tmp_path,
+        "cache=none",
+        "trainer.max_steps=1000000",
+        "trainer.ckpt_every_n_steps=1000000",
+        'trainer.max_time="00:00:00:03"',
+    )
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 0 < ckpt["global_step"] < 1000000
+    assert json.loads((tmp_path / "adapter" / "training.json").read_text())["global_step"] == ckpt["global_step"]
