@@ -2,14 +2,18 @@
 
 Drafting only pays when the tokens it saves outweigh what it costs. With per-draft acceptance rate α, a round that
 drafts k tokens commits E(k) = 1 + α + ... + α^k tokens in expectation and costs k·c_draft + c_verify(k + 1),
-while a plain decoding step (k = 0) commits one token for c_verify(1). The adaptive policy estimates α and the
-costs online, per request, and each round picks the k in [0, γ] with the best expected tokens per second. When
-drafting does not pay (k = 0) it still probes now and then (with exponential back-off) so it notices when the
-adapter starts to agree with the model again. Losslessness never depends on the policy: every draft is verified.
+while a plain decoding step (k = 0) commits one token for c_verify(1). The adaptive policy estimates α (a Beta
+posterior over this request's recent rounds) and the costs online, and each round picks the k in [0, γ] with the
+best expected tokens per second at an optimistic α (the posterior mean plus ``optimism`` standard deviations, an
+upper confidence bound). Evidence fades every round, drafted or not, so after a run of plain steps the estimate is
+uncertain again and drafting is retried: a request whose drafts stop paying costs only those occasional retries,
+and one whose drafts start agreeing again is noticed. Losslessness never depends on the policy: every draft is
+verified.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 POLICIES = ("adaptive", "fixed")
@@ -17,14 +21,13 @@ POLICIES = ("adaptive", "fixed")
 
 @dataclass
 class PolicyConfig:
-    prior_accepted: float = 1.0  # Beta prior on α: optimistic enough to try drafting at the start
+    prior_accepted: float = 1.0  # Beta prior on α (pseudo-counts of accepted and rejected drafts)
     prior_rejected: float = 1.0
-    decay: float = 0.9  # weight of older rounds in the acceptance counts (recency)
+    decay: float = 0.95  # per round, drafted or not: the weight of older evidence (recency and re-trying)
+    optimism: float = 0.5  # decide at α = posterior mean + optimism · posterior std (0: at the mean)
     cost_ema: float = 0.3  # weight of a new timing in the cost averages
     draft_cost_prior: float = 0.25  # c_draft / c_verify(1) before anything is measured
-    verify_slope_prior: float = 0.15  # c_verify(m) / c_verify(1) = 1 + slope·(m − 1) before m is measured
-    probe_interval: int = 4  # plain steps before drafting is tried again
-    max_probe_interval: int = 64
+    verify_slope_prior: float = 0.1  # c_verify(m) / c_verify(1) = 1 + slope·(m − 1) before m is measured
     measure_costs: bool = True  # False: decide from the priors above alone (deterministic, for tests and GPUs)
 
 
@@ -35,13 +38,10 @@ class DraftPolicy:
     max_steps: int
     adaptive: bool = True
     config: PolicyConfig = field(default_factory=PolicyConfig)
-    accepted: float = 0.0
+    accepted: float = 0.0  # decayed counts of accepted drafts and of rounds that ended in a rejection
     rejected: float = 0.0
     draft_cost: float | None = None  # seconds per draft step
     verify_cost: dict[int, float] = field(default_factory=dict)  # seconds to verify m pending tokens
-    plain_streak: int = 0
-    probe_interval: int = 0
-    probing: bool = False
 
     @classmethod
     def create(cls, policy: str | PolicyConfig, max_steps: int) -> DraftPolicy:
@@ -52,13 +52,20 @@ class DraftPolicy:
             raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
         return cls(max_steps, adaptive=policy == "adaptive")
 
-    def __post_init__(self):
-        self.accepted, self.rejected = self.config.prior_accepted, self.config.prior_rejected
-        self.probe_interval = self.config.probe_interval
+    def _posterior(self) -> tuple[float, float]:
+        return self.accepted + self.config.prior_accepted, self.rejected + self.config.prior_rejected
 
     @property
     def alpha(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+        """Posterior mean of the per-draft acceptance rate."""
+        a, b = self._posterior()
+        return a / (a + b)
+
+    def optimistic_alpha(self) -> float:
+        """The acceptance rate decisions use: mean + optimism · std of the Beta posterior, at most 1."""
+        a, b = self._posterior()
+        n = a + b
+        return min(1.0, a / n + self.config.optimism * math.sqrt(a * b / (n * n * (n + 1))))
 
     def _verify(self, m: int) -> float:
         if m in self.verify_cost:
@@ -74,9 +81,9 @@ class DraftPolicy:
             return self.draft_cost
         return self.config.draft_cost_prior * self._verify(1)
 
-    def expected_rate(self, k: int) -> float:
-        """Expected committed tokens per second of a round that drafts k tokens."""
-        alpha = self.alpha
+    def expected_rate(self, k: int, alpha: float | None = None) -> float:
+        """Expected committed tokens per second of a round that drafts k tokens (at ``alpha``, default the mean)."""
+        alpha = self.alpha if alpha is None else alpha
         tokens = sum(alpha**i for i in range(k + 1))
         return tokens / (k * self._draft() + self._verify(k + 1))
 
@@ -85,26 +92,17 @@ class DraftPolicy:
         limit = min(self.max_steps, remaining - 1)
         if not self.adaptive or limit <= 0:
             return max(limit, 0)
-        best = max(range(limit + 1), key=self.expected_rate)
-        if best > 0:
-            self.plain_streak = 0
-            return best
-        self.plain_streak += 1
-        if self.plain_streak >= self.probe_interval:
-            self.plain_streak, self.probing = 0, True
-            return 1
-        return 0
+        alpha = self.optimistic_alpha()
+        return max(range(limit + 1), key=lambda k: self.expected_rate(k, alpha))
 
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         """Record a round: ``accepted`` of ``drafted`` drafts matched; timings of its two phases."""
         c = self.config
+        self.accepted *= c.decay
+        self.rejected *= c.decay
         if drafted > 0:
-            self.accepted = c.decay * self.accepted + accepted
-            self.rejected = c.decay * self.rejected + (1 if accepted < drafted else 0)
-            if self.probing:  # a failed probe doubles the wait before the next one; a success resets it
-                self.probing = False
-                failed = accepted == 0
-                self.probe_interval = min(2 * self.probe_interval, c.max_probe_interval) if failed else c.probe_interval
+            self.accepted += accepted
+            self.rejected += 1 if accepted < drafted else 0
         if not c.measure_costs:
             return
         if drafted > 0:
