@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .base import package_file
 from .cache import KangarooCache
@@ -390,8 +391,6 @@ def bench(
     records = []
     iterator = questions
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(questions, desc="bench", unit="question")
     for i, q in enumerate(iterator):
         ids = chat_ids(tokenizer, q.prompt, device)
@@ -459,7 +458,7 @@ def sweep(
     run_vanilla(km, prompts[0], min(32, max_new_tokens))  # warm-up
     vanilla = [run_vanilla(km, ids, max_new_tokens) for ids in prompts]
     results = []
-    for point in grid:
+    for point in tqdm(grid, desc="sweep", unit="setting"):
         ratios, new_tokens, forwards, identical = [], 0, 0, True
         for ids, (ref, ref_time) in zip(prompts, vanilla, strict=True):
             out, wall = run_kangaroo(km, ids, max_new_tokens, **point)
