@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -90,3 +91,14 @@ def test_vicuna7b_cfg_job_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "lmsys/vicuna-7b-v1.3" in out.stdout and "exit_layer: 2" in out.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_gpu_experiment_is_the_recipe_of_the_shipped_adapter():
+    """experiment=smollm2_135m_gpu is documented as how checkpoints/smollm2-135m-instruct was trained: keep the two
+    in step (adapter shape, exit layer, draft vocabulary, generation defaults)."""
+    shipped = json.loads((CONFIG_DIR.parent / "checkpoints" / "smollm2-135m-instruct" / "config.json").read_text())
+    cfg = compose_train(["experiment=smollm2_135m_gpu"])
+    assert shipped["base_model"] == cfg.model.name and shipped["exit_layer"] == cfg.model.exit_layer
+    assert shipped["mlp"] == cfg.adapter.mlp and shipped["init"] == cfg.adapter.init
+    assert shipped["draft_vocab_size"] == cfg.adapter.draft_vocab_size
+    assert shipped["generation"] == dict(cfg.generation)
