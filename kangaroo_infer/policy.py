@@ -30,6 +30,20 @@ class PolicyConfig:
     verify_slope_prior: float = 0.1  # c_verify(m) / c_verify(1) = 1 + slope·(m − 1) before m is measured
     measure_costs: bool = True  # False: decide from the priors above alone (deterministic, for tests and GPUs)
 
+    def __post_init__(self):
+        ranges = {
+            "prior_accepted": (self.prior_accepted > 0, "> 0"),
+            "prior_rejected": (self.prior_rejected > 0, "> 0"),
+            "decay": (0 < self.decay <= 1, "in (0, 1]"),
+            "optimism": (self.optimism >= 0, ">= 0"),
+            "cost_ema": (0 < self.cost_ema <= 1, "in (0, 1]"),
+            "draft_cost_prior": (self.draft_cost_prior >= 0, ">= 0"),
+            "verify_slope_prior": (self.verify_slope_prior >= 0, ">= 0"),
+        }
+        for name, (ok, allowed) in ranges.items():
+            if not ok:
+                raise ValueError(f"PolicyConfig({name}={getattr(self, name)!r}): must be {allowed}.")
+
 
 @dataclass
 class DraftPolicy:

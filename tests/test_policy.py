@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kangaroo_infer import KangarooModel
@@ -92,3 +93,12 @@ def test_priors_only_policy_ignores_timings():
         plans.append(feed(policy, 40, accept_all=False, draft_s=draft_s, verify_s=verify_s))
         assert policy.draft_cost is None and policy.verify_cost == {}
     assert plans[0] == plans[1]
+
+
+@pytest.mark.parametrize(
+    "bad", [{"decay": 0.0}, {"decay": 1.5}, {"optimism": -1.0}, {"prior_accepted": 0.0}, {"cost_ema": 0.0}]
+)
+def test_policy_config_rejects_values_outside_their_range(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"PolicyConfig\\({name}="):
+        PolicyConfig(**bad)
