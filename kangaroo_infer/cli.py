@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep-max-nodes", default="8,16,32")
     b.add_argument("--no-profile", action="store_true", help="skip the cost profile")
     b.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the answers already in --out (same settings) and run only the questions still missing",
+    )
+    b.add_argument(
         "--cost-profile-only",
         action="store_true",
         help="only measure the cost profile, at a context of random tokens (no questions, no tokenizer)",
@@ -152,6 +157,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .base import load_tokenizer
 
+    if args.resume and (args.cost_profile_only or args.batch_size or args.sweep):
+        raise ValueError(
+            "--resume continues a question benchmark; drop it with --sweep, --batch-size or --cost-profile-only."
+        )
     if args.cost_profile_only:
         return cost_profile_only(args)
 
@@ -216,6 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tree_top_k=args.tree_top_k,
         tree_max_nodes=args.tree_max_nodes,
         temperature=args.temperature,
+        resume=args.resume,
     )
     bench.print_table(summary)
     if "cost_profile" in summary:

@@ -143,6 +143,41 @@ def test_unknown_category_on_cli(tiny_dirs, tmp_path):
     assert result.returncode == 2 and "Unknown categories ['poetry']" in result.stderr
 
 
+def test_resume_keeps_finished_answers_and_reruns_a_cut_off_one(tiny_dirs, tmp_path):
+    """An interrupted or partial benchmark continues: finished questions are not decoded again, the question whose
+    record was being written reruns, and the summary covers every question."""
+    from kangaroo_infer import KangarooModel, load_tokenizer
+    from kangaroo_infer.bench import bench
+
+    root, _, _ = tiny_dirs
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")
+    tokenizer = load_tokenizer(km.base)
+    path = write_jsonl(tmp_path / "q.jsonl", SPEC_BENCH)
+    out = tmp_path / "out"
+    kw = dict(max_new_tokens=12, threshold=0.1, steps=3, profile=False, progress=False, adapter_name="a")
+    bench(km, tokenizer, load_questions(path, None, 1), out, **kw)  # 1 per category (MT-bench folded): 3 of the 5
+    first = (out / "answers.jsonl").read_text().splitlines()
+    assert len(first) == 3
+    (out / "answers.jsonl").write_text("\n".join(first[:2]) + "\n" + first[2][:25])  # stopped while writing
+    summary = bench(km, tokenizer, load_questions(path), out, resume=True, **kw)
+    lines = (out / "answers.jsonl").read_text().splitlines()
+    assert lines[:2] == first[:2]  # kept as they were (wall times included), not decoded again
+    assert len(lines) == 5 and sorted(json.loads(x)["question_id"] for x in lines) == [81, 82, 201, 202, 301]
+    assert summary["overall"]["questions"] == 5 and summary["overall"]["identical"] is True
+    assert summary["config"]["resumed_questions"] == 2
+
+    with pytest.raises(ValueError, match="other settings"):
+        bench(km, tokenizer, load_questions(path), out, resume=True, **{**kw, "threshold": 0.5})
+    bench(km, tokenizer, load_questions(path, None, 1), out, **kw)  # without resume: starts over
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_is_refused_outside_the_question_benchmark(tiny_dirs, tmp_path):
+    root, _, _ = tiny_dirs
+    result = run_bench("--adapter", str(root / "adapter"), "--sweep", "--resume", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--resume continues a question benchmark" in result.stderr
+
+
 def test_cost_profile_only_on_a_random_model_from_a_config(tmp_path):
     """What the GPU check runs (Vicuna-7B's shape in bf16), here on a tiny config on the CPU."""
     config = {
