@@ -140,15 +140,21 @@ def run_config(
     policy: str,
     temperature: float,
     max_new_tokens: int,
+    lookup_tokens: int | None = None,
+    batched: bool = False,
 ) -> dict[str, Any]:
-    """The settings a benchmark ran with, as written into results.json (η / γ after the adapter's defaults)."""
+    """The settings a benchmark ran with, as written into results.json (η / γ / lookup after the adapter's
+    defaults; lookup drafting is off for sampling and batches)."""
     threshold, steps = km.resolve_generation(threshold, steps)
+    lookup, min_ngram, max_ngram = km._check_lookup(lookup_tokens, None, None, batched or temperature > 0)
     return {
         "base_model": km.base.config.name_or_path,
         "exit_layer": km.exit_layer,
         "threshold": threshold,
         "max_draft_steps": steps,
         "policy": policy,
+        "lookup_tokens": lookup,
+        "lookup_ngram": [min_ngram, max_ngram],
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "dtype": str(km.base.dtype).removeprefix("torch."),
@@ -266,6 +272,26 @@ def speedup_limit(profile: dict[str, Any], tau: float, mean_drafts: float) -> fl
     return tau * profile["full_forward_1_ms"] / round_ms
 
 
+def rounds_limit(profile: dict[str, Any], records: list[dict]) -> float:
+    """Best speedup the measured costs allow for the rounds the benchmark actually ran, with no overhead at all.
+
+    An adapter round of k drafts costs k draft steps, the newest token's shallow pass and a deep verification of
+    k + 1 tokens; a lookup round of k copied tokens costs one shallow pass and one deep verification over k + 1
+    tokens (the shallow layers' extra rows are counted as free); plain decoding pays one full forward per token.
+    """
+    verify = profile["deep_verify_ms"]
+    widest = max(int(x) for x in verify)
+    shallow = profile["full_forward_1_ms"] - verify["1"]
+    tokens, ideal_ms = 0, 0.0
+    for r in records:
+        copied = set(r.get("lookup_rounds", []))
+        for i, (k, committed) in enumerate(zip(r["draft_lengths"], r["accept_lengths"][1:], strict=True)):
+            drafting = 0.0 if i in copied else k * profile["draft_step_ms"]
+            ideal_ms += drafting + shallow + verify[str(min(k + 1, widest))]
+            tokens += committed
+    return tokens * profile["full_forward_1_ms"] / ideal_ms if ideal_ms else 1.0
+
+
 def profile_only(
     km: KangarooModel,
     out_dir: str | Path,
@@ -368,6 +394,7 @@ def bench(
     tree: bool = False,
     tree_top_k: int | None = None,
     tree_max_nodes: int | None = None,
+    lookup_tokens: int | None = None,
     temperature: float = 0.0,
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -386,12 +413,14 @@ def bench(
     device = km.backbone.embed_tokens.weight.device
     settings = {
         "adapter": adapter_name,
-        **run_config(km, threshold, steps, policy, temperature, max_new_tokens),
+        **run_config(km, threshold, steps, policy, temperature, max_new_tokens, lookup_tokens),
         "tree": [tree_top_k, tree_max_nodes] if tree else None,
     }
     done = _finished_records(out_dir, settings, resume)
     finished = {(r["category"], r["question_id"]) for r in done}
-    modes: dict[str | None, dict] = {None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy}}
+    modes: dict[str | None, dict] = {
+        None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "lookup_tokens": lookup_tokens}
+    }
     if temperature > 0:
         modes[None]["temperature"] = temperature
     if tree:
@@ -423,6 +452,7 @@ def bench(
                 "wall_time": wall,
                 "accept_lengths": out.accept_lengths,
                 "draft_lengths": out.draft_lengths,
+                "lookup_rounds": out.lookup_rounds,
                 "identical": new == vanilla_tokens if temperature == 0 else None,
             }
             if name is None:
@@ -444,12 +474,11 @@ def bench(
     if profile:
         costs = cost_profile(km, chat_ids(tokenizer, questions[0].prompt, device))
         costs["mean_drafts_per_round"] = mean_drafts
-        costs["speedup_limit_at_measured_tau"] = speedup_limit(costs, summary["overall"]["tau"], mean_drafts)
+        rounds = sum(len(r["draft_lengths"]) for r in records)
+        costs["lookup_round_share"] = sum(len(r.get("lookup_rounds", [])) for r in records) / max(rounds, 1)
+        costs["speedup_limit_at_measured_tau"] = rounds_limit(costs, records)
         summary["cost_profile"] = costs
-    summary["config"] = {
-        "adapter": adapter_name,
-        **run_config(km, threshold, steps, policy, temperature, max_new_tokens),
-    }
+    summary["config"] = {"adapter": adapter_name, **settings}
     if done:
         summary["config"]["resumed_questions"] = len(finished & set(order))
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -549,6 +578,7 @@ def batch_throughput(
     policy: str = "adaptive",
     temperature: float = 0.0,
     warmup: int = 1,
+    lookup_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Throughput mode: for each B, the questions in batches of B (left-padded), Kangaroo batched vs the base's own
     batched ``generate``; tokens/s over the batch = new tokens of all rows ÷ wall time. Written under "batch" in
@@ -565,6 +595,8 @@ def batch_throughput(
     eos_ids = km.resolve_eos("from_generation_config")
     prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
     kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "temperature": temperature}
+    if lookup_tokens:  # batches decode without lookup drafting: generate refuses it with the reason
+        kw["lookup_tokens"] = lookup_tokens
     sampling = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -619,7 +651,7 @@ def batch_throughput(
     path = out_dir / "results.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary["batch"] = results
-    summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens)
+    summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens, batched=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -47,11 +47,12 @@ class KangarooCache:
         self.adapter_pending = []
         return states
 
-    def rollback(self, length: int, last_exit: torch.Tensor | None) -> None:
+    def rollback(self, length: int, new_exits: torch.Tensor | None) -> None:
         """Keep only positions [0, length) in every cache after a verification.
 
-        ``last_exit`` ([1, 1, H]) is the exit state of the token at position length-1; if the adapter has not seen
-        it yet (a fully accepted draft), it is queued for the adapter's next call.
+        ``new_exits`` ([1, q, H]) are the exit states of the last q kept tokens, needed when the adapter has not seen
+        them (a fully accepted draft's last token; every token a lookup round committed): they are queued for its
+        next call.
         """
         for idx in range(self.num_layers):
             self.base.layers[idx].crop(min(0, length - self.base.get_seq_length(idx)))
@@ -61,9 +62,9 @@ class KangarooCache:
         elif adapter_len < length:
             missing = length - adapter_len
             pending = sum(s.shape[1] for s in self.adapter_pending)
-            if missing != pending + 1 or last_exit is None:
+            if new_exits is None or missing != pending + new_exits.shape[1]:
                 raise RuntimeError(f"adapter cache out of step: {adapter_len} cached, {pending} pending, {length} kept")
-            self.adapter_pending.append(last_exit)
+            self.adapter_pending.append(new_exits)
 
     def gather(self, base_keep: torch.Tensor, adapter_keep: torch.Tensor) -> None:
         """Keep only the listed cache entries, in that order (the accepted path of a verified tree).

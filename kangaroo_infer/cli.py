@@ -30,6 +30,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tree-top-k", type=int, help="tree: children per level K (default: adapter's, else 4)")
     parser.add_argument("--tree-max-nodes", type=int, help="tree: max draft nodes N (default: adapter's, else 16)")
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        help="lookup drafting: copy up to N tokens that followed an earlier occurrence of the last 2-3 tokens "
+        "(default: adapter's, else 7; 0 = off; greedy, one prompt)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tree=args.tree,
         tree_top_k=args.tree_top_k,
         tree_max_nodes=args.tree_max_nodes,
+        lookup_tokens=args.lookup_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -182,12 +189,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             policy=args.policy,
             temperature=args.temperature,
             warmup=args.warmup,
+            lookup_tokens=args.lookup_tokens,
         )
         bench.print_batch_table(summary)
         print(f"results: {args.out}/results.json")
         return 0
     if args.sweep:
-        fixed = {"policy": args.policy}
+        fixed = {"policy": args.policy, "lookup_tokens": args.lookup_tokens}
         if args.tree:
             fixed.update(tree=True, threshold=args.threshold, max_draft_steps=args.steps)
             grid = [
@@ -224,6 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tree=args.tree,
         tree_top_k=args.tree_top_k,
         tree_max_nodes=args.tree_max_nodes,
+        lookup_tokens=args.lookup_tokens,
         temperature=args.temperature,
         resume=args.resume,
     )

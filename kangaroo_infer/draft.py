@@ -35,10 +35,10 @@ class DraftHead:
 
 
 def shallow_step(backbone: Backbone, exit_layer: int, cache: KangarooCache, token: torch.Tensor) -> torch.Tensor:
-    """Run one token ([1, 1]) through layers [0, ℓ); queue its exit state for the deep layers; return it [1, 1, H]."""
+    """Run tokens ([1, q]) through layers [0, ℓ); queue their exit states for the deep layers; return them [1, q, H]."""
     pos = cache.shallow_len
-    positions = torch.arange(pos, pos + 1, device=token.device)
-    hidden = backbone.embed_tokens(token)  # [1, 1, H]
+    positions = torch.arange(pos, pos + token.shape[1], device=token.device)
+    hidden = backbone.embed_tokens(token)  # [1, q, H]
     pe = backbone.rotary_emb(hidden, position_ids=positions[None])
     exit_state = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base)
     cache.deep_pending.append(exit_state)

@@ -16,6 +16,7 @@ from .base import load_base
 from .batch import generate_batch
 from .cache import KangarooCache
 from .draft import DraftHead, draft_chain
+from .lookup import NgramLookup
 from .policy import DraftPolicy, PolicyConfig
 from .sample import (
     SamplingConfig,
@@ -27,9 +28,17 @@ from .sample import (
     verify_chain_sampled,
 )
 from .tree import draft_tree, verify_tree
-from .verify import deep_logits, verify_chain
+from .verify import deep_logits, verify_chain, verify_lookup
 
-DEFAULT_GENERATION = {"threshold": 0.6, "max_draft_steps": 6, "tree_top_k": 4, "tree_max_nodes": 16}
+DEFAULT_GENERATION = {
+    "threshold": 0.6,
+    "max_draft_steps": 6,
+    "tree_top_k": 4,
+    "tree_max_nodes": 16,
+    "lookup_tokens": 7,
+    "lookup_min_ngram": 2,
+    "lookup_max_ngram": 3,
+}
 FROM_GENERATION_CONFIG = "from_generation_config"  # eos_token_id default: as base.generate without the argument
 
 
@@ -40,6 +49,8 @@ class GenerateOutput:
     draft_lengths: list[int] = field(default_factory=list)  # drafts proposed in each round (prefill excluded)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    lookup_rounds: list[int] = field(default_factory=list)  # indices (into draft_lengths) of the rounds whose drafts
+    # were copied by lookup drafting (lookup.py) instead of drafted by the adapter
     # For a batch (batch.py) accept_lengths and draft_lengths are lists per row: list[list[int]].
 
     @property
@@ -190,6 +201,9 @@ class KangarooModel:
         top_k: int = 0,
         seed: int | None = None,
         attention_mask: torch.Tensor | None = None,
+        lookup_tokens: int | None = None,
+        lookup_min_ngram: int | None = None,
+        lookup_max_ngram: int | None = None,
     ) -> GenerateOutput:
         """Greedy decoding, token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
 
@@ -207,12 +221,17 @@ class KangarooModel:
         processing, from a generator seeded with ``seed``. ``input_ids`` [B, T] with B > 1, or any
         ``attention_mask`` (left padding), decodes a batch (``batch.py``): ``sequences`` is then [B, T + n_max] and
         ``accept_lengths`` / ``draft_lengths`` are lists per row.
+        ``lookup_tokens`` (default: adapter's, else 7; 0 disables) lets a round draft up to that many tokens by
+        copying what followed the latest earlier occurrence of the last ``lookup_max_ngram`` .. ``lookup_min_ngram``
+        tokens (default 3 .. 2) in prompt + output (``lookup.py``), when the policy expects that to beat the
+        adapter's draft; greedy decoding of one prompt only (the default is not applied to batches or sampling).
         """
         sampling = SamplingConfig(temperature, top_p, top_k)
         shape = getattr(input_ids, "shape", ())
         batched = attention_mask is not None or (len(shape) == 2 and shape[0] > 1)
         if tree and (batched or not sampling.greedy):
             raise ValueError("tree=True drafts for one prompt, greedily; drop tree for batches or temperature > 0.")
+        lookup = self._check_lookup(lookup_tokens, lookup_min_ngram, lookup_max_ngram, batched or not sampling.greedy)
         extended = (max_new_tokens, threshold, max_draft_steps, eos_token_id, streamer, policy, sampling, seed)
         if batched:
             return generate_batch(self, input_ids, attention_mask, *extended)
@@ -220,6 +239,9 @@ class KangarooModel:
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
         tree_top_k, tree_max_nodes = self._check_tree(tree, tree_top_k, tree_max_nodes)
         policy = DraftPolicy.create(policy, max_draft_steps)
+        lookup_tokens = lookup[0]
+        copier = NgramLookup(input_ids[0].tolist(), *lookup[1:]) if lookup_tokens else None
+        copy_policy = policy.companion(lookup_tokens) if lookup_tokens else None
         eos_ids = self.resolve_eos(eos_token_id)
         device = self.backbone.embed_tokens.weight.device
         generator = None if sampling.greedy else make_generator(seed, device)
@@ -237,42 +259,61 @@ class KangarooModel:
         new_tokens = [first]
         accept_lengths = [1]
         draft_lengths: list[int] = []
+        lookup_rounds: list[int] = []
         if streamer is not None:
             streamer.put(torch.tensor([first]))
         while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
-            steps = policy.plan(remaining=max_new_tokens - len(new_tokens))
+            remaining = max_new_tokens - len(new_tokens)
             round_start = time.perf_counter()
-            if tree and steps > 0:
-                drafts = draft_tree(
-                    backbone, self.adapter, head, cache, new_tokens[-1], steps, tree_top_k, tree_max_nodes,
-                    threshold, eos_ids,
-                )  # fmt: skip
+            copied = copier.propose(min(lookup_tokens, remaining - 1)) if copier is not None else []
+            if copied:  # how many of them are worth verifying (more rows cost more)
+                copied = copied[: copy_policy.plan(len(copied) + 1)]
+            if copied and copy_policy.beats(policy, len(copied), remaining):
+                # A lookup round: drafting was a dictionary lookup; all layers verify the copied tokens at once.
+                lookup_rounds.append(len(draft_lengths))
                 drafted_at = time.perf_counter()
-                committed = verify_tree(backbone, ell, cache, drafts)
-                num_drafts, depth = drafts.num_drafts, max(drafts.depths)
-            elif sampling.greedy:
-                chain = draft_chain(
-                    backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device
-                )
-                drafted_at = time.perf_counter()
-                committed = verify_chain(backbone, ell, cache, new_tokens[-1], chain)
-                num_drafts = depth = len(chain)
+                committed = verify_lookup(backbone, ell, cache, new_tokens[-1], copied)
+                num_drafts = depth = len(copied)
+                used, idle = copy_policy, policy
             else:
-                sampled = draft_chain_sampled(
-                    backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, sampling, generator
-                )
-                committed = verify_chain_sampled(backbone, ell, cache, new_tokens[-1], sampled, sampling, generator)
-                num_drafts = depth = len(sampled.tokens)
+                steps = policy.plan(remaining)
+                used, idle = policy, copy_policy
+                if tree and steps > 0:
+                    drafts = draft_tree(
+                        backbone, self.adapter, head, cache, new_tokens[-1], steps, tree_top_k, tree_max_nodes,
+                        threshold, eos_ids,
+                    )  # fmt: skip
+                    drafted_at = time.perf_counter()
+                    committed = verify_tree(backbone, ell, cache, drafts)
+                    num_drafts, depth = drafts.num_drafts, max(drafts.depths)
+                elif sampling.greedy:
+                    chain = draft_chain(
+                        backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, device
+                    )
+                    drafted_at = time.perf_counter()
+                    committed = verify_chain(backbone, ell, cache, new_tokens[-1], chain)
+                    num_drafts = depth = len(chain)
+                else:
+                    sampled = draft_chain_sampled(
+                        backbone, self.adapter, head, cache, new_tokens[-1], steps, threshold, eos_ids, sampling,
+                        generator,
+                    )  # fmt: skip
+                    committed = verify_chain_sampled(backbone, ell, cache, new_tokens[-1], sampled, sampling, generator)
+                    num_drafts = depth = len(sampled.tokens)
+            if idle is not None:
+                idle.fade()
             if sampling.greedy:
                 # For a tree the policy sees its depth as the draft length (an approximation of the tree's cost).
-                policy.update(depth, len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at)
+                used.update(depth, len(committed) - 1, drafted_at - round_start, time.perf_counter() - drafted_at)
             else:  # a timing-driven schedule would make a seed's output depend on the machine's load
-                policy.update(depth, len(committed) - 1, *nominal_costs(policy, depth))
+                used.update(depth, len(committed) - 1, *nominal_costs(used, depth))
             for i, token in enumerate(committed):  # stop right after an end-of-sequence token
                 if token in eos_ids:
                     committed = committed[: i + 1]
                     break
             new_tokens.extend(committed)
+            if copier is not None:
+                copier.extend(committed)
             accept_lengths.append(len(committed))
             draft_lengths.append(num_drafts)
             if streamer is not None:
@@ -280,7 +321,9 @@ class KangarooModel:
         if streamer is not None:
             streamer.end()
         sequences = torch.cat([input_ids, torch.tensor([new_tokens], device=device)], dim=1)
-        return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1)
+        return GenerateOutput(
+            sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1, lookup_rounds
+        )
 
     def _check_tree(self, tree: bool, top_k: int | None, max_nodes: int | None) -> tuple[int, int]:
         defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
@@ -292,6 +335,29 @@ class KangarooModel:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
         return top_k, max_nodes
+
+    def _check_lookup(
+        self, tokens: int | None, min_ngram: int | None, max_ngram: int | None, unsupported: bool
+    ) -> tuple[int, int, int]:
+        """(lookup_tokens, min n-gram, max n-gram) with defaults filled; lookup_tokens 0 where lookup is off."""
+        explicit = tokens is not None and tokens != 0
+        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        tokens = defaults["lookup_tokens"] if tokens is None else tokens
+        min_ngram = defaults["lookup_min_ngram"] if min_ngram is None else min_ngram
+        max_ngram = defaults["lookup_max_ngram"] if max_ngram is None else max_ngram
+        for name, value, low in (("lookup_tokens", tokens, 0), ("lookup_min_ngram", min_ngram, 1),
+                                 ("lookup_max_ngram", max_ngram, 1)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+        if min_ngram > max_ngram:
+            raise ValueError(f"lookup_min_ngram ({min_ngram}) must not exceed lookup_max_ngram ({max_ngram}).")
+        if unsupported:
+            if explicit:
+                raise ValueError(
+                    "lookup_tokens drafts for one prompt, greedily; drop it (or pass 0) for batches or temperature > 0."
+                )
+            tokens = 0
+        return tokens, min_ngram, max_ngram
 
     def _prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [V]
         """All layers over the prompt; the adapter also reads the prompt's exit states. Returns the last logits."""

@@ -9,6 +9,10 @@ upper confidence bound). Evidence fades every round, drafted or not, so after a 
 uncertain again and drafting is retried: a request whose drafts stop paying costs only those occasional retries,
 and one whose drafts start agreeing again is noticed. Losslessness never depends on the policy: every draft is
 verified.
+
+Lookup drafting (``lookup.py``) has a companion policy of its own: its own acceptance posterior, drafts that cost
+(almost) nothing, the same verification costs. A round copies when that policy's expected rate for the copied
+tokens is at least the best rate the adapter's policy can plan.
 """
 
 from __future__ import annotations
@@ -109,11 +113,28 @@ class DraftPolicy:
         alpha = self.optimistic_alpha()
         return max(range(limit + 1), key=lambda k: self.expected_rate(k, alpha))
 
+    def companion(self, max_steps: int) -> DraftPolicy:
+        """The policy of a second draft source whose drafts cost nothing to make (lookup drafting): same settings,
+        its own acceptance estimate, and this policy's verification costs (one shared table)."""
+        return DraftPolicy(max_steps, self.adaptive, self.config, draft_cost=0.0, verify_cost=self.verify_cost)
+
+    def beats(self, other: DraftPolicy, drafted: int, remaining: int) -> bool:
+        """Whether a round verifying ``drafted`` of this policy's drafts is expected (optimistically) to commit
+        tokens at least as fast as the best round ``other`` would plan; always true for the fixed policy."""
+        if not self.adaptive:
+            return True
+        k = other.plan(remaining)
+        return self.expected_rate(drafted, self.optimistic_alpha()) >= other.expected_rate(k, other.optimistic_alpha())
+
+    def fade(self) -> None:
+        """Let old evidence fade by one round (a round this policy did not decide)."""
+        self.accepted *= self.config.decay
+        self.rejected *= self.config.decay
+
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         """Record a round: ``accepted`` of ``drafted`` drafts matched; timings of its two phases."""
         c = self.config
-        self.accepted *= c.decay
-        self.rejected *= c.decay
+        self.fade()
         if drafted > 0:
             self.accepted += accepted
             self.rejected += 1 if accepted < drafted else 0

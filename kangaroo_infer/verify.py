@@ -58,3 +58,21 @@ def verify_chain(
     n = accept_greedy(drafts, targets)
     cache.rollback(start + n + 1, states[:, n : n + 1])
     return drafts[:n] + [targets[n]]
+
+
+def verify_lookup(
+    backbone: Backbone, exit_layer: int, cache: KangarooCache, last_token: int, drafts: list[int]
+) -> list[int]:
+    """Verify drafts that cost no model pass to propose (``lookup.py``); return the committed tokens.
+
+    The last committed token and the k drafts go through all layers at once (shallow, then deep): one forward
+    pass over k + 1 rows. The adapter has seen none of them; the exit states of those committed are queued for it.
+    """
+    device = backbone.embed_tokens.weight.device
+    shallow_step(backbone, exit_layer, cache, torch.tensor([[last_token, *drafts]], device=device))
+    start = cache.deep_len
+    logits, states = deep_logits(backbone, exit_layer, cache)  # [k + 1, V], [1, k + 1, H]
+    targets = logits.argmax(dim=-1).tolist()
+    n = accept_greedy(drafts, targets)
+    cache.rollback(start + n + 1, states[:, : n + 1])
+    return drafts[:n] + [targets[n]]

@@ -53,11 +53,14 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert profile["speedup_limit_at_measured_tau"] > 0
     assert summary["config"]["threshold"] == 0.1 and summary["config"]["max_draft_steps"] == 4
     assert summary["config"]["policy"] == "fixed"
+    assert summary["config"]["lookup_tokens"] == 7 and summary["config"]["lookup_ngram"] == [2, 3]  # defaults
+    assert 0 <= profile["lookup_round_share"] <= 1
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 5
     for a in answers:
-        assert {"question_id", "turns", "new_tokens", "wall_time", "accept_lengths"} <= set(a)
+        assert {"question_id", "turns", "new_tokens", "wall_time", "accept_lengths", "lookup_rounds"} <= set(a)
         assert sum(a["accept_lengths"]) == a["new_tokens"] and a["identical"]
+        assert all(0 <= i < len(a["draft_lengths"]) for i in a["lookup_rounds"])
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "overall" in result.stdout and "speedup limit" in result.stdout
 

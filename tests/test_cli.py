@@ -63,3 +63,13 @@ def test_exit_layer_out_of_range_on_cli(tiny_dirs):
     root, _, _ = tiny_dirs
     result = run_cli("generate", "--base", str(root / "base"), "--exit-layer", "4", "--prompt", "x")
     assert result.returncode == 2 and "choose an integer in [1, 3]" in result.stderr
+
+
+def test_lookup_tokens_on_cli(tiny_dirs):
+    root, _, _ = tiny_dirs
+    adapter = ["--adapter", str(root / "adapter"), "--prompt", "a b a b a b", "--max-new-tokens", "8"]
+    assert run_cli("generate", *adapter, "--lookup-tokens", "0").returncode == 0
+    result = run_cli("generate", *adapter, "--lookup-tokens", "-2")
+    assert result.returncode == 2 and "lookup_tokens must be an integer >= 0" in result.stderr
+    result = run_cli("generate", *adapter, "--lookup-tokens", "3", "--temperature", "0.5")
+    assert result.returncode == 2 and "greedily" in result.stderr and "Traceback" not in result.stderr

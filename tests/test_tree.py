@@ -102,6 +102,7 @@ def test_every_tree_node_sees_exactly_its_path(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_tree_lossless_sweep(arch):
     rng = random.Random(arch)
+    lookups = 0
     grid = list(itertools.product([0.0, 0.3, 0.9], [1, 3, 6], [1, 2, 4, 7], [1, 4, 16, 40]))
     for deep_scale, exit_layer, adapter_kind in [(0.05, 2, "identity"), (0.4, 1, "identity"), (1.0, 3, "random")]:
         model = tiny_model(
@@ -113,11 +114,18 @@ def test_tree_lossless_sweep(arch):
         for i, (threshold, steps, top_k, max_nodes) in enumerate(rng.sample(grid, 10)):
             ids = torch.randint(3, VOCAB, (1, rng.choice([1, 5, 17])), generator=torch.Generator().manual_seed(i))
             policy = "fixed" if i % 2 else PolicyConfig(measure_costs=False)
+            lookup_tokens = 0 if i % 3 else None  # lookup rounds (default) interleave with tree rounds
             out = check_identical(
                 km, ids, rng.choice([1, 2, 13, 37]), eos_token_id=None, threshold=threshold, max_draft_steps=steps,
-                policy=policy, tree=True, tree_top_k=top_k, tree_max_nodes=max_nodes,
+                policy=policy, tree=True, tree_top_k=top_k, tree_max_nodes=max_nodes, lookup_tokens=lookup_tokens,
             )  # fmt: skip
-            assert all(d <= max_nodes for d in out.draft_lengths)
+            lookups += len(out.lookup_rounds)
+            if lookup_tokens == 0:
+                assert out.lookup_rounds == []
+            copied = set(out.lookup_rounds)
+            assert all(d <= max_nodes for i, d in enumerate(out.draft_lengths) if i not in copied)
+            assert all(out.draft_lengths[i] <= 7 for i in copied)  # the default lookup_tokens
+    assert lookups > 0
 
 
 def test_tree_beats_chain_when_second_guesses_are_right():
