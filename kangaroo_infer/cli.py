@@ -34,7 +34,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--lookup-tokens",
         type=int,
         help="lookup drafting: copy up to N tokens that followed an earlier occurrence of the last 2-3 tokens "
-        "(default: adapter's, else 7; 0 = off; greedy, one prompt)",
+        "(default: adapter's, else 12; 0 = off; greedy, one prompt)",
     )
 
 

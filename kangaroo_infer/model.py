@@ -35,7 +35,7 @@ DEFAULT_GENERATION = {
     "max_draft_steps": 6,
     "tree_top_k": 4,
     "tree_max_nodes": 16,
-    "lookup_tokens": 7,
+    "lookup_tokens": 12,
     "lookup_min_ngram": 2,
     "lookup_max_ngram": 3,
 }
@@ -221,7 +221,7 @@ class KangarooModel:
         processing, from a generator seeded with ``seed``. ``input_ids`` [B, T] with B > 1, or any
         ``attention_mask`` (left padding), decodes a batch (``batch.py``): ``sequences`` is then [B, T + n_max] and
         ``accept_lengths`` / ``draft_lengths`` are lists per row.
-        ``lookup_tokens`` (default: adapter's, else 7; 0 disables) lets a round draft up to that many tokens by
+        ``lookup_tokens`` (default: adapter's, else 12; 0 disables) lets a round draft up to that many tokens by
         copying what followed the latest earlier occurrence of the last ``lookup_max_ngram`` .. ``lookup_min_ngram``
         tokens (default 3 .. 2) in prompt + output (``lookup.py``), when the policy expects that to beat the
         adapter's draft; greedy decoding of one prompt only (the default is not applied to batches or sampling).

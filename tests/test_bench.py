@@ -53,7 +53,7 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert profile["speedup_limit_at_measured_tau"] > 0
     assert summary["config"]["threshold"] == 0.1 and summary["config"]["max_draft_steps"] == 4
     assert summary["config"]["policy"] == "fixed"
-    assert summary["config"]["lookup_tokens"] == 7 and summary["config"]["lookup_ngram"] == [2, 3]  # defaults
+    assert summary["config"]["lookup_tokens"] == 12 and summary["config"]["lookup_ngram"] == [2, 3]  # defaults
     assert 0 <= profile["lookup_round_share"] <= 1
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 5
