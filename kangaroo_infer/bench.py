@@ -278,6 +278,7 @@ def rounds_limit(profile: dict[str, Any], records: list[dict]) -> float:
     An adapter round of k drafts costs k draft steps, the newest token's shallow pass and a deep verification of
     k + 1 tokens; a lookup round of k copied tokens costs one shallow pass and one deep verification over k + 1
     tokens (the shallow layers' extra rows are counted as free); plain decoding pays one full forward per token.
+    Verifications wider than the profile measured are priced as its widest one (the limit errs high there).
     """
     verify = profile["deep_verify_ms"]
     widest = max(int(x) for x in verify)

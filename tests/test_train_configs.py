@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kangaroo_train.strategy import build_strategy
-from kangaroo_train.train import CONFIG_DIR, validate_config
+from kangaroo_train.train import CONFIG_DIR, generation_defaults, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -45,7 +45,7 @@ def test_vicuna_settings_follow_the_paper():
         assert cfg.trainer.devices == 8 and cfg.trainer.accelerator == "gpu"
         assert cfg.trainer.precision in ("bf16-mixed", "16-mixed")
         assert cfg.trainer.max_epochs == 10 and list(cfg.optim.betas) == [0.9, 0.95]
-        assert dict(cfg.generation) == {"threshold": 0.6, "max_draft_steps": 6}
+        assert generation_defaults(cfg) == {"threshold": 0.6, "max_draft_steps": 6}
 
 
 def test_overrides_used_by_outside_checks(tmp_path):
@@ -101,4 +101,4 @@ def test_gpu_experiment_is_the_recipe_of_the_shipped_adapter():
     assert shipped["base_model"] == cfg.model.name and shipped["exit_layer"] == cfg.model.exit_layer
     assert shipped["mlp"] == cfg.adapter.mlp and shipped["init"] == cfg.adapter.init
     assert shipped["draft_vocab_size"] == cfg.adapter.draft_vocab_size
-    assert shipped["generation"] == dict(cfg.generation)
+    assert shipped["generation"] == generation_defaults(cfg)
