@@ -147,9 +147,14 @@ class KangarooModel:
             eos_token_id = self.base.generation_config.eos_token_id
         return _eos_set(eos_token_id)
 
+    @property
+    def generation_defaults(self) -> dict:
+        """kangaroo_infer's decoding defaults, overridden by those recorded in the adapter checkpoint."""
+        return {**DEFAULT_GENERATION, **self.adapter.config.generation}
+
     def resolve_generation(self, threshold: float | None, max_draft_steps: int | None) -> tuple[float, int]:
         """Fill unset η / γ from the adapter checkpoint's generation defaults, else 0.6 / 6."""
-        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        defaults = self.generation_defaults
         return (
             defaults["threshold"] if threshold is None else threshold,
             defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
@@ -239,8 +244,8 @@ class KangarooModel:
         self._check_inputs(input_ids, max_new_tokens, threshold, max_draft_steps)
         tree_top_k, tree_max_nodes = self._check_tree(tree, tree_top_k, tree_max_nodes)
         policy = DraftPolicy.create(policy, max_draft_steps)
-        lookup_tokens = lookup[0]
-        copier = NgramLookup(input_ids[0].tolist(), *lookup[1:]) if lookup_tokens else None
+        lookup_tokens, min_ngram, max_ngram = lookup
+        copier = NgramLookup(input_ids[0].tolist(), min_ngram, max_ngram) if lookup_tokens else None
         copy_policy = policy.companion(lookup_tokens) if lookup_tokens else None
         eos_ids = self.resolve_eos(eos_token_id)
         device = self.backbone.embed_tokens.weight.device
@@ -265,10 +270,11 @@ class KangarooModel:
         while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_ids:
             remaining = max_new_tokens - len(new_tokens)
             round_start = time.perf_counter()
+            steps = policy.plan(remaining)
             copied = copier.propose(min(lookup_tokens, remaining - 1)) if copier is not None else []
             if copied:  # how many of them are worth verifying (more rows cost more)
                 copied = copied[: copy_policy.plan(len(copied) + 1)]
-            if copied and copy_policy.beats(policy, len(copied), remaining):
+            if copied and copy_policy.beats(policy, len(copied), steps):
                 # A lookup round: drafting was a dictionary lookup; all layers verify the copied tokens at once.
                 lookup_rounds.append(len(draft_lengths))
                 drafted_at = time.perf_counter()
@@ -276,7 +282,6 @@ class KangarooModel:
                 num_drafts = depth = len(copied)
                 used, idle = copy_policy, policy
             else:
-                steps = policy.plan(remaining)
                 used, idle = policy, copy_policy
                 if tree and steps > 0:
                     drafts = draft_tree(
@@ -326,7 +331,7 @@ class KangarooModel:
         )
 
     def _check_tree(self, tree: bool, top_k: int | None, max_nodes: int | None) -> tuple[int, int]:
-        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        defaults = self.generation_defaults
         top_k = defaults["tree_top_k"] if top_k is None else top_k
         max_nodes = defaults["tree_max_nodes"] if max_nodes is None else max_nodes
         if not isinstance(tree, bool):
@@ -341,7 +346,7 @@ class KangarooModel:
     ) -> tuple[int, int, int]:
         """(lookup_tokens, min n-gram, max n-gram) with defaults filled; lookup_tokens 0 where lookup is off."""
         explicit = tokens is not None and tokens != 0
-        defaults = {**DEFAULT_GENERATION, **self.adapter.config.generation}
+        defaults = self.generation_defaults
         tokens = defaults["lookup_tokens"] if tokens is None else tokens
         min_ngram = defaults["lookup_min_ngram"] if min_ngram is None else min_ngram
         max_ngram = defaults["lookup_max_ngram"] if max_ngram is None else max_ngram

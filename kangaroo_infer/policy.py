@@ -118,13 +118,13 @@ class DraftPolicy:
         its own acceptance estimate, and this policy's verification costs (one shared table)."""
         return DraftPolicy(max_steps, self.adaptive, self.config, draft_cost=0.0, verify_cost=self.verify_cost)
 
-    def beats(self, other: DraftPolicy, drafted: int, remaining: int) -> bool:
+    def beats(self, other: DraftPolicy, drafted: int, other_planned: int) -> bool:
         """Whether a round verifying ``drafted`` of this policy's drafts is expected (optimistically) to commit
-        tokens at least as fast as the best round ``other`` would plan; always true for the fixed policy."""
+        tokens at least as fast as the round ``other`` planned (``other.plan``); always true for the fixed policy."""
         if not self.adaptive:
             return True
-        k = other.plan(remaining)
-        return self.expected_rate(drafted, self.optimistic_alpha()) >= other.expected_rate(k, other.optimistic_alpha())
+        mine = self.expected_rate(drafted, self.optimistic_alpha())
+        return mine >= other.expected_rate(other_planned, other.optimistic_alpha())
 
     def fade(self) -> None:
         """Let old evidence fade by one round (a round this policy did not decide)."""

@@ -52,12 +52,7 @@ def verify_chain(
     newest = drafts[-1] if drafts else last_token
     device = backbone.embed_tokens.weight.device
     shallow_step(backbone, exit_layer, cache, torch.tensor([[newest]], device=device))
-    start = cache.deep_len
-    logits, states = deep_logits(backbone, exit_layer, cache)  # [k + 1, V], [1, k + 1, H]
-    targets = logits.argmax(dim=-1).tolist()
-    n = accept_greedy(drafts, targets)
-    cache.rollback(start + n + 1, states[:, n : n + 1])
-    return drafts[:n] + [targets[n]]
+    return _verify_pending(backbone, exit_layer, cache, drafts, adapter_saw_drafts=True)
 
 
 def verify_lookup(
@@ -70,9 +65,18 @@ def verify_lookup(
     """
     device = backbone.embed_tokens.weight.device
     shallow_step(backbone, exit_layer, cache, torch.tensor([[last_token, *drafts]], device=device))
+    return _verify_pending(backbone, exit_layer, cache, drafts, adapter_saw_drafts=False)
+
+
+def _verify_pending(
+    backbone: Backbone, exit_layer: int, cache: KangarooCache, drafts: list[int], adapter_saw_drafts: bool
+) -> list[int]:
+    """Deep layers over the pending tokens (the last committed token + ``drafts``, all past their shallow pass),
+    greedy acceptance, rollback. The adapter needs the exit state of the last kept token only when it read the
+    drafts while drafting them, else those of every kept token of this round."""
     start = cache.deep_len
     logits, states = deep_logits(backbone, exit_layer, cache)  # [k + 1, V], [1, k + 1, H]
     targets = logits.argmax(dim=-1).tolist()
     n = accept_greedy(drafts, targets)
-    cache.rollback(start + n + 1, states[:, : n + 1])
+    cache.rollback(start + n + 1, states[:, n : n + 1] if adapter_saw_drafts else states[:, : n + 1])
     return drafts[:n] + [targets[n]]

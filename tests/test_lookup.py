@@ -206,13 +206,13 @@ def test_lookup_policy_shares_costs_and_competes_with_the_adapter():
     for _ in range(30):  # copied tokens keep being right, the adapter's drafts keep being wrong
         lookup.update(7, 7, 0.0, 1.0)
         adapter.update(adapter.plan(100), 0, 0.0, 1.0)
-    assert lookup.beats(adapter, 7, remaining=100)
+    assert lookup.beats(adapter, 7, adapter.plan(100))
     assert lookup.plan(8) == 7
     for _ in range(60):  # now the other way round
         lookup.update(3, 0, 0.0, 1.0)
         adapter.update(4, 4, 0.0, 1.0)
-    assert not lookup.beats(adapter, 3, remaining=100)
-    assert DraftPolicy(4, adaptive=False).companion(7).beats(DraftPolicy(4, adaptive=False), 1, 100)
+    assert not lookup.beats(adapter, 3, adapter.plan(100))
+    assert DraftPolicy(4, adaptive=False).companion(7).beats(DraftPolicy(4, adaptive=False), 1, 4)
     before = lookup.rejected
     lookup.fade()
     assert lookup.rejected == pytest.approx(before * config.decay)
