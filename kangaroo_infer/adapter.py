@@ -285,6 +285,7 @@ class KangarooAdapter(nn.Module):
                 f"Adapter weights in {weights} do not fit the adapter described by its config.json: "
                 f"{', '.join(problems)}. The checkpoint is damaged or was written for another adapter layout."
             )
+        check_finite(state, str(weights))
         adapter.load_state_dict(state, strict=True)
         if "draft_vocab" in state:
             vocab = base.config.vocab_size
@@ -306,6 +307,17 @@ def read_adapter_config(directory: str | os.PathLike) -> AdapterConfig:
     if not (directory / CONFIG_NAME).is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}: it is not a Kangaroo adapter checkpoint directory.")
     return AdapterConfig.from_file(directory / CONFIG_NAME)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN / inf adapter weights: they draft nothing useful and usually mean training diverged or read
+    damaged features."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(
+            f"{where} holds non-finite (NaN/inf) adapter weights in {bad[:5]}: the training run diverged or read "
+            f"damaged data. Retrain (check the feature cache and optim.lr) or export an earlier checkpoint."
+        )
 
 
 def check_fingerprint(config: AdapterConfig, base_config: PretrainedConfig, where: str | os.PathLike = "") -> None:

@@ -70,6 +70,7 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     target = (home or kangaroo_home()) / "models" / SMOLLM2_ALIAS
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    check_replaceable(target)  # before the slow conversion: an unfinished foreign directory is refused at once
     gguf = _smollm2_gguf()
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF files)
@@ -91,17 +92,54 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     return target
 
 
+WRITTEN_LIST = ".kangaroo-written"  # in every directory atomic_directory writes: the files it wrote, one a line
+
+
+def check_replaceable(target: Path, legacy_files: frozenset[str] = frozenset()) -> None:
+    """Refuse to replace anything but an empty directory or one this tool wrote itself.
+
+    A directory counts as ours when every file and folder in it is listed in its ``WRITTEN_LIST`` (or, for outputs
+    written before that list existed, when it holds only ``legacy_files``). Anything else (a training run, a user's
+    folder, a file) is refused with the path and the fix, never deleted.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory; choose another output path (or remove the file).")
+    entries = {str(p.relative_to(target)) for p in target.rglob("*")}
+    listed = target / WRITTEN_LIST
+    if listed.is_file():
+        written = set(listed.read_text().splitlines()) | {WRITTEN_LIST}
+        parents = {str(parent) for name in written for parent in Path(name).parents if str(parent) != "."}
+        foreign = sorted(entries - written - parents)
+    else:
+        foreign = sorted(entries - legacy_files)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{target} already exists and holds files this tool did not write ({shown}); nothing was changed. "
+            f"Choose another output directory, or empty {target} yourself if its contents may go."
+        )
+
+
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, legacy_files: frozenset[str] = frozenset()) -> Iterator[Path]:
     """A temporary directory beside ``target`` that replaces it in one rename when the block succeeds.
 
-    Readers never see a half-written directory, and an interrupted writer leaves ``target`` as it was.
+    Readers never see a half-written directory, and an interrupted writer leaves ``target`` as it was. Only an
+    empty directory or one this helper wrote before is replaced (``check_replaceable``), checked before and after the
+    block, so a foreign directory is never deleted.
     """
+    target = Path(target)
+    check_replaceable(target, legacy_files)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:
         yield tmp
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
+        (tmp / WRITTEN_LIST).write_text("".join(f"{name}\n" for name in written))
+        check_replaceable(target, legacy_files)  # it may have changed while the block ran
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -118,6 +156,7 @@ def load_base(
     """Load (or take) the base causal LM in eval mode. ``dtype`` None keeps a loaded model's dtype, else fp32."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    check_device(device)
     if isinstance(base, PreTrainedModel):
         model = base
         if dtype is not None and model.dtype != dtype:
@@ -136,6 +175,24 @@ def load_base(
     return model.eval()
 
 
+def check_device(device: torch.device | str | None) -> None:
+    """A device this machine has, checked before any weights are loaded (not after a minute of loading)."""
+    if device is None:
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{device!r} is not a torch device ({err}); pass e.g. cpu, cuda or cuda:1.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device} asks for CUDA, but this machine has no CUDA GPU; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}).")
+    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
+        raise ValueError(f"--device {device}: this torch build has no {device.type!r} backend; use --device cpu.")
+
+
 def random_base(
     config_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> PreTrainedModel:
@@ -151,6 +208,7 @@ def random_base(
     config._attn_implementation = "sdpa"
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    check_device(device)
     with torch.device(device or "cpu"):  # initialise in place: a 7B model never passes through host memory twice
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     return model.eval()

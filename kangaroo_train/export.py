@@ -13,42 +13,22 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
-from kangaroo_infer.adapter import AdapterConfig, KangarooAdapter, check_fingerprint
-from kangaroo_infer.base import atomic_directory
+from kangaroo_infer.adapter import AdapterConfig, KangarooAdapter, check_fingerprint, check_finite
+from kangaroo_infer.base import atomic_directory, check_replaceable
+
+from .checkpoint import load_training_checkpoint
 
 TRAINING_INFO = "training.json"  # beside the adapter: which checkpoint and step it came from
 ADAPTER_PREFIX = "adapter."
 CLI_KEYS = ("ckpt", "out", "generation", "base_model")
-
-
-def load_training_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict (``state_dict``, ``hyper_parameters``, ``global_step``) of a file or a ZeRO directory."""
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        if not (path / "latest").is_file():
-            raise ValueError(
-                f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest' file); pass a Lightning .ckpt "
-                f"file or the checkpoint directory Lightning wrote under DeepSpeed."
-            )
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        with tempfile.TemporaryDirectory() as tmp:  # the converter insists on writing a file; we keep the dict
-            return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "consolidated.ckpt")
-    if not path.is_file():
-        raise ValueError(f"Checkpoint {str(path)!r} does not exist; pass ckpt=PATH to a .ckpt file or ZeRO directory.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch/pickle raise many types for a damaged file
-        raise ValueError(f"{path} is not a readable checkpoint ({err}); pass another checkpoint.") from err
+ADAPTER_FILES = frozenset({"config.json", "model.safetensors", TRAINING_INFO})  # what an export writes
 
 
 def adapter_from_checkpoint(checkpoint: Mapping[str, Any], base_model: str | None = None) -> KangarooAdapter:
@@ -68,7 +48,9 @@ def adapter_from_checkpoint(checkpoint: Mapping[str, Any], base_model: str | Non
     foreign = sorted(k for k in state if not k.startswith(ADAPTER_PREFIX))
     if foreign:
         raise ValueError(f"The checkpoint holds weights outside the adapter ({foreign[:5]}...); it is not ours.")
-    adapter.load_state_dict({k[len(ADAPTER_PREFIX) :]: v.float() for k, v in state.items()}, strict=True)
+    weights = {k[len(ADAPTER_PREFIX) :]: v.float() for k, v in state.items()}
+    check_finite(weights, "The checkpoint")
+    adapter.load_state_dict(weights, strict=True)
     return adapter
 
 
@@ -87,6 +69,7 @@ def export_checkpoint(
 ) -> Path:
     """Write the adapter of ``ckpt`` to ``out``; skipped when ``out`` already holds this checkpoint's export."""
     ckpt, out = Path(ckpt).expanduser().resolve(), Path(out).expanduser().resolve()
+    check_replaceable(out, ADAPTER_FILES)  # before any loading: never replace a directory we did not write
     checkpoint = load_training_checkpoint(ckpt)
     step = int(checkpoint.get("global_step", -1))
     generation = dict(generation) if generation is not None else checkpoint["hyper_parameters"].get("generation")
@@ -95,7 +78,7 @@ def export_checkpoint(
     if info_path.is_file() and json.loads(info_path.read_text()) == info and (out / "model.safetensors").is_file():
         return out
     adapter = adapter_from_checkpoint(checkpoint, base_model)
-    with atomic_directory(out) as tmp:  # a reader never sees a half-written adapter
+    with atomic_directory(out, ADAPTER_FILES) as tmp:  # a reader never sees a half-written adapter
         adapter.save_pretrained(tmp, generation=generation)
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out

@@ -10,7 +10,8 @@ Layout of a cache directory::
 
     manifest.json                  identity + shard list; "complete": true once every shard exists
     shard-00000.safetensors        samples [0, shard_size): "<j>.input_ids", "<j>.loss_mask", "<j>.exit_states",
-    shard-00001.safetensors        "<j>.final_states" for local index j, plus counts in the header metadata
+    shard-00001.safetensors        "<j>.final_states" for local index j, plus counts in the header metadata and
+                                   "<j>.crc32", a checksum of sample j's data checked on every read
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from bisect import bisect_right
 from collections import OrderedDict
 from pathlib import Path
@@ -40,7 +42,7 @@ from .data import data_hash as compute_data_hash
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "kangaroo-feature-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: a CRC-32 of every sample's data in its shard's header
 IDENTITY_FIELDS = ("format", "format_version", "base_fingerprint", "exit_layer", "dtype", "data_hash", "shard_size")
 FIELDS = ("input_ids", "loss_mask", "exit_states", "final_states")
 
@@ -332,7 +334,8 @@ class FeatureCache:
                 tensors[f"{j}.exit_states"] = exit_states[row, :length].to("cpu", storage).clone()  # [T, H]
                 tensors[f"{j}.final_states"] = final_states[row, :length].to("cpu", storage).clone()  # [T, H]
             bar.update(sum(len(ids[j]) for j in group))
-        metadata = {
+        metadata = {f"{j}.crc32": str(sample_crc32({n: tensors[f"{j}.{n}"] for n in FIELDS})) for j in range(hi - lo)}
+        metadata |= {
             "cache_key": self.key,
             "first_sample": str(lo),
             "num_samples": str(hi - lo),
@@ -381,13 +384,22 @@ class FeatureCache:
         os.replace(tmp, self.manifest_path)
 
 
+def sample_crc32(sample: dict[str, torch.Tensor]) -> int:
+    """CRC-32 over the bytes of a sample's tensors in FIELDS order: damaged data with an intact header (which
+    safetensors cannot notice) is caught when the sample is read, before it can turn the loss into NaN."""
+    crc = 0
+    for name in FIELDS:
+        crc = zlib.crc32(sample[name].contiguous().view(torch.uint8).numpy(), crc)
+    return crc
+
+
 def _sample_lengths(dataset: datasets.Dataset) -> list[int]:
     """Token count of every sample, read from the Arrow column without building Python lists of ids."""
     table = dataset.select_columns(["input_ids"]).with_format("arrow")[:]
     return pc.list_value_length(table["input_ids"]).to_pylist()
 
 
-def _corrupt_shard(path: Path, err: Exception) -> ValueError:
+def _corrupt_shard(path: Path, err: Exception | str) -> ValueError:
     return ValueError(
         f"Feature cache shard {path} is corrupt or truncated ({err}). Delete that file and rerun the cache stage: "
         f"the missing shard is rebuilt and the others are kept."
@@ -404,7 +416,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # first global index of each shard
         self.cache_key = cache_key
         self.max_open = max_open
-        self._open: OrderedDict[int, Any] = OrderedDict()  # shard index -> safe_open handle, least recent first
+        self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> (safe_open handle, metadata), least recent first
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -416,11 +428,13 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for a feature cache of {len(self)} samples")
         shard = bisect_right(self.starts, index) - 1
         local = index - self.starts[shard]
-        handle = self._handle(shard)
+        handle, metadata = self._handle(shard)
         try:
             sample = {name: handle.get_tensor(f"{local}.{name}") for name in FIELDS}
         except SafetensorError as err:
             raise _corrupt_shard(self.directory / self.files[shard], err) from None
+        if sample_crc32(sample) != int(metadata[f"{local}.crc32"]):
+            raise _corrupt_shard(self.directory / self.files[shard], f"sample {local}'s data fails its checksum")
         sample["input_ids"] = sample["input_ids"].long()  # [T]
         sample["loss_mask"] = sample["loss_mask"].long()  # [T]
         return sample  # exit_states, final_states: [T, H] in the cache's dtype
@@ -449,10 +463,10 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
                 f"Feature cache shard {path} does not belong to this cache's manifest; delete it and rerun the cache "
                 f"stage (it is rebuilt)."
             )
-        self._open[shard] = handle
+        self._open[shard] = handle, metadata
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)
-        return handle
+        return handle, metadata
 
     def __getstate__(self) -> dict[str, Any]:
         """Open shard handles cannot be pickled (DataLoader workers): each worker reopens what it reads."""

@@ -121,6 +121,7 @@ class KangarooModule(L.LightningModule):
         base_config: Mapping[str, Any],
         generation: Mapping[str, Any] | None,
         compute_features: Callable | None = None,
+        batch: Mapping[str, int] | None = None,
     ):
         super().__init__()
         self.adapter = adapter
@@ -137,6 +138,7 @@ class KangarooModule(L.LightningModule):
                 "generation": plain_containers(generation) if generation is not None else None,
                 "optim": plain_containers(optim),
                 "temperature": float(temperature),
+                "batch": plain_containers(batch) if batch is not None else None,  # the step layout resuming needs
             }
         )
         self._last_step_time: float | None = None
@@ -164,6 +166,14 @@ class KangarooModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
+        # Every process decides together (one tiny all-reduce), so no rank waits forever on one that stopped.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out["loss"])), all=True):
+            raise ValueError(
+                f"The training loss became NaN/inf at step {self.global_step} (before any update from it: the "
+                f"checkpoints in paths.ckpt_dir hold only finite weights). Likely causes: damaged input features "
+                f"(delete cache.dir and rerun stage=cache), a learning rate too high (lower optim.lr), or fp16 "
+                f"overflow (use trainer.precision=bf16-mixed or 32)."
+            )
         log = {"train/loss": out["loss"], "train/top1": out["top1"], "train/accept": out["accept"]}
         self.log_dict(log, prog_bar=True, on_step=True, batch_size=max(1, int(out["count"])))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, prog_bar=True)

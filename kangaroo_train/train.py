@@ -276,28 +276,78 @@ def wandb_api_key_available() -> bool:
 
 
 def last_checkpoint(cfg: DictConfig) -> Path | None:
-    """The newest of ``last.ckpt`` and Lightning's SLURM-requeue ``hpc_ckpt_*.ckpt`` (files, or directories under
-    DeepSpeed), or None before the first checkpoint."""
-    candidates = [Path(cfg.paths.ckpt_dir) / "last.ckpt", *Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt")]
+    """The newest of ``last.ckpt``, the ``step-*.ckpt`` ones and Lightning's SLURM-requeue ``hpc_ckpt_*.ckpt``
+    (files, or directories under DeepSpeed), or None before the first checkpoint."""
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    candidates = [
+        ckpt_dir / "last.ckpt",
+        *ckpt_dir.glob("step-*.ckpt"),
+        *Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt"),
+    ]
     existing = [path for path in candidates if path.exists()]
-    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+    return max(existing, key=lambda path: (path.stat().st_mtime, path.name == "last.ckpt")) if existing else None
+
+
+def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
+    """Before Lightning loads ``ckpt_path``: it must be intact, and trained with this run's adapter and batch layout
+    (a resumed run would otherwise fail deep inside Lightning, or silently follow another step schedule)."""
+    from .checkpoint import checkpoint_header
+
+    try:
+        saved = checkpoint_header(ckpt_path)["hyper_parameters"]
+    except ValueError as err:
+        intact = None
+        for other in sorted(ckpt_path.parent.glob("step-*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                step = checkpoint_header(other)["global_step"]
+            except ValueError:
+                continue
+            if other != ckpt_path:
+                intact = f"The newest intact checkpoint is {other} (step {step}): delete {ckpt_path} and rerun with "
+                intact += "resume=true to continue from there."
+                break
+        raise ValueError(
+            f"Cannot resume: {err} {intact or 'No intact step-*.ckpt is left: start over in another paths.output_dir.'}"
+        ) from None
+    adapter, now = saved.get("adapter_config") or {}, hparams["adapter_config"]
+    keys = ("exit_layer", "mlp", "init", "draft_vocab_size", "base_fingerprint")
+    diffs = [f"{k}: checkpoint {adapter.get(k)!r} vs now {now[k]!r}" for k in keys if adapter.get(k) != now[k]]
+    if diffs:
+        raise ValueError(
+            f"Cannot resume from {ckpt_path}: it was trained with another adapter config ({'; '.join(diffs)}). "
+            f"Resume with the settings it was trained with, or start a new run in another paths.output_dir."
+        )
+    batch, now = saved.get("batch"), hparams["batch"]
+    if batch is not None and batch != now:
+        diffs = [f"{k}: checkpoint {batch.get(k)!r} vs now {now[k]!r}" for k in now if batch.get(k) != now[k]]
+        raise ValueError(
+            f"Cannot resume from {ckpt_path} with another batch layout ({'; '.join(diffs)}): its step count, epoch "
+            f"boundaries and LR schedule were planned for the old one. Resume with the old trainer settings, or start "
+            f"a new run in another paths.output_dir."
+        )
 
 
 class Checkpoints(ModelCheckpoint):
     """Every N optimizer steps, at the end, and on SIGTERM; not on other errors, where one crashed rank would hang
-    DeepSpeed's collective save."""
+    DeepSpeed's collective save (and a NaN loss must not be saved)."""
+
+    saved_step: int | None = None  # the global step of the newest checkpoint this run wrote or resumed from
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             super().on_exception(trainer, pl_module, exception)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.saved_step = trainer.global_step  # step 0, or the step of the checkpoint resumed from
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = trainer.global_step
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning's own end-of-training save only happens when no last.ckpt was written at all; save the steps
-        # since the last periodic checkpoint too, the same way the periodic saves do.
-        if self._last_global_step_saved != trainer.global_step:
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        # Lightning saves at the end only when no last.ckpt was written at all: keep the steps since the last
+        # periodic checkpoint too (max_steps between two periodic saves, max_time, an epoch end).
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         super().on_train_end(trainer, pl_module)
 
 
@@ -353,7 +403,14 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         base_config=adapter.base_config.to_dict(),
         generation=generation_defaults(cfg),
         compute_features=features,
+        batch={
+            "batch_size": t.batch_size,
+            "accumulate_grad_batches": t.accumulate_grad_batches,
+            "processes": t.devices * t.num_nodes,
+        },
     )
+    if cfg.resume and ckpt_path is not None:
+        check_resumable(ckpt_path, module.hparams)
     datamodule = KangarooDataModule(
         train_data,
         val_data,

@@ -36,3 +36,14 @@ def test_external_launch_reads_srun_and_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert external_launch() == Launch(3, 4, 3)
+
+
+def test_missing_train_extra_names_the_extra():
+    """Without the trainer's dependencies (here: hydra made unimportable), one error line says what to install."""
+    import subprocess
+    import sys
+
+    code = "import sys, runpy; sys.modules['hydra'] = None; runpy.run_module('kangaroo_train', run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "needs the 'train' extra (missing module 'hydra')" in out.stderr and "kangaroo[train]" in out.stderr

@@ -1,0 +1,109 @@
+"""Reading training checkpoints safely: tensors and plain values only, never pickled code.
+
+Lightning ``.ckpt`` files load with ``torch.load(weights_only=True)``; DeepSpeed ZeRO checkpoint directories are
+consolidated with every ``torch.load`` inside forced to weights-only. kangaroo_train keeps its hyper-parameters plain
+(``module.plain_containers``) so its own checkpoints always pass; a crafted file is refused before anything in it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
+
+
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Make every ``torch.load`` inside the block refuse pickled code, even where a library passes
+    ``weights_only=False`` (DeepSpeed's ZeRO consolidation does): torch honours TORCH_FORCE_WEIGHTS_ONLY_LOAD."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def load_training_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict (``state_dict``, ``hyper_parameters``, ``global_step``) of a file or a ZeRO directory.
+
+    Loaded with ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code (the
+    training module keeps its hyper-parameters plain for exactly this).
+    """
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        if not (path / "latest").is_file():
+            raise ValueError(
+                f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest' file); pass a Lightning .ckpt "
+                f"file or the checkpoint directory Lightning wrote under DeepSpeed."
+            )
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp, _weights_only_loads():  # the converter insists on a file
+                checkpoint = convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "consolidated.ckpt")
+        except pickle.UnpicklingError as err:
+            raise _unsafe(path, err) from None
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable DeepSpeed checkpoint ({err}); pass another one.") from err
+    else:
+        if not path.is_file():
+            raise ValueError(
+                f"Checkpoint {str(path)!r} does not exist; pass ckpt=PATH to a .ckpt file or ZeRO directory."
+            )
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise _unsafe(path, err) from None
+        except Exception as err:  # torch/zipfile raise many types for a damaged file
+            raise ValueError(f"{path} is not a readable checkpoint ({err}); pass another checkpoint.") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise ValueError(
+            f"{path} is not a kangaroo_train checkpoint (it has no hyper_parameters, e.g. a plain torch.save of "
+            f"weights); pass a checkpoint written by python -m kangaroo_train (paths.ckpt_dir/last.ckpt)."
+        )
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path} holds no state_dict; pass a checkpoint written by python -m kangaroo_train.")
+    return checkpoint
+
+
+def _unsafe(path: Path, err: Exception) -> ValueError:
+    reason = str(err).strip().splitlines()
+    detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line), reason[0])
+    return ValueError(
+        f"{path} holds pickled Python objects, which kangaroo refuses to load (loading them could run code from the "
+        f"file; nothing from it was executed): {detail.strip()}. kangaroo_train's checkpoints hold only tensors and "
+        f"plain values; pass one of those."
+    )
+
+
+def checkpoint_header(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """``hyper_parameters`` and ``global_step`` of a checkpoint, read safely without consolidating ZeRO shards;
+    a ValueError when the file is damaged or unsafe."""
+    path = Path(ckpt)
+    if path.is_dir():  # DeepSpeed: Lightning's own state rides in the model-states file as client state
+        files = sorted(path.glob("*/mp_rank_00_model_states.pt"))
+        if not files:
+            raise ValueError(f"{path} is a checkpoint directory without mp_rank_00_model_states.pt (incomplete).")
+        path = files[0]
+    try:
+        with _weights_only_loads():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _unsafe(path, err) from None
+    except Exception as err:  # truncated zip, missing records, ...
+        raise ValueError(f"{path} is not a readable checkpoint ({err}).") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise ValueError(f"{path} is not a kangaroo_train checkpoint (it has no hyper_parameters).")
+    return {"hyper_parameters": checkpoint["hyper_parameters"], "global_step": checkpoint.get("global_step")}

@@ -1,0 +1,242 @@
+"""Input a careless or hostile user might give: nothing may be lost, nothing in a file may run, each gets one error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kangaroo_infer import KangarooAdapter, KangarooModel
+from kangaroo_infer.base import WRITTEN_LIST, atomic_directory, check_device, materialize_smollm2
+from tests.conftest import tiny_model
+from tests.test_train_e2e import REPO, assert_clean_error, run_train
+
+# ---- 1. writing a directory never deletes what we did not write ------------------------------------------------
+
+
+def test_atomic_directory_replaces_only_its_own_output(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("2")
+    assert sorted((target / WRITTEN_LIST).read_text().split()) == ["a.txt", "sub/b.txt"]
+    with atomic_directory(target) as tmp:  # ours: replaced
+        (tmp / "a.txt").write_text("3")
+    assert (target / "a.txt").read_text() == "3" and not (target / "sub").exists()
+
+    (target / "notes.md").write_text("the user's")  # a foreign file inside: refused, nothing touched
+    with pytest.raises(ValueError, match=r"holds files this tool did not write \(notes.md\)"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("4")
+    assert (target / "a.txt").read_text() == "3" and (target / "notes.md").is_file()
+
+    user = tmp_path / "user"
+    (user / "data").mkdir(parents=True)
+    (user / "data" / "x.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="did not write"), atomic_directory(user):
+        pass
+    assert (user / "data" / "x.bin").is_file()
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep")
+    with pytest.raises(ValueError, match="exists and is not a directory"), atomic_directory(a_file):
+        pass
+    assert a_file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "out", "user"]  # no temporary left behind
+
+
+def test_materialize_refuses_a_foreign_directory_before_converting(kangaroo_home):
+    target = kangaroo_home / "models" / "smollm2-135m-instruct"
+    target.mkdir(parents=True)
+    (target / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="did not write"):
+        materialize_smollm2()
+    assert (target / "mine.txt").read_text() == "keep"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile_run")
+    run_train(out, "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "trainer.val_every_n_steps=100")
+    return out
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kangaroo_train.export", *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
+def test_export_into_the_run_directory_deletes_nothing(tiny_run):
+    before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
+    out = export(f"ckpt={tiny_run / 'checkpoints' / 'last.ckpt'}", f"out={tiny_run}")
+    assert_clean_error(out, str(tiny_run), "did not write", "another output directory")
+    assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
+
+
+def test_export_replaces_its_own_and_legacy_exports(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    legacy = tmp_path / "legacy"  # what an export wrote before the written-files list existed
+    shutil.copytree(tiny_run / "adapter", legacy)
+    (legacy / WRITTEN_LIST).unlink()
+    (legacy / "training.json").write_text("{}")
+    assert export(f"ckpt={ckpt}", f"out={legacy}").returncode == 0
+    assert json.loads((legacy / "training.json").read_text())["global_step"] == 4
+    step2 = tiny_run / "checkpoints" / "step-00000002.ckpt"
+    assert export(f"ckpt={step2}", f"out={legacy}").returncode == 0  # ours now: replaced
+    assert json.loads((legacy / "training.json").read_text())["global_step"] == 2
+
+
+def test_export_to_an_existing_file_or_a_plain_state_dict(tiny_run, tmp_path):
+    a_file = tmp_path / "adapter.bin"
+    a_file.write_text("keep")
+    out = export(f"ckpt={tiny_run / 'checkpoints' / 'last.ckpt'}", f"out={a_file}")
+    assert_clean_error(out, "exists and is not a directory")
+    assert a_file.read_text() == "keep"
+    plain = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    assert_clean_error(export(f"ckpt={plain}", f"out={tmp_path / 'x'}"), "not a kangaroo_train checkpoint")
+
+
+# ---- 3. NaN never travels from a damaged cache to an adapter ----------------------------------------------------
+
+
+def test_damaged_cache_data_is_caught_by_its_checksum(tiny_run, tmp_path):
+    features = tmp_path / "features"
+    shutil.copytree(tiny_run / "features", features)
+    shard = features / "train" / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    for i in range(header + 64, len(raw), 97):  # damage the data, keep the header intact
+        raw[i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    out = run_train(tmp_path, f"cache.dir={features}", check=False)
+    assert_clean_error(out, "shard-00001.safetensors", "checksum", "rerun the cache stage")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_non_finite_loss_stops_training(tiny_run, tmp_path):
+    """Features that are NaN with a valid checksum (e.g. a base overflowing in fp16): the loss check stops it."""
+    from kangaroo_train.features import FIELDS, sample_crc32
+
+    features = tmp_path / "features"
+    shutil.copytree(tiny_run / "features", features)
+    for shard in (features / "train").glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open has no iteration)
+        for key in [k for k in tensors if k.endswith(".exit_states")]:
+            j = key.split(".")[0]
+            tensors[key] = torch.full_like(tensors[key], float("nan"))
+            metadata[f"{j}.crc32"] = str(sample_crc32({n: tensors[f"{j}.{n}"] for n in FIELDS}))
+        save_file(tensors, str(shard), metadata=metadata)
+    out = run_train(tmp_path, f"cache.dir={features}", check=False)
+    assert_clean_error(out, "NaN/inf at step 0", "cache.dir")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_non_finite_weights_are_refused_on_export_and_load(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("o_proj.weight"))
+    ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    assert_clean_error(export(f"ckpt={tmp_path / 'nan.ckpt'}", f"out={tmp_path / 'a'}"), "non-finite", key[8:])
+
+    base = tiny_model()
+    adapter = KangarooAdapter.for_base(base, exit_layer=2)
+    with torch.no_grad():
+        adapter.norm.weight[0] = float("inf")
+    adapter.save_pretrained(tmp_path / "inf_adapter")
+    with pytest.raises(ValueError, match=r"non-finite .* \['norm.weight'\]"):
+        KangarooModel.from_pretrained(base, adapter=tmp_path / "inf_adapter")
+
+
+# ---- 4. no pickled code runs ------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Pickles as a call that writes a marker file: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_crafted_ckpt_file_runs_nothing(tmp_path):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, crafted)
+    out = export(f"ckpt={crafted}", f"out={tmp_path / 'a'}")
+    assert_clean_error(out, "pickled Python objects", "nothing from it was executed")
+    assert not marker.exists()
+
+
+def test_crafted_zero_directory_runs_nothing(tmp_path):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted_zero"
+    (crafted / "checkpoint").mkdir(parents=True)
+    (crafted / "latest").write_text("checkpoint")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        payload = {"optimizer_state_dict": _Payload(marker), "module": _Payload(marker)}
+        torch.save(payload, crafted / "checkpoint" / name)
+    out = export(f"ckpt={crafted}", f"out={tmp_path / 'a'}")
+    assert_clean_error(out, "pickled Python objects", "nothing from it was executed")
+    assert not marker.exists()
+
+
+# ---- 7. resuming after a change, or from a damaged checkpoint ---------------------------------------------------
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy
+
+
+def test_resume_from_a_truncated_last_ckpt_names_the_intact_one(run_copy):
+    last = run_copy / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    out = run_train(run_copy, "stage=train", "resume=true", "trainer.max_steps=6", check=False)
+    assert_clean_error(out, "Cannot resume", "step-00000004.ckpt (step 4)", "delete")
+
+
+def test_resume_with_another_adapter_or_batch_is_refused(run_copy):
+    out = run_train(run_copy, "stage=train", "resume=true", "adapter=attention_mlp", "trainer.max_steps=6", check=False)
+    assert_clean_error(out, "another adapter config", "mlp: checkpoint False vs now True")
+    out = run_train(run_copy, "stage=train", "resume=true", "trainer.batch_size=4", "trainer.max_steps=6", check=False)
+    assert_clean_error(out, "another batch layout", "batch_size: checkpoint 2 vs now 4")
+
+
+# ---- 7. devices and generation arguments ------------------------------------------------------------------------
+
+
+def test_a_device_this_machine_lacks_is_refused_before_loading():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the refusal is for machines without it
+    with pytest.raises(ValueError, match="no CUDA GPU; use --device cpu"):
+        check_device("cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        check_device("gpu0")
+    check_device("cpu")
+
+
+def test_cli_device_cuda_without_cuda_is_one_error_line(tiny_dirs):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root, _, _ = tiny_dirs
+    out = subprocess.run(
+        [sys.executable, "-m", "kangaroo_infer", "generate", "--adapter", str(root / "adapter"), "--device", "cuda",
+         "--prompt", "hi"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "no CUDA GPU" in out.stderr, out.stderr
