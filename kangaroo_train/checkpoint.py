@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.serialization import safe_globals
 
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
 
@@ -35,6 +36,16 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ[_FORCE_WEIGHTS_ONLY] = previous
 
 
+def _deepspeed_data_classes() -> list[type]:
+    """The DeepSpeed classes a ZeRO-2 checkpoint's optimizer files pickle: plain data holders (an enum, a dataclass,
+    the loss scaler's state), allowed by name so that nothing else in those files can run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def load_training_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict (``state_dict``, ``hyper_parameters``, ``global_step``) of a file or a ZeRO directory.
 
@@ -51,7 +62,8 @@ def load_training_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         try:
-            with tempfile.TemporaryDirectory() as tmp, _weights_only_loads():  # the converter insists on a file
+            # the converter insists on writing a file; we keep the dict
+            with tempfile.TemporaryDirectory() as tmp, _weights_only_loads(), safe_globals(_deepspeed_data_classes()):
                 checkpoint = convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "consolidated.ckpt")
         except pickle.UnpicklingError as err:
             raise _unsafe(path, err) from None
