@@ -14,11 +14,12 @@ finished leave the batch in the same gather. When every row kept the same number
 gather is a plain slice. The adapter's cache uses the same slots as the base cache: at verification the adapter also
 reads the newest token's exit state (its output is not needed), so the same gather applies to every cache.
 
-Draft lengths. Each row has its own ``DraftPolicy`` that caps the row's drafts (fed nominal costs, see
-``sample.nominal_costs``: one batched round has no per-row timing, and sampling needs a timing-free schedule to be
-reproducible). Rows draft in lockstep for as many steps as the longest-drafting row; a row stops counting its drafts at
-its cap, after a draft below η, or at an end-of-sequence draft. Its later drafts are computed alongside the others but
-never verified, so greedy rows stay identical to vanilla greedy decoding and sampled rows stay exact.
+Rounds. One scheduler (``scheduler.py``) decides for the whole batch, from the batch round's measured cost and every
+row's acceptance: the adapter drafts k tokens in lockstep (a row stops counting its drafts after a draft below η or
+an end-of-sequence draft; its later drafts are computed alongside the others but never verified), or every row
+proposes its own lookup copy (``lookup.py``, one index per row; a row without a match proposes nothing), or the
+round is a plain batched step when drafting does not pay. Acceptance is the same rule as for one prompt
+(``accept.py``), per row, so greedy rows stay identical to vanilla greedy decoding and sampled rows stay exact.
 """
 
 from __future__ import annotations
@@ -28,17 +29,13 @@ import time
 import torch
 from transformers import DynamicCache
 
+from .accept import accept, cut_at_eos
 from .arch import Backbone, attention_bias
-from .policy import DraftPolicy, PolicyConfig
-from .sample import (
-    SamplingConfig,
-    accept_sampled,
-    draw,
-    full_vocab_logits,
-    make_generator,
-    nominal_costs,
-    process,
-)
+from .lookup import NgramLookup
+from .outputs import GenerateOutput
+from .sample import SamplingConfig, draw, full_vocab_logits, make_generator, process
+from .scheduler import PLAIN, Scheduler
+from .settings import GenerationSettings
 
 
 def batch_mask(
@@ -138,7 +135,7 @@ class BatchDecoder:
                 confidence, index = logits.float().softmax(dim=-1).max(dim=-1)
                 token = index if self.head.vocab is None else self.head.vocab[index]
             else:
-                q = process(full_vocab_logits(self.head, logits, self.vocab_size), cfg)  # [b, V]
+                q = process(full_vocab_logits(self.head.vocab, logits, self.vocab_size), cfg)  # [b, V]
                 token = draw(q, generator)
                 confidence = q.max(dim=-1).values
                 qs.append(q)
@@ -159,6 +156,13 @@ class BatchDecoder:
         exit_state = self.shallow(newest[:, None])  # [b, 1, H]
         self.adapt(exit_state)  # keeps the adapter's slots equal to the base cache's (a fully accepted row needs it)
         return self.deep_logits(torch.cat([*exits, exit_state], dim=1))
+
+    def verify_copies(self, last: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        """All layers over each row's last token + its copied tokens ([b, k], no model pass has seen them):
+        logits [b, k + 1, V]. The adapter reads them too, keeping its slots equal to the base cache's."""
+        exit_states = self.shallow(torch.cat([last[:, None], copies], dim=1))  # [b, k + 1, H]
+        self.adapt(exit_states)
+        return self.deep_logits(exit_states)
 
     def realign(self, keep: torch.Tensor, ends: torch.Tensor) -> None:
         """Keep rows ``keep`` ([b']) with slots [pad, ends) each; move them to end at one common length."""
@@ -182,19 +186,6 @@ class BatchDecoder:
         self.pad = new_len - lengths
 
 
-def accept_greedy_batch(
-    drafts: torch.Tensor,  # [b, k]
-    counted: torch.Tensor,  # [b]
-    logits: torch.Tensor,  # [b, k + 1, V]
-) -> tuple[torch.Tensor, torch.Tensor]:  # accepted drafts [b], next token [b]
-    """Per row: the leading counted drafts equal to the model's argmax, and the model's token after them."""
-    k = drafts.shape[1]
-    targets = logits.argmax(dim=-1)  # [b, k + 1]
-    match = (drafts == targets[:, :k]) & (torch.arange(k, device=drafts.device)[None] < counted[:, None])
-    accepted = match.long().cumprod(dim=-1).sum(dim=-1)
-    return accepted, targets.gather(1, accepted[:, None])[:, 0]
-
-
 def pad_token_id(km) -> int:
     """The base's pad token, else its (first) end-of-sequence token, else 0."""
     config = km.base.generation_config
@@ -208,84 +199,44 @@ def pad_token_id(km) -> int:
     return 0
 
 
-def check_batch(
-    km, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, threshold, steps
-) -> torch.Tensor:  # left padding of each row [B]
-    """Validate a batch: shapes, left padding only, and every row's prompt as a single prompt is checked."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
-        raise ValueError("input_ids must be an integer torch tensor of shape [B, T].")
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [B, T] with B, T >= 1; got {list(input_ids.shape)}.")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(
-            f"attention_mask must be a tensor of input_ids' shape {list(input_ids.shape)}; got {got}. Pass the mask "
-            f"the tokenizer returned with the ids."
-        )
-    mask = attention_mask.to(device=input_ids.device)
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token).")
-    mask = mask.long()
-    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-        raise ValueError(
-            "attention_mask has padding after a token (right padding or holes); Kangaroo batches need left padding: "
-            "set tokenizer.padding_side = 'left' before tokenizing."
-        )
-    lengths = mask.sum(dim=1)
-    if bool((lengths == 0).any()):
-        empty = (lengths == 0).nonzero()[:, 0].tolist()
-        raise ValueError(f"Rows {empty} of attention_mask are all padding; every prompt needs at least one token.")
-    pad = input_ids.shape[1] - lengths
-    for row in range(input_ids.shape[0]):
-        km._check_inputs(input_ids[row : row + 1, int(pad[row]) :], max_new_tokens, threshold, steps)
-    return pad
-
-
 @torch.inference_mode()
-def generate_batch(
+def decode_batch(
     km,  # KangarooModel
-    input_ids: torch.Tensor,  # [B, T], left-padded
-    attention_mask: torch.Tensor | None,  # [B, T], 0 on the left padding
-    max_new_tokens: int,
-    threshold: float | None,
-    max_draft_steps: int | None,
-    eos_token_id,
-    streamer,
-    policy: str | PolicyConfig,
-    cfg: SamplingConfig,
-    seed: int | None,
-):
+    input_ids: torch.Tensor,  # [B, T], left-padded, validated
+    pad: torch.Tensor,  # [B] left padding of each row
+    settings: GenerationSettings,
+) -> GenerateOutput:
     """Decode a batch; rows finish independently. Returns ``GenerateOutput`` with sequences [B, T + n_max] (rows
-    padded with the pad token after they finish) and per-row lists of accept and draft lengths."""
-    from .model import GenerateOutput
-
-    threshold, max_draft_steps = km.resolve_generation(threshold, max_draft_steps)
-    if streamer is not None:
-        raise ValueError("A streamer takes one prompt: pass input_ids of shape [1, T] without attention_mask.")
-    pad = check_batch(km, input_ids, attention_mask, max_new_tokens, threshold, max_draft_steps)
-    eos_ids = km.resolve_eos(eos_token_id)
+    padded with the pad token after they finish) and per-row lists of accept and draft lengths and lookup rounds."""
+    s, cfg = settings, settings.sampling
+    eos_ids = s.eos_ids
     device = km.backbone.embed_tokens.weight.device
     input_ids, pad = input_ids.to(device=device, dtype=torch.long), pad.to(device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     batch = input_ids.shape[0]
-    planners = [DraftPolicy.create(policy, max_draft_steps) for _ in range(batch)]
-    generator = None if cfg.greedy else make_generator(seed, device)
+    timed = cfg.greedy  # sampling: a timing-free schedule keeps seeds reproducible
+    scheduler = Scheduler.create(s.policy, {"adapter": False, "lookup": True}, timed=timed)
+    generator = None if cfg.greedy else make_generator(s.seed, device)
     decoder = BatchDecoder(km, pad)
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:  # [b, V] -> [b]
-        return logits.argmax(dim=-1) if cfg.greedy else draw(process(logits, cfg), generator)
+    copiers = None
+    if s.lookup_tokens:
+        rows = [input_ids[row, int(pad[row]) :].tolist() for row in range(batch)]
+        copiers = [NgramLookup(tokens, s.lookup_min_ngram, s.lookup_max_ngram) for tokens in rows]
 
     t0 = time.perf_counter()
-    last = choose(decoder.prefill(input_ids))  # [B]
+    logits = decoder.prefill(input_ids)  # [B, V]
+    last = logits.argmax(dim=-1) if cfg.greedy else draw(process(logits, cfg), generator)  # [B]
     t1 = time.perf_counter()
     new_tokens = [[token] for token in last.tolist()]
     accept_lengths: list[list[int]] = [[1] for _ in range(batch)]
     draft_lengths: list[list[int]] = [[] for _ in range(batch)]
+    lookup_rounds: list[list[int]] = [[] for _ in range(batch)]
+    if copiers is not None:
+        for row, tokens in enumerate(new_tokens):
+            copiers[row].extend(tokens)
 
     def running(row: int) -> bool:
-        return new_tokens[row][-1] not in eos_ids and len(new_tokens[row]) < max_new_tokens
+        return new_tokens[row][-1] not in eos_ids and len(new_tokens[row]) < s.max_new_tokens
 
     active = [row for row in range(batch) if running(row)]  # original index of each row still in the caches
     if 0 < len(active) < batch:
@@ -294,27 +245,44 @@ def generate_batch(
         last = last[keep]
     while active:
         length = decoder.base.get_seq_length(0)  # S: slots of every row before this round
-        caps = torch.tensor(
-            [planners[row].plan(remaining=max_new_tokens - len(new_tokens[row])) for row in active], device=device
-        )
-        drafts, counted, q, exits = decoder.draft(last, caps, threshold, eos, cfg, generator)  # [b, k], [b], ...
-        logits = decoder.verify(last, drafts, exits)  # [b, k + 1, V]
-        if cfg.greedy:
-            accepted, next_tokens = accept_greedy_batch(drafts, counted, logits)
+        limits = [s.max_new_tokens - len(new_tokens[row]) - 1 for row in active]  # most drafts each row may count
+        offers = {"adapter": min(s.max_draft_steps, max(limits))}
+        copies: list[list[int]] = []
+        if copiers is not None:
+            copies = [copiers[row].propose(min(s.lookup_tokens, limits[i])) for i, row in enumerate(active)]
+            offers["lookup"] = max(len(c) for c in copies)
+        start = time.perf_counter()
+        drafter, k = scheduler.choose(offers)
+        caps = torch.tensor([min(k, limit) for limit in limits], device=device)  # [b]
+        q = None
+        if drafter == "lookup":
+            counted = torch.tensor([min(len(c), k) for c in copies], device=device)
+            drafts = torch.tensor([(c[:k] + [0] * k)[:k] for c in copies], dtype=torch.long, device=device)  # [b, k]
+            drafted_at = time.perf_counter()
+            logits = decoder.verify_copies(last, drafts)  # [b, k + 1, V]
         else:
-            accepted, next_tokens = accept_sampled(drafts, counted, q, process(logits, cfg), generator)
+            drafts, counted, q, exits = decoder.draft(last, caps, s.threshold, eos, cfg, generator)  # [b, k], [b]
+            drafted_at = time.perf_counter()
+            logits = decoder.verify(last, drafts, exits)  # [b, k + 1, V]
+        accepted, next_tokens = accept(drafts, counted, logits, cfg, q, generator)
+        width = drafts.shape[1]
+        if timed:
+            costs = drafted_at - start, time.perf_counter() - drafted_at
+        else:
+            costs = scheduler.nominal_costs(drafter, width)
+        outcomes = [(int(counted[i]), int(accepted[i])) for i in range(len(active))]
+        scheduler.observe_rows(drafter if width else PLAIN, width, outcomes, *costs)
 
         for i, row in enumerate(active):
-            n, drafted = int(accepted[i]), int(counted[i])
-            committed = drafts[i, :n].tolist() + [int(next_tokens[i])]
-            for j, token in enumerate(committed):  # stop right after an end-of-sequence token
-                if token in eos_ids:
-                    committed = committed[: j + 1]
-                    break
+            n, drafted = outcomes[i][1], outcomes[i][0]
+            committed = cut_at_eos(drafts[i, :n].tolist() + [int(next_tokens[i])], eos_ids)
             new_tokens[row].extend(committed)
+            if copiers is not None:
+                copiers[row].extend(committed)
+            if drafter == "lookup" and drafted:
+                lookup_rounds[row].append(len(draft_lengths[row]))
             accept_lengths[row].append(len(committed))
             draft_lengths[row].append(drafted)
-            planners[row].update(drafted, n, *nominal_costs(planners[row], drafted))
         still = [i for i, row in enumerate(active) if running(row)]
         if not still:
             break
@@ -328,4 +296,4 @@ def generate_batch(
     for row, tokens in enumerate(new_tokens):
         out[row, : len(tokens)] = torch.tensor(tokens, device=device)
     sequences = torch.cat([input_ids, out], dim=1)
-    return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1)
+    return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1, lookup_rounds)

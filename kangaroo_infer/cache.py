@@ -78,3 +78,11 @@ class KangarooCache:
         layer = self.adapter.layers[0]
         layer.keys = layer.keys.index_select(-2, adapter_keep)
         layer.values = layer.values.index_select(-2, adapter_keep)
+
+    def crop(self, length: int, adapter_length: int) -> None:
+        """Forget everything past ``length`` base entries and ``adapter_length`` adapter entries, pending states
+        included: back to an earlier point of the same sequence (e.g. to time the same step repeatedly)."""
+        for layer in self.base.layers:
+            layer.crop(length - layer.get_seq_length())
+        self.adapter.layers[0].crop(adapter_length - self.adapter_len)
+        self.deep_pending, self.adapter_pending = [], []

@@ -1,4 +1,8 @@
-"""Drafting: shallow layers [0, ℓ) + adapter + LM head, one token at a time, stopping early on low confidence."""
+"""Drafting: shallow layers [0, ℓ) + adapter + LM head, one token at a time, stopping early on low confidence.
+
+Greedy and sampled drafting are one loop with a different pick (``DraftPick``): the argmax, or a draw from the
+processed q (kept, as the acceptance rule needs it). Whatever proposes tokens returns a ``Proposal``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,16 @@ import torch
 from .adapter import KangarooAdapter
 from .arch import Backbone, causal_mask
 from .cache import KangarooCache
+from .sample import SamplingConfig, draw, full_vocab_logits, process
+
+
+@dataclass
+class Proposal:
+    """The tokens a drafter proposes for one round, after the last committed token."""
+
+    tokens: list[int]  # d_1..d_k
+    q: torch.Tensor | None = None  # [k, V] the distributions they were drawn from (sampled drafts); None: point masses
+    copied: bool = False  # lookup copies: no model pass has seen them yet
 
 
 @dataclass
@@ -58,34 +72,54 @@ def adapter_logits(
     return head.logits(out[0, -1])
 
 
-def draft_chain(
+@dataclass
+class DraftPick:
+    """How a draft token is chosen from the adapter's logits: greedy (argmax) or drawn from the processed q."""
+
+    head: DraftHead
+    sampling: SamplingConfig
+    vocab_size: int
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, float, torch.Tensor | None]:  # [V_draft] -> token, conf, q
+        if self.sampling.greedy:
+            top_logit, top_id = logits.max(dim=-1)
+            confidence = torch.exp(top_logit - torch.logsumexp(logits.float(), dim=-1))
+            return self.head.token(int(top_id)), confidence.item(), None
+        q = process(full_vocab_logits(self.head.vocab, logits, self.vocab_size), self.sampling)  # [V]
+        return int(draw(q[None], self.generator)), float(q.max()), q
+
+
+def draft_proposal(
     backbone: Backbone,
     adapter: KangarooAdapter,
-    head: DraftHead,
+    pick: DraftPick,
     cache: KangarooCache,
     last_token: int,
     max_steps: int,
     threshold: float,
     eos_ids: frozenset[int],
-    device: torch.device,
-) -> list[int]:
+) -> Proposal:
     """Propose up to ``max_steps`` tokens d_1..d_k after ``last_token``.
 
-    Stops after a draft whose top-1 probability is below ``threshold`` (that draft is still proposed) or that is an
-    end-of-sequence token. Layers [0, ℓ) run exactly once per token and their exit states are kept for verification;
-    the newest token (last draft, or ``last_token`` itself when nothing was drafted) still needs its shallow pass,
-    which ``verify_chain`` gives it.
+    Stops after a draft whose confidence (top probability of the draft distribution) is below ``threshold`` (that
+    draft is still proposed) or that is an end-of-sequence token. Layers [0, ℓ) run exactly once per token and their
+    exit states are kept for verification; the newest token (last draft, or ``last_token`` itself when nothing was
+    drafted) still needs its shallow pass, which verification gives it.
     """
     exit_layer = adapter.config.exit_layer
+    device = backbone.embed_tokens.weight.device
     tokens: list[int] = []
+    qs: list[torch.Tensor] = []
     token = last_token
     for _ in range(max_steps):
         exit_state = shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
-        logits = adapter_logits(backbone, adapter, head, cache, exit_state)
-        top_logit, top_id = logits.max(dim=-1)
-        prob = torch.exp(top_logit - torch.logsumexp(logits.float(), dim=-1))
-        prob_value, token = prob.item(), head.token(int(top_id))
+        token, confidence, q = pick(adapter_logits(backbone, adapter, pick.head, cache, exit_state))
         tokens.append(token)
-        if prob_value < threshold or token in eos_ids:
+        if q is not None:
+            qs.append(q)
+        if confidence < threshold or token in eos_ids:
             break
-    return tokens
+    if pick.sampling.greedy:
+        return Proposal(tokens)
+    return Proposal(tokens, torch.stack(qs) if qs else torch.zeros(0, pick.vocab_size, device=device))

@@ -4,7 +4,8 @@ Outputs often restate their prompt (summaries, answers about a document) or them
 models fall into). Such text is drafted for free by copying: find the latest earlier place where the last n tokens
 (n from ``max_ngram`` down to ``min_ngram``) occurred and propose what came after it. Verification is the same as
 for the adapter's drafts, so the output is unchanged; only the cost of the wider verification is at stake, and the
-policy (``policy.py``) decides per round whether a lookup draft is worth it.
+scheduler (``scheduler.py``) decides per round whether a lookup draft is worth it. Under sampling a copied
+token is a point-mass draft (``accept.py``), so copying keeps outputs exactly distributed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Verification: deep layers [ℓ, L) over the exit states of all pending tokens in one pass, then greedy acceptance."""
+"""Verification: deep layers [ℓ, L) over the exit states of all pending tokens in one pass, then the rollback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from .arch import Backbone
 from .cache import KangarooCache
-from .draft import shallow_step
+from .draft import Proposal, shallow_step
 
 
 def deep_logits(
@@ -29,54 +29,31 @@ def deep_logits(
     return backbone.lm_head(backbone.norm(hidden))[0], states
 
 
-def accept_greedy(drafts: list[int], targets: list[int]) -> int:
-    """Number of leading drafts equal to the full model's greedy choice at the same position.
+class Verifier:
+    """The deep layers' pass over a chain proposal, and the caches' rollback to what acceptance kept.
 
-    ``targets[i]`` is the model's token after the i-th pending token, so draft i (0-based) is checked against it.
+    ``logits`` gives the newest token its shallow pass (a copied proposal: every token, since no model pass has
+    seen them), then runs layers [ℓ, L) once over every pending token: the last committed token and the k proposed.
+    ``keep`` then keeps the last committed token + the n accepted tokens in every cache, and queues for the adapter
+    the exit states it has not read: the last kept token's when it read the drafts while drafting them, else those of
+    every kept token of the round.
     """
-    n = 0
-    while n < len(drafts) and drafts[n] == targets[n]:
-        n += 1
-    return n
 
+    def __init__(self, backbone: Backbone, exit_layer: int, cache: KangarooCache):
+        self.backbone, self.exit_layer, self.cache = backbone, exit_layer, cache
+        self._start = 0
+        self._states: torch.Tensor | None = None  # [1, k + 1, H] exit states of the verified tokens
+        self._copied = False
 
-def verify_chain(
-    backbone: Backbone, exit_layer: int, cache: KangarooCache, last_token: int, drafts: list[int]
-) -> list[int]:
-    """Verify ``drafts`` proposed after ``last_token``; return the committed tokens.
+    def logits(self, last_token: int, proposal: Proposal) -> torch.Tensor:  # [k + 1, V]
+        device = self.backbone.embed_tokens.weight.device
+        tokens = [last_token, *proposal.tokens] if proposal.copied else [(proposal.tokens or [last_token])[-1]]
+        shallow_step(self.backbone, self.exit_layer, self.cache, torch.tensor([tokens], device=device))
+        self._start, self._copied = self.cache.deep_len, proposal.copied
+        logits, self._states = deep_logits(self.backbone, self.exit_layer, self.cache)  # [k + 1, V], [1, k + 1, H]
+        return logits
 
-    The newest token gets its shallow pass first; then the deep layers run over every pending token (the last
-    committed token + drafts). Commits the accepted drafts plus the model's own next token, and rolls every cache
-    back to the accepted path.
-    """
-    newest = drafts[-1] if drafts else last_token
-    device = backbone.embed_tokens.weight.device
-    shallow_step(backbone, exit_layer, cache, torch.tensor([[newest]], device=device))
-    return _verify_pending(backbone, exit_layer, cache, drafts, adapter_saw_drafts=True)
-
-
-def verify_lookup(
-    backbone: Backbone, exit_layer: int, cache: KangarooCache, last_token: int, drafts: list[int]
-) -> list[int]:
-    """Verify drafts that cost no model pass to propose (``lookup.py``); return the committed tokens.
-
-    The last committed token and the k drafts go through all layers at once (shallow, then deep): one forward
-    pass over k + 1 rows. The adapter has seen none of them; the exit states of those committed are queued for it.
-    """
-    device = backbone.embed_tokens.weight.device
-    shallow_step(backbone, exit_layer, cache, torch.tensor([[last_token, *drafts]], device=device))
-    return _verify_pending(backbone, exit_layer, cache, drafts, adapter_saw_drafts=False)
-
-
-def _verify_pending(
-    backbone: Backbone, exit_layer: int, cache: KangarooCache, drafts: list[int], adapter_saw_drafts: bool
-) -> list[int]:
-    """Deep layers over the pending tokens (the last committed token + ``drafts``, all past their shallow pass),
-    greedy acceptance, rollback. The adapter needs the exit state of the last kept token only when it read the
-    drafts while drafting them, else those of every kept token of this round."""
-    start = cache.deep_len
-    logits, states = deep_logits(backbone, exit_layer, cache)  # [k + 1, V], [1, k + 1, H]
-    targets = logits.argmax(dim=-1).tolist()
-    n = accept_greedy(drafts, targets)
-    cache.rollback(start + n + 1, states[:, n : n + 1] if adapter_saw_drafts else states[:, : n + 1])
-    return drafts[:n] + [targets[n]]
+    def keep(self, accepted: int) -> None:
+        states, n = self._states, accepted
+        self.cache.rollback(self._start + n + 1, states[:, : n + 1] if self._copied else states[:, n : n + 1])
+        self._states = None

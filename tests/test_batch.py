@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kangaroo_infer import KangarooModel
-from kangaroo_infer.policy import PolicyConfig
+from kangaroo_infer.scheduler import PolicyConfig
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 
@@ -117,7 +117,8 @@ def test_single_row_with_mask_and_draft_vocab_and_short_budgets():
     model = tiny_model("llama", deep_scale=0.05, exit_layer=2, seed=14)
     km = KangarooModel.from_pretrained(model, exit_layer=2)
     identity_adapter(km)
-    out = check_batch(km, [[5, 9, 14]], 20, threshold=0.0)
+    # Decisions from the cost priors: measured timings of a tiny model would make drafting depend on the load.
+    out = check_batch(km, [[5, 9, 14]], 20, threshold=0.0, policy=PolicyConfig(measure_costs=False))
     assert isinstance(out.accept_lengths[0], list) and out.tau > 1.5
     km.adapter.set_draft_vocab(list(range(0, VOCAB, 3)))
     for max_new in (1, 2, 3, 17):
@@ -175,3 +176,60 @@ def test_bench_batch_throughput_cli(tiny_dirs, tmp_path):
         assert row["tau"] > 1.0 and row["tokens"] == row["vanilla_tokens"]
     assert summary["batch"]["1"]["rows_identical_to_vanilla_batch"] == 3
     assert "batched throughput" in result.stdout
+
+
+# ---- lookup copies per row, and plain batched steps ----------------------------------------------------------------
+
+
+def repetitive(rng: random.Random, length: int) -> list[int]:
+    """A prompt that restates pieces of itself: lookup finds matches in it."""
+    pieces = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 6))] for _ in range(3)]
+    tokens: list[int] = []
+    while len(tokens) < length:
+        tokens += rng.choice(pieces) if rng.random() < 0.7 else [rng.randrange(3, VOCAB)]
+    return tokens[:length]
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 5})])
+def test_batch_lookup_rows_equal_their_own_greedy_runs(arch, overrides):
+    """Per-row copies (ragged prompts, rows with and without matches) keep every row equal to its own greedy run,
+    with copies fully right, partly right and wrong; EOS inside a copied stretch ends that row right there."""
+    rng = random.Random(arch)
+    model = tiny_model(arch, deep_scale=0.05, exit_layer=2, seed=22, **overrides)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    prompts = [repetitive(rng, n) for n in (1, 7, 16, 24, 30)]
+    kinds = set()
+    priors = PolicyConfig(measure_costs=False)
+    for lookup_tokens, policy, steps in [(12, "fixed", 3), (4, priors, 5), (1, "fixed", 2), (None, "fixed", 1)]:
+        out = check_batch(km, prompts, 40, threshold=0.0, max_draft_steps=steps, policy=policy,
+                          lookup_tokens=lookup_tokens, lookup_min_ngram=1)  # fmt: skip
+        for row, rounds in enumerate(out.lookup_rounds):
+            for r in rounds:
+                drafted, committed = out.draft_lengths[row][r], out.accept_lengths[row][r + 1]
+                assert drafted <= (lookup_tokens or 12)
+                kinds.add("all" if committed == drafted + 1 else "none" if committed == 1 else "part")
+    assert kinds == {"all", "part", "none"}, kinds
+    free = check_batch(km, prompts, 40, policy="fixed", lookup_min_ngram=1)
+    ids, _ = left_pad(prompts)
+    new = free.sequences[:, ids.shape[1] :].tolist()
+    row = max(range(len(prompts)), key=lambda r: len(free.lookup_rounds[r]))
+    r = free.lookup_rounds[row][-1]
+    start = sum(free.accept_lengths[row][: r + 1])
+    eos = new[row][start + free.accept_lengths[row][r + 1] - 1]  # the last token that copied round committed
+    out = check_batch(km, prompts, 40, eos_token_id=eos, policy="fixed", lookup_min_ngram=1)
+    assert sum(out.accept_lengths[row]) <= start + free.accept_lengths[row][r + 1]
+
+
+def test_batch_falls_back_to_plain_batched_steps_when_drafting_does_not_pay():
+    """A useless adapter and no lookup matches: the scheduler decides for the batch and takes plain batched steps
+    (no drafts) after a few probes; every row is still its own greedy output."""
+    model = tiny_model("llama", seed=4)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    with torch.no_grad():  # zero output: every draft is token 0, which the model never picks
+        km.adapter.norm.weight.zero_()
+    prompts = [[5, 9, 14], [3], [20, 21, 22, 23, 24, 25]]
+    out = check_batch(km, prompts, 60, threshold=0.0, max_draft_steps=5, policy=PolicyConfig(measure_costs=False),
+                      lookup_tokens=0)  # fmt: skip
+    for lengths in out.draft_lengths:
+        assert lengths.count(0) > 0.8 * len(lengths)
+    assert out.tau == 1.0

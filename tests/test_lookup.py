@@ -10,11 +10,13 @@ import torch
 from transformers import DynamicCache
 
 from kangaroo_infer import KangarooAdapter, KangarooModel
+from kangaroo_infer.accept import accept
 from kangaroo_infer.cache import KangarooCache
-from kangaroo_infer.draft import adapter_logits, shallow_step
+from kangaroo_infer.draft import Proposal, adapter_logits, shallow_step
 from kangaroo_infer.lookup import NgramLookup
-from kangaroo_infer.policy import DraftPolicy, PolicyConfig
-from kangaroo_infer.verify import verify_lookup
+from kangaroo_infer.sample import SamplingConfig
+from kangaroo_infer.scheduler import PolicyConfig, Scheduler
+from kangaroo_infer.verify import Verifier
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 from .test_lossless import check_identical
@@ -124,15 +126,15 @@ def test_lookup_rounds_are_lossless():
 def test_lookup_stops_right_after_eos():
     model = tiny_model("llama", deep_scale=0.05, exit_layer=2, seed=5)
     km = KangarooModel.from_pretrained(model, exit_layer=2)
-    ids = repetitive_prompt(random.Random(1), 24)
+    ids = repetitive_prompt(random.Random(5), 24)
     free = km.generate(ids, max_new_tokens=40, eos_token_id=None, policy="fixed")
     assert free.lookup_rounds
     new = free.sequences[0, ids.shape[1] :].tolist()
     # An EOS that a lookup round commits after its first token: decoding must end right there.
-    r = free.lookup_rounds[-1]
+    r = max(free.lookup_rounds, key=lambda i: free.accept_lengths[i + 1])
     start = sum(free.accept_lengths[: r + 1])
-    if free.accept_lengths[r + 1] > 1:
-        check_identical(km, ids, 40, eos_token_id=new[start + 1], policy="fixed")
+    assert free.accept_lengths[r + 1] > 1
+    check_identical(km, ids, 40, eos_token_id=new[start + 1], policy="fixed")
     for eos in set(new[:10]):
         check_identical(km, ids, 40, eos_token_id=eos, policy="fixed")
 
@@ -144,11 +146,15 @@ def test_caches_after_a_lookup_round_match_a_fresh_pass(accepted):
     km = KangarooModel.from_pretrained(model, exit_layer=2)
     prompt = [5, 17, 33, 8, 40, 41, 9]
     cache = KangarooCache(2, km.backbone.num_layers)
-    first = int(km._prefill(torch.tensor([prompt]), cache).argmax())
+    first = int(km.prefill(torch.tensor([prompt]), cache).argmax())
     truth = model.generate(torch.tensor([prompt + [first]]), do_sample=False, max_new_tokens=8, pad_token_id=0)
     truth = truth[0, len(prompt) + 1 :].tolist()
     drafts = truth[:accepted] + [(truth[accepted] + 1) % VOCAB] + [3, 4]  # the first `accepted` are right
-    committed = verify_lookup(km.backbone, 2, cache, first, drafts)
+    verifier = Verifier(km.backbone, 2, cache)  # one lookup round: verify the copies, accept greedily, roll back
+    logits = verifier.logits(first, Proposal(drafts, copied=True))  # [k + 1, V]
+    n, nxt = accept(torch.tensor([drafts]), torch.tensor([len(drafts)]), logits[None], SamplingConfig())
+    verifier.keep(int(n[0]))
+    committed = drafts[: int(n[0])] + [int(nxt[0])]
     assert committed == truth[: accepted + 1]
     sequence = prompt + [first] + committed[:-1]
     with torch.no_grad():
@@ -158,7 +164,7 @@ def test_caches_after_a_lookup_round_match_a_fresh_pass(accepted):
         assert torch.allclose(cache.base.layers[idx].keys, ref.layers[idx].keys, atol=1e-4)
     assert cache.adapter_len + sum(s.shape[1] for s in cache.adapter_pending) == len(sequence)
     fresh = KangarooCache(2, km.backbone.num_layers)
-    km._prefill(torch.tensor([sequence]), fresh)
+    km.prefill(torch.tensor([sequence]), fresh)
     after = []
     for c in (cache, fresh):
         state = shallow_step(km.backbone, 2, c, torch.tensor([[committed[-1]]]))
@@ -180,15 +186,22 @@ def test_lookup_settings_defaults_and_errors(tmp_path):
         ({"lookup_tokens": 2.5}, "lookup_tokens must be an integer"),
         ({"lookup_min_ngram": 0}, "lookup_min_ngram must be an integer >= 1"),
         ({"lookup_min_ngram": 4, "lookup_max_ngram": 3}, r"lookup_min_ngram \(4\) must not exceed"),
-        ({"lookup_tokens": 3, "temperature": 0.7}, "greedily"),
     ]:
         with pytest.raises(ValueError, match=message):
             km.generate(ids, max_new_tokens=5, **kw)
+    # Batches and sampling copy too, by default and when asked.
     batch, mask = ids.repeat(2, 1), torch.ones(2, ids.shape[1], dtype=torch.long)
-    with pytest.raises(ValueError, match="for batches"):
-        km.generate(batch, attention_mask=mask, max_new_tokens=5, lookup_tokens=4)
-    km.generate(batch, attention_mask=mask, max_new_tokens=5)  # the default does not apply to batches
-    km.generate(ids, max_new_tokens=5, temperature=0.7, seed=0)  # nor to sampling
+    for kw in [{}, {"lookup_tokens": 4}]:
+        out = km.generate(batch, attention_mask=mask, max_new_tokens=40, eos_token_id=None, policy="fixed", **kw)
+        assert all(out.lookup_rounds) and out.sequences[0].tolist() == out.sequences[1].tolist()
+        sampled = [
+            km.generate(
+                ids, max_new_tokens=40, eos_token_id=None, temperature=0.7, seed=seed, policy="fixed",
+                lookup_min_ngram=1, **kw,
+            )  # fmt: skip
+            for seed in range(4)
+        ]
+        assert any(out.lookup_rounds for out in sampled)
     # An adapter checkpoint's generation defaults switch it off or tune it.
     km.adapter.save_pretrained(tmp_path / "a", generation={"lookup_tokens": 0})
     off = KangarooModel(model, KangarooAdapter.from_pretrained(tmp_path / "a", model))
@@ -198,21 +211,20 @@ def test_lookup_settings_defaults_and_errors(tmp_path):
 # ---- the policy ----------------------------------------------------------------------------------------------------
 
 
-def test_lookup_policy_shares_costs_and_competes_with_the_adapter():
+def test_lookup_and_adapter_compete_in_one_scheduler():
+    """Free copies that keep being right win over an adapter whose drafts keep being wrong, and the other way round;
+    both share one table of verification costs."""
     config = PolicyConfig(measure_costs=False)
-    adapter = DraftPolicy(max_steps=4, config=config)
-    lookup = adapter.companion(7)
-    assert lookup.verify_cost is adapter.verify_cost and lookup.draft_cost == 0.0
-    for _ in range(30):  # copied tokens keep being right, the adapter's drafts keep being wrong
-        lookup.update(7, 7, 0.0, 1.0)
-        adapter.update(adapter.plan(100), 0, 0.0, 1.0)
-    assert lookup.beats(adapter, 7, adapter.plan(100))
-    assert lookup.plan(8) == 7
-    for _ in range(60):  # now the other way round
-        lookup.update(3, 0, 0.0, 1.0)
-        adapter.update(4, 4, 0.0, 1.0)
-    assert not lookup.beats(adapter, 3, adapter.plan(100))
-    assert DraftPolicy(4, adaptive=False).companion(7).beats(DraftPolicy(4, adaptive=False), 1, 4)
-    before = lookup.rejected
-    lookup.fade()
-    assert lookup.rejected == pytest.approx(before * config.decay)
+    scheduler = Scheduler.create(config, {"adapter": False, "lookup": True})
+    offers = {"adapter": 4, "lookup": 7}
+    for _ in range(30):
+        scheduler.observe("lookup", 7, 7, 0.0, 1.0)
+        scheduler.observe("adapter", 4, 0, 1.0, 1.0)
+    assert scheduler.choose(offers) == ("lookup", 7)
+    for _ in range(60):
+        scheduler.observe("lookup", 3, 0, 0.0, 1.0)
+        scheduler.observe("adapter", 4, 4, 1.0, 1.0)
+    assert scheduler.choose(offers)[0] == "adapter"
+    assert scheduler.draft("lookup") == 0.0 < scheduler.draft("adapter")
+    fixed = Scheduler.create("fixed", {"adapter": False, "lookup": True})
+    assert fixed.choose({"adapter": 4, "lookup": 1}) == ("lookup", 1) and fixed.choose({"adapter": 4}) == ("adapter", 4)

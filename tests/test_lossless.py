@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kangaroo_infer import KangarooModel
-from kangaroo_infer.policy import PolicyConfig
+from kangaroo_infer.scheduler import PolicyConfig
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 
@@ -187,3 +187,29 @@ def test_draft_vocabulary_is_lossless(arch, tmp_path):
         km.adapter.set_draft_vocab([3, 3])
     with pytest.raises(ValueError, match=r"within \[0, 96\)"):
         km.adapter.set_draft_vocab([VOCAB])
+
+
+def test_prompt_beyond_the_positions_says_how_many_tokens_to_cut():
+    """Prompt alone too long: how many tokens the prompt must lose (never a negative max_new_tokens); prompt + budget
+    too long: both ways out, with numbers that fit."""
+    km = KangarooModel.from_pretrained(tiny_model("llama"), exit_layer=2)  # 256 positions
+    with pytest.raises(ValueError, match=r"prompt \(300 tokens\).*shorten the prompt by at least 45 tokens \(54 to"):
+        km.generate(torch.full((1, 300), 5), max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"shorten the prompt by at least 1 tokens"):
+        km.generate(torch.full((1, 256), 5), max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"= 266 exceeds .* by 10 tokens or lower max_new_tokens to 6\."):
+        km.generate(torch.full((1, 250), 5), max_new_tokens=16)
+    with pytest.raises(ValueError, match=r"at least 45 tokens"):  # a batch row, the same message
+        km.generate(torch.full((2, 300), 5), attention_mask=torch.ones(2, 300), max_new_tokens=10)
+    assert km.generate(torch.full((1, 250), 5), max_new_tokens=6, eos_token_id=None).num_new_tokens == 6
+
+
+@pytest.mark.parametrize("eos", [96, -1, [2, 500], True])
+def test_eos_outside_the_vocabulary_is_refused(eos):
+    km = KangarooModel.from_pretrained(tiny_model("llama"), exit_layer=2)  # vocabulary [0, 96)
+    message = "eos_token_id must be an int" if eos is True else r"eos_token_id \[.*\] lies outside the vocabulary"
+    for ids in (torch.tensor([[5, 6]]), torch.tensor([[5, 6], [7, 8]])):
+        with pytest.raises(ValueError, match=message):
+            km.generate(ids, max_new_tokens=3, eos_token_id=eos)
+    with pytest.raises(ValueError, match=message):
+        km.resolve_eos(eos)

@@ -20,8 +20,9 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from kangaroo_infer import KangarooModel, bench
+from kangaroo_infer.accept import accept
 from kangaroo_infer.bench import Question
-from kangaroo_infer.sample import SamplingConfig, accept_sampled, draw, process
+from kangaroo_infer.sample import SamplingConfig, draw, process
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 
@@ -132,12 +133,43 @@ def test_acceptance_rule_reproduces_p():
     for p_logits, q_logits in [(torch.randn(v, generator=gen), torch.randn(v, generator=gen)) for _ in range(3)]:
         p, q = p_logits.softmax(-1), (2 * q_logits).softmax(-1)
         drafts = draw(q.expand(n, -1), gen)[:, None]  # [n, 1]
-        accepted, nxt = accept_sampled(
-            drafts, torch.ones(n, dtype=torch.long), q.expand(n, 1, -1), p.expand(n, 2, -1), gen
-        )
+        logits = p.log().expand(n, 2, -1)  # at temperature 1 the processed distribution is p itself
+        ones = torch.ones(n, dtype=torch.long)
+        accepted, nxt = accept(drafts, ones, logits, SamplingConfig(1.0), q.expand(n, 1, -1), gen)
         committed = torch.where(accepted == 1, drafts[:, 0], nxt)
         assert 0 < float(accepted.float().mean()) < 1
         assert chi_square_p(torch.bincount(committed, minlength=v), p) > P_MIN
+
+
+def test_point_mass_drafts_reproduce_p():
+    """A copied token (q = one-hot): accepted with probability p(x), else drawn from p without x; committed ~ p."""
+    gen = torch.Generator().manual_seed(1)
+    v, n = 6, 20000
+    for _ in range(3):
+        p = torch.randn(v, generator=gen).softmax(-1)
+        drafts = torch.randint(0, v, (n, 1), generator=gen)  # any copy, whatever its source
+        ones = torch.ones(n, dtype=torch.long)
+        accepted, nxt = accept(drafts, ones, p.log().expand(n, 2, -1), SamplingConfig(1.0), None, gen)
+        committed = torch.where(accepted == 1, drafts[:, 0], nxt)
+        assert 0 < float(accepted.float().mean()) < 1
+        assert chi_square_p(torch.bincount(committed, minlength=v), p) > P_MIN
+
+
+def test_greedy_acceptance_is_the_one_hot_case_of_the_sampling_rule():
+    """With one-hot p (logits -inf but at the argmax) and one-hot q, the sampling rule decides as greedy does."""
+    gen = torch.Generator().manual_seed(2)
+    b, k, v = 64, 4, 7
+    logits = torch.randn(b, k + 1, v, generator=gen)
+    targets = logits.argmax(-1)
+    drafts = torch.where(torch.rand(b, k, generator=gen) < 0.7, targets[:, :k], torch.randint(0, v, (b, k)))
+    counted = torch.randint(0, k + 1, (b,), generator=gen)
+    greedy = accept(drafts, counted, logits, SamplingConfig())
+    one_hot_p = torch.full_like(logits, float("-inf")).scatter(-1, targets[..., None], 0.0)
+    one_hot_q = torch.zeros(b, k, v).scatter(-1, drafts[..., None], 1.0)
+    for q in (one_hot_q, None):  # an adapter draft or a copied token: both are one-hot
+        sampled = accept(drafts, counted, one_hot_p, SamplingConfig(1.0), q, gen)
+        assert torch.equal(greedy[0], sampled[0]) and torch.equal(greedy[1], sampled[1])
+    assert len(set(greedy[0].tolist())) > 2
 
 
 def test_processing_matches_transformers_warpers():
@@ -247,3 +279,56 @@ def test_bench_with_temperature_reports_tau_without_identity(tiny_dirs, tmp_path
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert all(a["identical"] is None and sum(a["accept_lengths"]) == a["new_tokens"] for a in answers)
     bench.print_table(summary)
+
+
+# ---- lookup copies under sampling: point-mass drafts ------------------------------------------------------------
+
+LOOKUP_PROMPT = [5, 9, 3, 11, 7, 2, 12, 14, 6, 4, 8, 10, 5, 9]  # 12 of the 16 tokens: most first tokens get copies
+LOOKUP_KW = dict(lookup_tokens=2, lookup_min_ngram=1, lookup_max_ngram=3, policy="fixed", eos_token_id=None)
+
+
+def lookup_round_kinds(draft_lengths: list[int], accept_lengths: list[int], lookup_rounds: list[int]) -> str | None:
+    """How the first round ended, when it verified copied tokens."""
+    if 0 not in lookup_rounds:
+        return None
+    drafted, committed = draft_lengths[0], accept_lengths[1]
+    return "all accepted" if committed == drafted + 1 else "rejected at 1" if committed == 1 else "rejected at 2"
+
+
+def test_chi_square_lookup_copies_single_prompt():
+    """A copied token is accepted with probability p(x), else the residual p without x is drawn: the first three
+    tokens keep the base's exact joint distribution, with copies fully accepted, partly and not at all."""
+    cfg = SamplingConfig(temperature=0.7)
+    km = small_kangaroo()
+    joint = exact_joint(km.base, LOOKUP_PROMPT, cfg)
+    samples, rounds, start = [], Counter(), len(LOOKUP_PROMPT)
+    for seed in range(2000):
+        out = km.generate(
+            torch.tensor([LOOKUP_PROMPT]), max_new_tokens=MAX_NEW, temperature=cfg.temperature, seed=seed, **LOOKUP_KW
+        )
+        samples.append(tuple(out.sequences[0, start : start + 3].tolist()))
+        rounds[lookup_round_kinds(out.draft_lengths, out.accept_lengths, out.lookup_rounds)] += 1
+    assert len(rounds) == 4 and min(rounds.values()) >= 10, rounds  # adapter rounds and all three lookup outcomes
+    p12, p23 = joint_p_values(samples, joint)
+    assert p12 > P_MIN and p23 > P_MIN, (p12, p23)
+
+
+def test_chi_square_lookup_copies_batch_with_ragged_prompts():
+    """Per-row copies in one batch under sampling (top-k and top-p too): every row stays an exact sample."""
+    cfg = SamplingConfig(temperature=0.8, top_k=8, top_p=0.95)
+    km = small_kangaroo()
+    short = LOOKUP_PROMPT[6:]
+    prompts, n, width = [LOOKUP_PROMPT, short], 2000, len(LOOKUP_PROMPT)
+    ids = torch.tensor([LOOKUP_PROMPT] * n + [[0] * (width - len(short)) + short] * n)
+    mask = (torch.arange(width)[None] >= torch.tensor([0] * n + [width - len(short)] * n)[:, None]).long()
+    out = km.generate(
+        ids, attention_mask=mask, max_new_tokens=MAX_NEW, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, seed=3, **LOOKUP_KW,
+    )  # fmt: skip
+    rows = zip(out.draft_lengths, out.accept_lengths, out.lookup_rounds, strict=True)
+    kinds = Counter(lookup_round_kinds(*r) for r in rows)
+    assert len(kinds) == 4 and min(kinds.values()) >= 10, kinds
+    for group, prompt in enumerate(prompts):
+        rows = out.sequences[group * n : (group + 1) * n, width : width + 3].tolist()
+        p12, p23 = joint_p_values([tuple(r) for r in rows], exact_joint(km.base, prompt, cfg))
+        assert p12 > P_MIN and p23 > P_MIN, (prompt, p12, p23)

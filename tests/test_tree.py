@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from kangaroo_infer import KangarooModel
 from kangaroo_infer.cache import KangarooCache
-from kangaroo_infer.policy import PolicyConfig
+from kangaroo_infer.scheduler import PolicyConfig
 from kangaroo_infer.tree import Tree, _attend, draft_tree, verify_tree
 
 from .conftest import VOCAB, identity_adapter, tiny_model
@@ -64,7 +64,7 @@ def test_every_tree_node_sees_exactly_its_path(arch):
     identity_adapter(km)
     prompt = [5, 17, 33, 8, 40, 41, 2 + 7]
     cache = KangarooCache(2, km.backbone.num_layers)
-    first = int(km._prefill(torch.tensor([prompt]), cache).argmax())
+    first = int(km.prefill(torch.tensor([prompt]), cache).argmax())
     tree = draft_tree(km.backbone, km.adapter, km.draft_head, cache, first, 3, 3, 9, 0.0, frozenset())
     assert tree.num_drafts == 9 and max(tree.depths) == 3
     # Peek at the deep logits by re-running verification's deep pass on a copy of the pending states.

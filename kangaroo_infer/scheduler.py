@@ -1,0 +1,237 @@
+"""The scheduler: each round, which drafter proposes and how many tokens (0 = a plain decoding step).
+
+A round that proposes k tokens from a drafter with per-token acceptance α commits E(k) = 1 + α + ... + α^k tokens
+in expectation and costs k·c_draft + c_verify(k + 1); a plain step commits 1 token for c_verify(1). The scheduler
+keeps, per drafter, a recency-weighted estimate of α, and for the machine an estimate of c_verify(m) per width m
+and of c_draft per drafter (copied tokens cost nothing to draft). Each round it takes the choice with the best
+expected tokens per unit of cost at the estimated α ("exploit").
+
+Regret. Exploiting alone could stay on plain steps forever after a bad start; exploring blindly (the retries of an
+optimistic policy) loses on every machine where verification is dear. So exploration is paid from a budget: every
+round adds ``explore_share`` of its cost to it, and a round may instead take the choice that is best at an
+optimistic α (mean + ``optimism``·std) only when its expected loss against the exploit choice fits in the budget.
+Exploration therefore costs at most ``explore_share`` of the total. Acceptance that changes mid-answer is caught by
+a surprise test: an outcome that the current estimate gives less than ``surprise`` probability restarts the
+drafter's evidence from that round alone. tests/test_scheduler.py checks on simulated machines (verification width
+free to +100% per row, draft steps 5-30% of a forward, acceptance 0.05-0.95 and changing, ±20% timing noise) that
+the realised cost per token stays within a few percent of the best fixed choice in hindsight.
+
+The scheduler is a pure function of what it is told (acceptances and costs): no clock, no randomness. With
+``measure_costs`` False (and for sampling, whose random numbers must not depend on the machine's load) the costs are
+the priors, so the schedule depends on the tokens alone. Losslessness never depends on it: every draft is verified.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+POLICIES = ("adaptive", "fixed")
+PLAIN = None  # the drafter name of a plain step
+MIN_SAMPLES = 3  # measurements of a plain step before its cost is trusted
+SHRINK = 5  # a width's own average outweighs the line through all widths after this many measurements
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    prior_accepted: float = 0.5  # Beta prior on α (pseudo-counts of accepted and rejected drafts)
+    prior_rejected: float = 0.5
+    decay: float = 0.95  # weight of older evidence, per round of the same drafter
+    optimism: float = 1.0  # exploration decides at α = posterior mean + optimism · posterior std
+    explore_share: float = 0.02  # most of the total cost that exploration may lose
+    surprise: float = 0.05  # an outcome this unlikely under the estimate restarts the drafter's evidence
+    cost_ema: float = 0.1  # weight of a new timing in the cost averages
+    draft_cost_prior: float = 0.25  # c_draft / c_verify(1) before anything is measured
+    verify_slope_prior: float = 0.1  # c_verify(m) / c_verify(1) = 1 + slope·(m − 1) before m is measured
+    measure_costs: bool = True  # False: decide from the priors above alone (deterministic, for tests and sampling)
+
+    def __post_init__(self):
+        ranges = {
+            "prior_accepted": (self.prior_accepted > 0, "> 0"),
+            "prior_rejected": (self.prior_rejected > 0, "> 0"),
+            "decay": (0 < self.decay <= 1, "in (0, 1]"),
+            "optimism": (self.optimism >= 0, ">= 0"),
+            "explore_share": (0 <= self.explore_share < 1, "in [0, 1)"),
+            "surprise": (0 <= self.surprise < 1, "in [0, 1)"),
+            "cost_ema": (0 < self.cost_ema <= 1, "in (0, 1]"),
+            "draft_cost_prior": (self.draft_cost_prior >= 0, ">= 0"),
+            "verify_slope_prior": (self.verify_slope_prior >= 0, ">= 0"),
+        }
+        for name, (ok, allowed) in ranges.items():
+            if not ok:
+                raise ValueError(f"PolicyConfig({name}={getattr(self, name)!r}): must be {allowed}.")
+
+
+@dataclass
+class DrafterStats:
+    """What the scheduler knows about one drafter."""
+
+    free: bool  # drafts cost nothing to make (lookup copies)
+    accepted: float = 0.0  # recency-weighted counts of accepted drafts and of rejections
+    rejected: float = 0.0
+    draft_cost: float | None = None  # cost per draft step, measured
+    draft_steps: int = 0  # rounds the draft cost was measured in
+    idle: int = 0  # rounds since this drafter last proposed
+
+
+@dataclass
+class Scheduler:
+    """Per-request state: ``choose`` before a round, ``observe`` after it."""
+
+    drafters: dict[str, DrafterStats]
+    adaptive: bool = True
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+    verify_cost: dict[int, float] = field(default_factory=dict)  # measured cost of verifying m tokens
+    samples: dict[int, int] = field(default_factory=dict)  # how many measurements each width's average holds
+    budget: float = 0.0  # exploration budget, in cost units
+
+    @classmethod
+    def create(cls, policy: str | PolicyConfig, drafters: dict[str, bool], timed: bool = True) -> Scheduler:
+        """From generate's ``policy``: "adaptive", "fixed" or a PolicyConfig; ``drafters`` maps name -> free.
+        ``timed`` False ignores measured timings (the priors decide), as sampling needs."""
+        config = policy if isinstance(policy, PolicyConfig) else PolicyConfig()
+        if not timed and config.measure_costs:
+            config = PolicyConfig(**{**config.__dict__, "measure_costs": False})
+        if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
+            raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
+        stats = {name: DrafterStats(free) for name, free in drafters.items()}
+        return cls(stats, adaptive=policy != "fixed", config=config)
+
+    # ---- estimates ------------------------------------------------------------------------------------------------
+
+    def alpha(self, name: str, optimism: float = 0.0) -> float:
+        """Posterior mean of the drafter's per-token acceptance, plus ``optimism`` posterior std (at most 1).
+
+        The optimistic value also lets the evidence fade with the rounds the drafter sat idle: the longer it has not
+        been tried, the more an exploration round is worth."""
+        stats, c = self.drafters[name], self.config
+        fade = c.decay**stats.idle if optimism > 0 else 1.0
+        a, b = fade * stats.accepted + c.prior_accepted, fade * stats.rejected + c.prior_rejected
+        n = a + b
+        return min(1.0, a / n + optimism * math.sqrt(a * b / (n * n * (n + 1))))
+
+    def verify(self, m: int) -> float:
+        """Cost of verifying m tokens: a line through the measured widths (each weighted by its measurements; the
+        prior slope while only one width is known), pulled towards width m's own average as that fills up."""
+        costs, samples, slope = self.verify_cost, self.samples, self.config.verify_slope_prior
+        if not costs:
+            return 1.0 + slope * (m - 1)
+        weights = {x: min(samples[x], SHRINK * 4) for x in costs}
+        total = sum(weights.values())
+        mx = sum(w * x for x, w in weights.items()) / total
+        my = sum(w * costs[x] for x, w in weights.items()) / total
+        var = sum(w * (x - mx) ** 2 for x, w in weights.items())
+        if var > 0:  # never falling with width
+            fit = max(0.0, sum(w * (x - mx) * (costs[x] - my) for x, w in weights.items()) / var)
+        else:
+            fit = my * slope / (1.0 + slope * (mx - 1))
+        line = max(my + fit * (m - mx), 1e-3 * my)
+        n = samples.get(m, 0)
+        return (n * costs[m] + SHRINK * line) / (n + SHRINK) if n else line
+
+    def draft(self, name: str) -> float:
+        stats = self.drafters[name]
+        if stats.free:
+            return 0.0
+        if stats.draft_cost is not None:
+            return stats.draft_cost
+        return self.config.draft_cost_prior * self.verify(1)
+
+    def round_cost(self, name: str | None, k: int) -> float:
+        return self.verify(1) if name is PLAIN or k == 0 else k * self.draft(name) + self.verify(k + 1)
+
+    @staticmethod
+    def expected_tokens(k: int, alpha: float) -> float:
+        return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+    def rate(self, name: str | None, k: int, alpha: float) -> float:
+        """Expected committed tokens per unit of cost of a round proposing k tokens from ``name``."""
+        return self.expected_tokens(k, alpha) / self.round_cost(name, k)
+
+    # ---- decisions ------------------------------------------------------------------------------------------------
+
+    def choose(self, offers: dict[str, int]) -> tuple[str | None, int]:
+        """(drafter, k) for this round; ``offers`` maps each drafter to the most tokens it can propose now (a
+        lookup: the length of its copy; the adapter: min(γ, remaining − 1)). (None, 0) is a plain step."""
+        offers = {name: k for name, k in offers.items() if k > 0}
+        if not offers:
+            return PLAIN, 0
+        if not self.adaptive:  # "fixed": a free drafter when it has tokens, else the adapter, always at the most
+            name = next((n for n in offers if self.drafters[n].free), next(iter(offers)))
+            return name, offers[name]
+        if self.config.measure_costs and 1 not in self.verify_cost:
+            return PLAIN, 0  # every decision compares with a plain step: measure it first
+        best = self._best(offers, optimism=0.0)
+        bold = [self._best(offers, optimism=self.config.optimism)]
+        if self.config.measure_costs and self.samples.get(1, 0) < MIN_SAMPLES:
+            bold.append((PLAIN, 0))  # the plain step's cost is the yardstick: average a few measurements
+        mean = {name: self.alpha(name) for name in offers}
+        best_rate = self.rate(*best, mean.get(best[0], 0.0))
+        for option in bold:
+            if option == best:
+                continue
+            tokens = self.expected_tokens(option[1], mean.get(option[0], 0.0))
+            loss = self.round_cost(*option) - tokens / best_rate  # cost beyond what its tokens are worth
+            if loss <= self.budget:
+                self.budget -= max(loss, 0.0)
+                return option
+        return best
+
+    def _best(self, offers: dict[str, int], optimism: float) -> tuple[str | None, int]:
+        choice, top = (PLAIN, 0), self.rate(PLAIN, 0, 0.0)
+        for name, most in offers.items():
+            alpha = self.alpha(name, optimism)
+            for k in range(1, most + 1):
+                rate = self.rate(name, k, alpha)
+                if rate > top:
+                    choice, top = (name, k), rate
+        return choice
+
+    def observe(self, name: str | None, drafted: int, accepted: int, draft_cost: float, verify_cost: float) -> None:
+        """Record a round: ``accepted`` of ``drafted`` tokens from ``name`` matched; what its two phases cost.
+
+        Costs are in any unit (seconds), as long as it is the same every round; ignored without measure_costs."""
+        self.observe_rows(name, drafted, [(drafted, accepted)], draft_cost, verify_cost)
+
+    def observe_rows(
+        self, name: str | None, width: int, outcomes: list[tuple[int, int]], draft_cost: float, verify_cost: float
+    ) -> None:
+        """Record a round of one or more rows (a batch): each row's (drafted, accepted); the round proposed up to
+        ``width`` tokens per row (verification over width + 1 tokens) and cost what it cost, all rows together."""
+        c = self.config
+        for stats in self.drafters.values():
+            stats.idle += 1
+        if name is not PLAIN and width > 0:
+            stats = self.drafters[name]
+            stats.idle = 0
+            for drafted, accepted in outcomes:
+                if drafted > 0:
+                    self._acceptance(stats, name, drafted, accepted)
+        if c.measure_costs:
+            if name is not PLAIN and width > 0 and not self.drafters[name].free:
+                stats = self.drafters[name]
+                stats.draft_steps += 1
+                weight = max(c.cost_ema, 1 / stats.draft_steps)
+                stats.draft_cost = (1 - weight) * (stats.draft_cost or 0.0) + weight * draft_cost / width
+            m = width + 1
+            self.samples[m] = count = self.samples.get(m, 0) + 1
+            weight = max(c.cost_ema, 1 / count)  # a plain mean of the first measurements, then recency-weighted
+            self.verify_cost[m] = (1 - weight) * self.verify_cost.get(m, 0.0) + weight * verify_cost
+            spent = draft_cost + verify_cost
+        else:
+            spent = self.round_cost(name, width)
+        self.budget += c.explore_share * spent
+
+    def _acceptance(self, stats: DrafterStats, name: str, drafted: int, accepted: int) -> None:
+        c = self.config
+        rejected = 1 if accepted < drafted else 0
+        alpha = self.alpha(name)
+        if alpha**accepted * ((1 - alpha) if rejected else 1.0) < c.surprise:  # acceptance changed: start afresh
+            stats.accepted = stats.rejected = 0.0
+        stats.accepted = c.decay * stats.accepted + accepted
+        stats.rejected = c.decay * stats.rejected + rejected
+
+    def nominal_costs(self, name: str | None, drafted: int) -> tuple[float, float]:
+        """Draft and verify costs of a round as the priors predict them (sampling's timing-free schedule)."""
+        draft = 0.0 if name is PLAIN or self.drafters[name].free else drafted * self.config.draft_cost_prior
+        return draft, 1.0 + self.config.verify_slope_prior * drafted
