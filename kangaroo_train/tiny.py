@@ -71,12 +71,22 @@ def build_tiny_model(spec: Mapping[str, Any], vocab_size: int, bos: int, eos: in
     return model
 
 
+def _weights_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec as far as it decides the weights: ``deep_from`` means nothing while ``deep_scale`` is 1, so runs at
+    another exit layer share the directory instead of rebuilding it."""
+    spec = dict(spec)
+    if spec.get("deep_scale") == 1.0:
+        spec["deep_from"] = None
+    return spec
+
+
 def ensure_tiny_model(directory: str | os.PathLike, spec: Mapping[str, Any]) -> Path:
     """Build and save the tiny model + SmolLM2 tokenizer into ``directory`` unless it already holds this spec."""
-    spec = _check_spec(spec)
+    spec = _weights_spec(_check_spec(spec))
     directory = Path(directory).expanduser().resolve()
     spec_path = directory / SPEC_FILE
-    if spec_path.is_file() and json.loads(spec_path.read_text()) == spec and (directory / "config.json").is_file():
+    saved = _weights_spec(json.loads(spec_path.read_text())) if spec_path.is_file() else None
+    if saved == spec and (directory / "config.json").is_file():
         return directory
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -2,6 +2,9 @@
 
 Runs the stages in order, each skipping work already done:
   data   tokenize the conversations (cached by the datasets library under ``paths.data_dir``)
+  distill regenerate every assistant turn with the frozen base (``distill=greedy|sampled``; skipped with the default
+         ``distill=none``); it reads data.source, and the conversations tokenized for the later stages are then the
+         distilled ones (docs/distillation.md); every rank makes its share of the shards
   cache  run the frozen base once and store its features (``cache.dir``; skipped with ``cache=none``)
   train  train the adapter with Lightning (checkpoints in ``paths.ckpt_dir``; ``resume=true`` continues)
   export write the kangaroo_infer checkpoint to ``paths.adapter_dir`` from the last checkpoint
@@ -36,7 +39,7 @@ from kangaroo_infer.base import kangaroo_home
 log = logging.getLogger("kangaroo_train")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repo's configs/, wherever Python runs from
-STAGES = ("data", "cache", "train", "export")
+STAGES = ("data", "distill", "cache", "train", "export")
 STAGE_CHOICES = ("all", *STAGES)
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -160,6 +163,27 @@ def stage_data(cfg: DictConfig, base_name: str, launch: Launch):
         marker.touch()
     log.info("data: %d training / %d held-out sequences (%s)", len(train_set), len(val_set), data_dir)
     return train_set, val_set, tokenizer
+
+
+def stage_distill(cfg: DictConfig, base_name: str, launch: Launch) -> DictConfig:
+    """Regenerate the training conversations' answers with the frozen base (this rank's shards, then wait for the
+    others); returns the config whose data stage tokenizes them (``cfg`` itself with distill=none)."""
+    if not cfg.distill.enabled:
+        log.info("distill: disabled (distill=none): training on the replies in data.source")
+        return cfg
+    from kangaroo_infer.base import load_base
+
+    from .distill import distilled_data_config, open_distillation
+
+    distilled, tokenizer = open_distillation(cfg, base_name)  # settings, chat template, prompts, directory checked
+    if not distilled.is_complete():
+        base = load_base(base_name, dtype=cfg.model.dtype, device=_feature_device(cfg, launch))
+        distilled.build(base, tokenizer, rank=launch.rank, world_size=launch.world_size)
+        del base
+        where = f"every rank's distilled shards in {distilled.directory}"
+        _wait_for(distilled.is_complete, where, cfg.wait_timeout_minutes)
+    distilled.log_report()
+    return distilled_data_config(cfg, distilled)
 
 
 def _short_hash(value: Any) -> str:
@@ -358,6 +382,8 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
 
     from .features import collate_features, collate_tokens, compute_features
     from .module import FrozenParts, KangarooDataModule, KangarooModule
+    from .onpolicy import onpolicy_callbacks
+    from .progress import progress_callbacks
     from .strategy import build_strategy
 
     ckpt_dir = Path(cfg.paths.ckpt_dir)
@@ -449,7 +475,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         num_sanity_val_steps=t.num_sanity_val_steps,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, *onpolicy_callbacks(cfg, base_name, val_set), *progress_callbacks(t)],
         logger=_make_loggers(cfg),
         default_root_dir=cfg.paths.output_dir,
         use_distributed_sampler=False,  # KangarooDataModule shards by rank itself, in whole optimizer steps
@@ -499,7 +525,8 @@ def run(cfg: DictConfig) -> None:
         return
     launch = external_launch()
     base_name = prepare_base(cfg)
-    train_set, val_set, tokenizer = stage_data(cfg, base_name, launch)
+    data_cfg = stage_distill(cfg, base_name, launch) if "distill" in stages else cfg
+    train_set, val_set, tokenizer = stage_data(data_cfg, base_name, launch)
     if "cache" in stages:
         stage_cache(cfg, base_name, train_set, val_set, launch)
     if "train" in stages:
