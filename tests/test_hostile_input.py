@@ -240,3 +240,28 @@ def test_cli_device_cuda_without_cuda_is_one_error_line(tiny_dirs):
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr and "no CUDA GPU" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+        (["--threshold", "2"], "--threshold (η) must lie in [0, 1]"),
+        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--top-p", "0"], "--top-p must lie in (0, 1]"),
+        (["--top-k", "-2"], "--top-k must be an integer >= 0"),
+        (["--lookup-tokens", "-1"], "--lookup-tokens must be an integer >= 0"),
+        (["--tree-max-nodes", "0"], "--tree-max-nodes must be an integer >= 1"),
+    ],
+)
+def test_generate_numeric_arguments_are_checked_before_the_model_loads(tmp_path, args, message, capsys):
+    from kangaroo_infer.cli import main
+
+    missing = tmp_path / "no-such-adapter"  # would fail on loading: the check must come first
+    try:
+        assert main(["generate", "--adapter", str(missing), "--prompt", "hi", *args]) == 2
+    finally:
+        torch.set_grad_enabled(True)  # cli.main turns autograd off for the process
+    err = capsys.readouterr().err
+    assert message in err and "does not exist" not in err, err
