@@ -15,7 +15,7 @@ import math
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,6 +65,17 @@ def default_questions() -> Path:
     )
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-empty line of a JSON-lines file; a bad line is one clear error."""
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err}).") from err
+
+
 def load_questions(
     path: str | Path, categories: list[str] | None = None, num_questions: int | None = None
 ) -> list[Question]:
@@ -73,13 +84,7 @@ def load_questions(
     if not path.is_file():
         raise ValueError(f"Questions file {str(path)!r} does not exist; pass a Spec-Bench or MT-bench question.jsonl.")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err}).") from err
+    for lineno, row in jsonl_records(path):
         turns = row.get("turns") if isinstance(row, dict) else None
         if not isinstance(row, dict) or "category" not in row or not turns or not isinstance(turns[0], str):
             raise ValueError(f"{path}, line {lineno}: needs fields question_id, category and turns (a list of text).")
@@ -131,18 +136,23 @@ def _timed(fn):
 def run_vanilla(
     km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
 ) -> tuple[list[int], float]:
-    pad = km.base.generation_config.pad_token_id
     sampling = {"do_sample": False}
     if temperature > 0:  # plain temperature sampling, as Kangaroo's (no top-k / top-p from the generation config)
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    return _timed_generate(km, ids, max_new_tokens, **sampling)
+
+
+def _timed_generate(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw) -> tuple[list[int], float]:
+    """The base's own ``generate`` on one prompt [1, T]: its new tokens and the seconds it took."""
+    pad = km.base.generation_config.pad_token_id
     out, seconds = _timed(
         lambda: km.base.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             pad_token_id=pad if pad is not None else 0,
-            **sampling,
+            **kw,
         )
     )
     return out[0, ids.shape[1] :].tolist(), seconds
@@ -194,7 +204,6 @@ def run_prompt_lookup(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int,
     streams each verification's accepted tokens at once) and the forwards from a hook on the base, so τ is measured,
     not assumed.
     """
-    pad = km.base.generation_config.pad_token_id
     recorder, forwards = _CommitRecorder(), [0]
 
     def count(*_: Any) -> None:
@@ -202,20 +211,12 @@ def run_prompt_lookup(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int,
 
     handle = km.base.register_forward_pre_hook(count)
     try:
-        out, seconds = _timed(
-            lambda: km.base.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad if pad is not None else 0,
-                do_sample=False,
-                prompt_lookup_num_tokens=num_tokens,
-                streamer=recorder,
-            )
+        tokens, seconds = _timed_generate(
+            km, ids, max_new_tokens, do_sample=False, prompt_lookup_num_tokens=num_tokens, streamer=recorder
         )
     finally:
         handle.remove()
-    return PeerRun(out[0, ids.shape[1] :].tolist(), seconds, recorder.puts[1:], forwards[0])
+    return PeerRun(tokens, seconds, recorder.puts[1:], forwards[0])
 
 
 def _pld_peers(pld_tokens: list[int]) -> list[Peer]:
@@ -579,7 +580,7 @@ def profile_only(
     ids = torch.randint(0, km.base.config.vocab_size, (1, context), generator=generator).to(device)
     profile = cost_profile(km, ids)
     if tau is not None:
-        drafts = drafts_per_round if drafts_per_round is not None else km.resolve_generation(None, None)[1]
+        drafts = drafts_per_round if drafts_per_round is not None else km.generation_settings().max_draft_steps
         profile["tau"] = tau
         profile["mean_drafts_per_round"] = drafts
         profile["speedup_limit_at_tau"] = speedup_limit(profile, tau, drafts)

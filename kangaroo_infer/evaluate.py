@@ -276,18 +276,14 @@ def answers_from_bench(path: str | Path, questions: list, tokenizer, eos_token_i
     appended. Tokenizing decoded text need not give the original ids:
     score such answers with ``truncate_to_greedy=True``, which keeps the leading tokens the base chooses greedily.
     """
+    from .bench import jsonl_records
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Answers file {str(path)!r} does not exist; pass the answers.jsonl written by bench --out.")
     by_key = {(q.category, q.question_id): q for q in questions}
     answers, counts = [], {"records": 0, "not_greedy": 0, "no_question": 0, "text_round_trip_differs": 0}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err}).") from err
+    for lineno, record in jsonl_records(path):
         turns = record.get("turns") if isinstance(record, dict) else None
         if not isinstance(record, dict) or "category" not in record or not turns or not isinstance(turns[0], str):
             raise ValueError(

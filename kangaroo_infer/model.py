@@ -100,11 +100,6 @@ class KangarooModel:
         config = self.base.config
         return ModelLimits(config.vocab_size, self.backbone.max_positions, self.base.generation_config.eos_token_id)
 
-    @property
-    def generation_defaults(self) -> dict:
-        """kangaroo_infer's decoding defaults, overridden by those recorded in the adapter checkpoint."""
-        return {**DEFAULT_GENERATION, **self.adapter.config.generation}
-
     def generation_settings(self, batched: bool = False, **kwargs) -> GenerationSettings:
         """``generate``'s keyword arguments (less input_ids, attention_mask and streamer), defaults filled from the
         adapter checkpoint, validated: what a run would decode with (``batched``: for a batch of prompts)."""
@@ -113,11 +108,6 @@ class KangarooModel:
     def resolve_eos(self, eos_token_id: int | list[int] | None | str) -> frozenset[int]:
         """As transformers' generate: left out, the generation config names EOS; None or [] disables it."""
         return resolve_eos(eos_token_id, self.limits)
-
-    def resolve_generation(self, threshold: float | None, max_draft_steps: int | None) -> tuple[float, int]:
-        """Fill unset η / γ from the adapter checkpoint's generation defaults, else 0.6 / 6."""
-        settings = self.generation_settings(threshold=threshold, max_draft_steps=max_draft_steps)
-        return settings.threshold, settings.max_draft_steps
 
     @torch.inference_mode()
     def generate(
