@@ -10,12 +10,15 @@ Two special cases, one rule:
   argmax, and the residual at a rejection is the argmax itself. Computed without materialising the one-hots.
 - a copied token (lookup drafting) is a point-mass draft: q = one-hot(x). It is accepted with probability p(x); the
   residual is p with x removed, renormalised.
+A tree (greedy) applies the one-hot rule at every node on the way down: of a node's children, the one that is the
+model's argmax there is accepted, and the walk ends at a node with no such child.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .draft import Proposal
 from .sample import SamplingConfig, draw, process
 
 
@@ -53,6 +56,27 @@ def accept(
         residual = (p_next - q_next * rejected).clamp_min(0)
     empty = residual.sum(dim=-1, keepdim=True) <= 1e-12  # p == q up to rounding: rejection had probability ~0
     return accepted, draw(torch.where(empty, p_next, residual), generator)
+
+
+def accept_proposal(
+    proposal: Proposal,
+    logits: torch.Tensor,  # [k + 1, V] the full model's logits after node 0 (the last committed token) and each node
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[list[int], int]:  # accepted path of nodes (0 first), next token
+    """One round's acceptance: the kept path (a chain: 0..n) and the full model's token after it."""
+    tree = proposal.tree
+    if tree is not None:  # greedy: follow the model's choice down the tree while a child proposed it
+        targets = logits.argmax(dim=-1).tolist()
+        path = [0]
+        while (child := tree.children.get((path[-1], targets[path[-1]]))) is not None:
+            path.append(child)
+        return path, targets[path[-1]]
+    k = len(proposal.tokens)
+    drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=logits.device).reshape(1, k)
+    q = None if proposal.q is None else proposal.q[None]
+    accepted, next_token = accept(drafts, torch.tensor([k], device=logits.device), logits[None], sampling, q, generator)
+    return list(range(int(accepted[0]) + 1)), int(next_token[0])
 
 
 def cut_at_eos(tokens: list[int], eos_ids: frozenset[int]) -> list[int]:

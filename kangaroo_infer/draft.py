@@ -7,6 +7,7 @@ processed q (kept, as the acceptance rule needs it). Whatever proposes tokens re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from .adapter import KangarooAdapter
 from .arch import Backbone, causal_mask
 from .cache import KangarooCache
 from .sample import SamplingConfig, draw, full_vocab_logits, process
+
+if TYPE_CHECKING:
+    from .tree import Tree
 
 
 @dataclass
@@ -23,6 +27,7 @@ class Proposal:
     tokens: list[int]  # d_1..d_k
     q: torch.Tensor | None = None  # [k, V] the distributions they were drawn from (sampled drafts); None: point masses
     copied: bool = False  # lookup copies: no model pass has seen them yet
+    tree: Tree | None = None  # tree drafts: tokens are its nodes 1..n, each with the path above it as context
 
 
 @dataclass

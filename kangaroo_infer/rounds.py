@@ -1,14 +1,12 @@
 """The decoding loop of one prompt: every round has one shape, whatever drafts and however it samples.
 
-    drafter, k = scheduler.choose(offers)      # adapter chain or tree, lookup copy, or (None, 0): a plain step
-    proposal   = propose(drafter, k)           # tokens (+ q for sampled drafts)
-    logits     = verifier.logits(proposal)     # the deep layers once over last token + proposal   [k + 1, V]
-    n, next    = accept(proposal, logits)      # greedy = the one-hot case of the sampling rule
-    verifier.keep(n)                           # every cache rolled back to the kept tokens
-    committed  = cut_at_eos(proposal[:n] + [next])
+    drafter, k   = scheduler.choose(offers)        # adapter chain or tree, lookup copy, or (None, 0): a plain step
+    proposal     = propose(drafter, k)             # tokens (+ q for sampled drafts, + the tree for a tree)
+    logits       = verifier.logits(proposal)       # the deep layers once over last token + proposal   [k + 1, V]
+    path, next   = accept(proposal, logits)        # greedy = the one-hot case of the sampling rule
+    verifier.keep(path)                            # every cache rolled back to (or gathered at) the kept tokens
+    committed    = cut_at_eos(proposal[path] + [next])
     scheduler.observe(drafter, k, n, costs)
-
-A tree (greedy only) verifies and accepts its best path in ``tree.verify_tree``; its caches are gathered there.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import time
 
 import torch
 
-from .accept import accept, cut_at_eos
+from .accept import accept_proposal, cut_at_eos
 from .cache import KangarooCache
 from .draft import DraftPick, Proposal, draft_proposal
 from .lookup import NgramLookup
@@ -25,7 +23,7 @@ from .outputs import GenerateOutput
 from .sample import draw, make_generator, process
 from .scheduler import PLAIN, Scheduler
 from .settings import GenerationSettings
-from .tree import draft_tree, verify_tree
+from .tree import draft_tree
 from .verify import Verifier
 
 ADAPTER, LOOKUP = "adapter", "lookup"
@@ -51,7 +49,8 @@ def decode(km, input_ids: torch.Tensor, settings: GenerationSettings, streamer=N
     verifier = Verifier(backbone, ell, cache)
     copier = NgramLookup(input_ids[0].tolist(), s.lookup_min_ngram, s.lookup_max_ngram) if s.lookup_tokens else None
     timed = s.sampling.greedy  # a timing-driven schedule would make a seed's output depend on the machine's load
-    scheduler = Scheduler.create(s.policy, DRAFTERS, timed=timed)
+    fanout = {ADAPTER: (s.tree_top_k, s.tree_max_nodes)} if s.tree else None  # a tree verifies up to K per level
+    scheduler = Scheduler.create(s.policy, DRAFTERS, timed=timed, fanout=fanout)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -71,12 +70,11 @@ def decode(km, input_ids: torch.Tensor, settings: GenerationSettings, streamer=N
             offers[LOOKUP] = len(copied)
         start = time.perf_counter()
         drafter, k = scheduler.choose(offers)
-        tree = None
         if drafter == LOOKUP:
             lookup_rounds.append(len(draft_lengths))
             proposal = Proposal(copied[:k], copied=True)
         elif drafter == ADAPTER and s.tree:
-            tree = draft_tree(
+            proposal = draft_tree(
                 backbone, adapter, km.draft_head, cache, last, k, s.tree_top_k, s.tree_max_nodes, s.threshold,
                 s.eos_ids,
             )  # fmt: skip
@@ -85,24 +83,17 @@ def decode(km, input_ids: torch.Tensor, settings: GenerationSettings, streamer=N
         else:
             proposal = Proposal([])
         drafted_at = time.perf_counter()
-        if tree is not None:  # for a tree the scheduler sees its depth as the draft length (an approximation)
-            committed = verify_tree(backbone, ell, cache, tree)
-            drafted, depth = tree.num_drafts, max(tree.depths)
-        else:
-            drafted = depth = len(proposal.tokens)
-            logits = verifier.logits(last, proposal)  # [k + 1, V]
-            drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=device).reshape(1, drafted)
-            q = None if proposal.q is None else proposal.q[None]
-            accepted, next_token = accept(
-                drafts, torch.tensor([drafted], device=device), logits[None], s.sampling, q, generator
-            )
-            verifier.keep(int(accepted[0]))
-            committed = proposal.tokens[: int(accepted[0])] + [int(next_token[0])]
+        logits = verifier.logits(last, proposal)  # [k + 1, V]
+        path, next_token = accept_proposal(proposal, logits, s.sampling, generator)
+        verifier.keep(path)
+        committed = [proposal.tokens[node - 1] for node in path[1:]] + [next_token]
+        drafted = len(proposal.tokens)
+        depth = max(proposal.tree.depths) if proposal.tree is not None else drafted  # draft steps taken
         if timed:
             costs = drafted_at - start, time.perf_counter() - drafted_at
         else:
-            costs = scheduler.nominal_costs(drafter, depth)
-        scheduler.observe(drafter if depth else PLAIN, depth, len(committed) - 1, *costs)
+            costs = scheduler.nominal_costs(drafter, depth, drafted)
+        scheduler.observe(drafter if depth else PLAIN, depth, len(path) - 1, *costs, verified=drafted)
         committed = cut_at_eos(committed, s.eos_ids)
         new_tokens.extend(committed)
         if copier is not None:

@@ -4,7 +4,9 @@ A round that proposes k tokens from a drafter with per-token acceptance α commi
 in expectation and costs k·c_draft + c_verify(k + 1); a plain step commits 1 token for c_verify(1). The scheduler
 keeps, per drafter, a recency-weighted estimate of α, and for the machine an estimate of c_verify(m) per width m
 and of c_draft per drafter (copied tokens cost nothing to draft). Each round it takes the choice with the best
-expected tokens per unit of cost at the estimated α ("exploit").
+expected tokens per unit of cost at the estimated α ("exploit"). A tree drafter verifies more tokens than it takes
+draft steps: k steps of a tree with K children per level and at most N nodes verify w(k) = min(K·k, N) tokens, so
+its round costs k·c_draft + c_verify(w(k) + 1), and its α is per draft step (accepted path length over depth).
 
 Regret. Exploiting alone could stay on plain steps forever after a bad start; exploring blindly (the retries of an
 optimistic policy) loses on every machine where verification is dear. So exploration is paid from a budget: every
@@ -67,6 +69,8 @@ class DrafterStats:
     """What the scheduler knows about one drafter."""
 
     free: bool  # drafts cost nothing to make (lookup copies)
+    fanout: int = 1  # tokens verified per draft step (a tree: its children per level K)
+    max_width: int | None = None  # most tokens one round verifies (a tree: its node cap N)
     accepted: float = 0.0  # recency-weighted counts of accepted drafts and of rejections
     rejected: float = 0.0
     draft_cost: float | None = None  # cost per draft step, measured
@@ -86,15 +90,22 @@ class Scheduler:
     budget: float = 0.0  # exploration budget, in cost units
 
     @classmethod
-    def create(cls, policy: str | PolicyConfig, drafters: dict[str, bool], timed: bool = True) -> Scheduler:
+    def create(
+        cls,
+        policy: str | PolicyConfig,
+        drafters: dict[str, bool],
+        timed: bool = True,
+        fanout: dict[str, tuple[int, int]] | None = None,
+    ) -> Scheduler:
         """From generate's ``policy``: "adaptive", "fixed" or a PolicyConfig; ``drafters`` maps name -> free.
-        ``timed`` False ignores measured timings (the priors decide), as sampling needs."""
+        ``timed`` False ignores measured timings (the priors decide), as sampling needs. ``fanout`` maps a tree
+        drafter to (children per level K, node cap N)."""
         config = policy if isinstance(policy, PolicyConfig) else PolicyConfig()
         if not timed and config.measure_costs:
             config = PolicyConfig(**{**config.__dict__, "measure_costs": False})
         if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
             raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
-        stats = {name: DrafterStats(free) for name, free in drafters.items()}
+        stats = {name: DrafterStats(free, *(fanout or {}).get(name, (1, None))) for name, free in drafters.items()}
         return cls(stats, adaptive=policy != "fixed", config=config)
 
     # ---- estimates ------------------------------------------------------------------------------------------------
@@ -137,8 +148,15 @@ class Scheduler:
             return stats.draft_cost
         return self.config.draft_cost_prior * self.verify(1)
 
+    def width(self, name: str, k: int) -> int:
+        """Tokens a round of k draft steps from ``name`` verifies."""
+        stats = self.drafters[name]
+        return k * stats.fanout if stats.max_width is None else min(k * stats.fanout, stats.max_width)
+
     def round_cost(self, name: str | None, k: int) -> float:
-        return self.verify(1) if name is PLAIN or k == 0 else k * self.draft(name) + self.verify(k + 1)
+        if name is PLAIN or k == 0:
+            return self.verify(1)
+        return k * self.draft(name) + self.verify(self.width(name, k) + 1)
 
     @staticmethod
     def expected_tokens(k: int, alpha: float) -> float:
@@ -187,17 +205,33 @@ class Scheduler:
                     choice, top = (name, k), rate
         return choice
 
-    def observe(self, name: str | None, drafted: int, accepted: int, draft_cost: float, verify_cost: float) -> None:
-        """Record a round: ``accepted`` of ``drafted`` tokens from ``name`` matched; what its two phases cost.
+    def observe(
+        self,
+        name: str | None,
+        drafted: int,
+        accepted: int,
+        draft_cost: float,
+        verify_cost: float,
+        verified: int | None = None,
+    ) -> None:
+        """Record a round: ``accepted`` of ``drafted`` draft steps from ``name`` matched; what its two phases cost;
+        ``verified``: the tokens it verified when that is not ``drafted`` (a tree's nodes).
 
         Costs are in any unit (seconds), as long as it is the same every round; ignored without measure_costs."""
-        self.observe_rows(name, drafted, [(drafted, accepted)], draft_cost, verify_cost)
+        self.observe_rows(name, drafted, [(drafted, accepted)], draft_cost, verify_cost, verified)
 
     def observe_rows(
-        self, name: str | None, width: int, outcomes: list[tuple[int, int]], draft_cost: float, verify_cost: float
+        self,
+        name: str | None,
+        width: int,
+        outcomes: list[tuple[int, int]],
+        draft_cost: float,
+        verify_cost: float,
+        verified: int | None = None,
     ) -> None:
-        """Record a round of one or more rows (a batch): each row's (drafted, accepted); the round proposed up to
-        ``width`` tokens per row (verification over width + 1 tokens) and cost what it cost, all rows together."""
+        """Record a round of one or more rows (a batch): each row's (drafted, accepted); the round took up to
+        ``width`` draft steps per row, verified ``verified`` (default: ``width``) tokens per row after the last
+        committed one, and cost what it cost, all rows together."""
         c = self.config
         for stats in self.drafters.values():
             stats.idle += 1
@@ -207,19 +241,19 @@ class Scheduler:
             for drafted, accepted in outcomes:
                 if drafted > 0:
                     self._acceptance(stats, name, drafted, accepted)
+        m = (width if verified is None or width == 0 else verified) + 1  # tokens verified
         if c.measure_costs:
             if name is not PLAIN and width > 0 and not self.drafters[name].free:
                 stats = self.drafters[name]
                 stats.draft_steps += 1
                 weight = max(c.cost_ema, 1 / stats.draft_steps)
                 stats.draft_cost = (1 - weight) * (stats.draft_cost or 0.0) + weight * draft_cost / width
-            m = width + 1
             self.samples[m] = count = self.samples.get(m, 0) + 1
             weight = max(c.cost_ema, 1 / count)  # a plain mean of the first measurements, then recency-weighted
             self.verify_cost[m] = (1 - weight) * self.verify_cost.get(m, 0.0) + weight * verify_cost
             spent = draft_cost + verify_cost
         else:
-            spent = self.round_cost(name, width)
+            spent = self.verify(1) if name is PLAIN or width == 0 else width * self.draft(name) + self.verify(m)
         self.budget += c.explore_share * spent
 
     def _acceptance(self, stats: DrafterStats, name: str, drafted: int, accepted: int) -> None:
@@ -231,7 +265,7 @@ class Scheduler:
         stats.accepted = c.decay * stats.accepted + accepted
         stats.rejected = c.decay * stats.rejected + rejected
 
-    def nominal_costs(self, name: str | None, drafted: int) -> tuple[float, float]:
+    def nominal_costs(self, name: str | None, drafted: int, verified: int | None = None) -> tuple[float, float]:
         """Draft and verify costs of a round as the priors predict them (sampling's timing-free schedule)."""
         draft = 0.0 if name is PLAIN or self.drafters[name].free else drafted * self.config.draft_cost_prior
-        return draft, 1.0 + self.config.verify_slope_prior * drafted
+        return draft, 1.0 + self.config.verify_slope_prior * (drafted if verified is None else verified)

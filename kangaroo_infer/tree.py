@@ -7,7 +7,8 @@ a level, the K with the highest cumulative draft probability join the tree, with
 its ancestors and itself (a tree attention mask; positions = prefix length + depth). The deep layers then verify
 every node in one pass with the same kind of mask; the longest root-to-node path whose tokens match the model's
 greedy choices is accepted, plus the model's own next token, and every KV cache keeps only that path (gathered,
-not recomputed).
+not recomputed). Drafting lives here; the verification pass is ``verify.Verifier``'s and the acceptance walk
+``accept.accept_proposal``'s, as for every other proposal.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch
 from .adapter import KangarooAdapter
 from .arch import Backbone, attention_bias
 from .cache import KangarooCache
-from .draft import DraftHead, adapter_logits, shallow_step
-from .verify import deep_logits
+from .draft import DraftHead, Proposal, adapter_logits, shallow_step
 
 
 @dataclass
@@ -58,28 +58,27 @@ class Tree:
     def num_drafts(self) -> int:
         return len(self.tokens) - 1
 
+    def attention(
+        self, queries: list[int], columns: list[int], prefix: int, root_pos: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask pieces for ``queries`` over a cache of ``prefix`` committed entries followed by the nodes ``columns``.
 
-def _attend(
-    tree: Tree, queries: list[int], columns: list[int], prefix: int, root_pos: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mask pieces for ``queries`` over a cache of ``prefix`` committed entries followed by the nodes ``columns``.
-
-    A node sits at position root_pos + depth. Returns query positions [q], allowed [q, prefix + len(columns)]
-    (every committed entry, plus the node's ancestors and itself) and key positions [prefix + len(columns)].
-    """
-    q_idx = torch.tensor(queries, dtype=torch.long)
-    c_idx = torch.tensor(columns, dtype=torch.long)
-    depths = torch.tensor(tree.depths)
-    allowed = torch.ones(len(queries), prefix + len(columns), dtype=torch.bool)
-    allowed[:, prefix:] = tree.ancestors[q_idx][:, c_idx]
-    key_positions = torch.cat([torch.arange(prefix), root_pos + depths[c_idx]])
-    return (root_pos + depths[q_idx]).to(device), allowed.to(device), key_positions.to(device)
+        A node sits at position root_pos + depth. Returns query positions [q], allowed [q, prefix + len(columns)]
+        (every committed entry, plus the node's ancestors and itself) and key positions [prefix + len(columns)].
+        """
+        q_idx = torch.tensor(queries, dtype=torch.long)
+        c_idx = torch.tensor(columns, dtype=torch.long)
+        depths = torch.tensor(self.depths)
+        allowed = torch.ones(len(queries), prefix + len(columns), dtype=torch.bool)
+        allowed[:, prefix:] = self.ancestors[q_idx][:, c_idx]
+        key_positions = torch.cat([torch.arange(prefix), root_pos + depths[c_idx]])
+        return (root_pos + depths[q_idx]).to(device), allowed.to(device), key_positions.to(device)
 
 
 def _shallow_level(backbone: Backbone, exit_layer: int, cache: KangarooCache, tree: Tree, nodes: list[int], root_pos):
     """Layers [0, ℓ) on a set of tree nodes at once; their exit states join the deep layers' queue."""
     device = backbone.embed_tokens.weight.device
-    positions, allowed, key_positions = _attend(tree, nodes, tree.shallow_order + nodes, root_pos, root_pos, device)
+    positions, allowed, key_positions = tree.attention(nodes, tree.shallow_order + nodes, root_pos, root_pos, device)
     hidden = backbone.embed_tokens(torch.tensor([[tree.tokens[n] for n in nodes]], device=device))  # [1, q, H]
     pe = backbone.rotary_emb(hidden, position_ids=positions[None])
     exit_states = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base, (allowed, key_positions))
@@ -99,8 +98,9 @@ def draft_tree(
     max_nodes: int,
     threshold: float,
     eos_ids: frozenset[int],
-) -> Tree:
-    """Grow a draft tree of depth <= ``max_depth`` and at most ``max_nodes`` drafts below ``last_token``."""
+) -> Proposal:
+    """Grow a draft tree of depth <= ``max_depth`` and at most ``max_nodes`` drafts below ``last_token``; every node
+    has had its shallow pass. The proposal's tokens are the nodes 1..n in order (node 0 is ``last_token``)."""
     exit_layer = adapter.config.exit_layer
     device = backbone.embed_tokens.weight.device
     root_pos = cache.shallow_len  # the root's position = committed prefix length before it
@@ -135,7 +135,7 @@ def draft_tree(
         # Expand the new level: shallow layers + adapter on all its nodes at once.
         exit_states = _shallow_level(backbone, exit_layer, cache, tree, new_level, root_pos)
         expanded_before = [n for n in tree.adapter_slot if n != 0]  # in adapter-cache order
-        positions, allowed, _ = _attend(tree, new_level, expanded_before + new_level, adapter_prefix, root_pos, device)
+        positions, allowed, _ = tree.attention(new_level, expanded_before + new_level, adapter_prefix, root_pos, device)
         pe = backbone.rotary_emb(exit_states, position_ids=positions[None])
         mask = attention_bias(allowed[None, None], exit_states.dtype, backbone.eager)
         start = cache.adapter_len
@@ -147,27 +147,4 @@ def draft_tree(
     leaves = [n for n in range(len(tree.tokens)) if n not in set(tree.shallow_order)]
     if leaves:
         _shallow_level(backbone, exit_layer, cache, tree, leaves, root_pos)
-    return tree
-
-
-def verify_tree(backbone: Backbone, exit_layer: int, cache: KangarooCache, tree: Tree) -> list[int]:
-    """Deep layers over every node in one pass; accept the longest greedy-consistent path; gather the caches."""
-    device = backbone.embed_tokens.weight.device
-    root_pos = cache.deep_len
-    order = tree.shallow_order
-    positions, allowed, key_positions = _attend(tree, order, order, root_pos, root_pos, device)
-    logits, states = deep_logits(backbone, exit_layer, cache, positions=positions, tree=(allowed, key_positions))
-    targets = logits.argmax(dim=-1).tolist()
-    row = {node: i for i, node in enumerate(order)}
-    path = [0]
-    while (child := tree.children.get((path[-1], targets[row[path[-1]]]))) is not None:
-        path.append(child)
-    committed = [tree.tokens[n] for n in path[1:]] + [targets[row[path[-1]]]]
-
-    base_keep = torch.cat([torch.arange(root_pos), root_pos + torch.tensor([row[n] for n in path])])
-    slots = [tree.adapter_slot[n] for n in path if n in tree.adapter_slot]
-    adapter_keep = torch.cat([torch.arange(tree.adapter_slot[0]), torch.tensor(slots)])
-    cache.gather(base_keep.to(device), adapter_keep.to(device))
-    if path[-1] not in tree.adapter_slot:  # the adapter has not read the last accepted node yet
-        cache.adapter_pending.append(states[:, row[path[-1]] : row[path[-1]] + 1])
-    return committed
+    return Proposal(tree.tokens[1:], tree=tree)

@@ -30,30 +30,54 @@ def deep_logits(
 
 
 class Verifier:
-    """The deep layers' pass over a chain proposal, and the caches' rollback to what acceptance kept.
+    """The deep layers' pass over a proposal, and the caches' rollback to what acceptance kept.
 
-    ``logits`` gives the newest token its shallow pass (a copied proposal: every token, since no model pass has
-    seen them), then runs layers [ℓ, L) once over every pending token: the last committed token and the k proposed.
-    ``keep`` then keeps the last committed token + the n accepted tokens in every cache, and queues for the adapter
-    the exit states it has not read: the last kept token's when it read the drafts while drafting them, else those of
-    every kept token of the round.
+    A proposal's nodes: node 0 is the last committed token, node i its i-th proposed token (of a chain or a copy:
+    the i-th in line; of a tree: the tree's node i, whose context is the path above it).
+    ``logits`` gives what still lacks its shallow pass that pass (a chain: its newest token; a copy: every token, as
+    no model pass has seen them; a tree: nothing, drafting gave every node its pass), then runs layers [ℓ, L) once
+    over every pending token: logits [k + 1, V], row i after node i.
+    ``keep(path)`` then keeps the accepted path (nodes 0, …) in every cache: a chain is cut, a tree's path gathered;
+    and it queues for the adapter the exit states it has not read.
     """
 
     def __init__(self, backbone: Backbone, exit_layer: int, cache: KangarooCache):
         self.backbone, self.exit_layer, self.cache = backbone, exit_layer, cache
-        self._start = 0
-        self._states: torch.Tensor | None = None  # [1, k + 1, H] exit states of the verified tokens
-        self._copied = False
+        self._start = 0  # deep cache length before the round: node 0's slot
+        self._states: torch.Tensor | None = None  # [1, k + 1, H] exit states of the verified nodes, node order
+        self._proposal = Proposal([])
 
     def logits(self, last_token: int, proposal: Proposal) -> torch.Tensor:  # [k + 1, V]
         device = self.backbone.embed_tokens.weight.device
-        tokens = [last_token, *proposal.tokens] if proposal.copied else [(proposal.tokens or [last_token])[-1]]
-        shallow_step(self.backbone, self.exit_layer, self.cache, torch.tensor([tokens], device=device))
-        self._start, self._copied = self.cache.deep_len, proposal.copied
-        logits, self._states = deep_logits(self.backbone, self.exit_layer, self.cache)  # [k + 1, V], [1, k + 1, H]
-        return logits
+        self._start, self._proposal = self.cache.deep_len, proposal
+        tree = proposal.tree
+        if tree is None:
+            tokens = [last_token, *proposal.tokens] if proposal.copied else [(proposal.tokens or [last_token])[-1]]
+            shallow_step(self.backbone, self.exit_layer, self.cache, torch.tensor([tokens], device=device))
+            logits, self._states = deep_logits(self.backbone, self.exit_layer, self.cache)  # [k + 1, V], [1, k + 1, H]
+            return logits
+        order = tree.shallow_order  # the nodes in the order of their cache entries
+        positions, allowed, key_positions = tree.attention(order, order, self._start, self._start, device)
+        logits, states = deep_logits(
+            self.backbone, self.exit_layer, self.cache, positions=positions, tree=(allowed, key_positions)
+        )
+        rows = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)  # node i -> its row
+        self._states = states[:, rows]
+        return logits[rows]
 
-    def keep(self, accepted: int) -> None:
-        states, n = self._states, accepted
-        self.cache.rollback(self._start + n + 1, states[:, : n + 1] if self._copied else states[:, n : n + 1])
-        self._states = None
+    def keep(self, path: list[int]) -> None:
+        """Keep the nodes of ``path`` (0, then accepted nodes, each the child of the one before) in every cache."""
+        states, tree, last = self._states, self._proposal.tree, path[-1]
+        if tree is None:  # a chain: the path is 0..n, the caches are cut after it
+            copied = self._proposal.copied
+            self.cache.rollback(self._start + last + 1, states[:, : last + 1] if copied else states[:, last : last + 1])
+        else:  # a tree: gather the path's entries (slot of node i = its place in the shallow order)
+            device = states.device
+            slot = {node: i for i, node in enumerate(tree.shallow_order)}
+            base_keep = torch.cat([torch.arange(self._start), self._start + torch.tensor([slot[n] for n in path])])
+            slots = [tree.adapter_slot[n] for n in path if n in tree.adapter_slot]
+            adapter_keep = torch.cat([torch.arange(tree.adapter_slot[0]), torch.tensor(slots)])
+            self.cache.gather(base_keep.to(device), adapter_keep.to(device))
+            if last not in tree.adapter_slot:  # the adapter has not read the last accepted node yet
+                self.cache.adapter_pending.append(states[:, last : last + 1])
+        self._states, self._proposal = None, Proposal([])

@@ -197,6 +197,25 @@ def test_priors_only_scheduler_ignores_timings():
     assert plans[0] == plans[1]
 
 
+def test_a_tree_is_priced_by_the_tokens_it_verifies():
+    """A tree of K children per level and at most N nodes verifies min(K·k, N) tokens for k draft steps: where
+    verification is dear, it is planned shallower than a chain at the same acceptance, and its measured rounds are
+    filed under the width they verified."""
+    config = PolicyConfig(measure_costs=False, verify_slope_prior=0.5, draft_cost_prior=0.05, explore_share=0.0)
+    chain = Scheduler.create(config, ADAPTER)
+    tree = Scheduler.create(config, ADAPTER, fanout={"adapter": (4, 10)})
+    assert [tree.width("adapter", k) for k in (1, 2, 3, 4)] == [4, 8, 10, 10] and chain.width("adapter", 3) == 3
+    assert tree.round_cost("adapter", 2) == pytest.approx(2 * 0.05 + 1 + 0.5 * 8)
+    for scheduler in (chain, tree):
+        for _ in range(30):
+            scheduler.observe("adapter", 3, 2, *scheduler.nominal_costs("adapter", 3))
+    assert chain.choose({"adapter": 6})[1] > tree.choose({"adapter": 6})[1]
+
+    timed = Scheduler.create("adaptive", ADAPTER, fanout={"adapter": (4, 16)})
+    timed.observe("adapter", 3, 1, 0.3, 2.0, verified=11)
+    assert timed.verify_cost == {12: 2.0} and timed.drafters["adapter"].draft_cost == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"decay": 0.0}, {"decay": 1.5}, {"optimism": -1.0}, {"prior_accepted": 0.0}, {"cost_ema": 0.0},

@@ -10,9 +10,12 @@ import torch
 from transformers import DynamicCache
 
 from kangaroo_infer import KangarooModel
+from kangaroo_infer.accept import accept_proposal
 from kangaroo_infer.cache import KangarooCache
+from kangaroo_infer.sample import SamplingConfig
 from kangaroo_infer.scheduler import PolicyConfig
-from kangaroo_infer.tree import Tree, _attend, draft_tree, verify_tree
+from kangaroo_infer.tree import Tree, draft_tree
+from kangaroo_infer.verify import Verifier
 
 from .conftest import VOCAB, identity_adapter, tiny_model
 from .test_lossless import check_identical
@@ -30,7 +33,7 @@ def hand_made_tree() -> Tree:
 
 def test_tree_mask_on_a_hand_made_tree():
     tree = hand_made_tree()
-    positions, allowed, key_positions = _attend(tree, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4], 3, 3, torch.device("cpu"))
+    positions, allowed, key_positions = tree.attention([0, 1, 2, 3, 4], [0, 1, 2, 3, 4], 3, 3, torch.device("cpu"))
     assert positions.tolist() == [3, 4, 4, 5, 5]  # prefix length + depth
     assert key_positions.tolist() == [0, 1, 2, 3, 4, 4, 5, 5]
     expected_tree_part = [
@@ -43,7 +46,7 @@ def test_tree_mask_on_a_hand_made_tree():
     assert allowed[:, :3].all()  # the committed prefix is always visible
     assert allowed[:, 3:].int().tolist() == expected_tree_part
     # A level computed on its own sees the nodes already cached (in their cache order) and itself.
-    _, allowed, _ = _attend(tree, [3, 4], [0, 2, 1, 3, 4], 3, 3, torch.device("cpu"))
+    _, allowed, _ = tree.attention([3, 4], [0, 2, 1, 3, 4], 3, 3, torch.device("cpu"))
     assert allowed[:, 3:].int().tolist() == [[1, 0, 1, 1, 0], [1, 1, 0, 0, 1]]
 
 
@@ -65,16 +68,17 @@ def test_every_tree_node_sees_exactly_its_path(arch):
     prompt = [5, 17, 33, 8, 40, 41, 2 + 7]
     cache = KangarooCache(2, km.backbone.num_layers)
     first = int(km.prefill(torch.tensor([prompt]), cache).argmax())
-    tree = draft_tree(km.backbone, km.adapter, km.draft_head, cache, first, 3, 3, 9, 0.0, frozenset())
+    proposal = draft_tree(km.backbone, km.adapter, km.draft_head, cache, first, 3, 3, 9, 0.0, frozenset())
+    tree = proposal.tree
+    assert proposal.tokens == tree.tokens[1:]
     assert tree.num_drafts == 9 and max(tree.depths) == 3
     # Peek at the deep logits by re-running verification's deep pass on a copy of the pending states.
-    from kangaroo_infer.tree import _attend as attend
     from kangaroo_infer.verify import deep_logits
 
     order = list(tree.shallow_order)
     pending = list(cache.deep_pending)
     root_pos = cache.deep_len
-    positions, allowed, key_positions = attend(tree, order, order, root_pos, root_pos, torch.device("cpu"))
+    positions, allowed, key_positions = tree.attention(order, order, root_pos, root_pos, torch.device("cpu"))
     logits, _ = deep_logits(km.backbone, 2, cache, positions=positions, tree=(allowed, key_positions))
     for row, node in enumerate(order):
         path = []
@@ -88,7 +92,13 @@ def test_every_tree_node_sees_exactly_its_path(arch):
     for layer in cache.base.layers[2:]:
         layer.crop(-len(order))
     cache.deep_pending = pending
-    committed = verify_tree(km.backbone, 2, cache, tree)
+    verifier = Verifier(km.backbone, 2, cache)
+    node_logits = verifier.logits(first, proposal)  # [n + 1, V], row i after node i
+    assert torch.allclose(node_logits[order], logits, atol=1e-5)
+    path, next_token = accept_proposal(proposal, node_logits, SamplingConfig())
+    verifier.keep(path)
+    assert all(tree.parents[b] == a for a, b in zip(path, path[1:], strict=False)) and path[0] == 0
+    committed = [tree.tokens[n] for n in path[1:]] + [next_token]
     sequence = prompt + [first] + committed[:-1]  # everything the caches should now hold
     with torch.no_grad():  # a plain DynamicCache keeps every entry, also for sliding-window layers
         ref = model(torch.tensor([sequence]), cache=DynamicCache(), use_cache=True).cache
