@@ -384,6 +384,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
     from .module import FrozenParts, KangarooDataModule, KangarooModule
     from .onpolicy import onpolicy_callbacks
     from .progress import progress_callbacks
+    from .requeue import slurm_callbacks_and_plugins
     from .strategy import build_strategy
 
     ckpt_dir = Path(cfg.paths.ckpt_dir)
@@ -457,6 +458,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         save_last=True,
         save_on_exception=True,
     )
+    slurm_callbacks, plugins = slurm_callbacks_and_plugins(ckpt_dir)
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -475,7 +477,8 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         num_sanity_val_steps=t.num_sanity_val_steps,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
-        callbacks=[checkpoints, *onpolicy_callbacks(cfg, base_name, val_set), *progress_callbacks(t)],
+        callbacks=[checkpoints, *onpolicy_callbacks(cfg, base_name, val_set), *progress_callbacks(t), *slurm_callbacks],
+        plugins=plugins,
         logger=_make_loggers(cfg),
         default_root_dir=cfg.paths.output_dir,
         use_distributed_sampler=False,  # KangarooDataModule shards by rank itself, in whole optimizer steps
