@@ -197,12 +197,12 @@ class _CommitRecorder:
         pass
 
 
-def run_prompt_lookup(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, num_tokens: int) -> PeerRun:
-    """transformers' prompt lookup decoding (``prompt_lookup_num_tokens``), greedy.
+def run_generate_peer(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> PeerRun:
+    """The base's ``generate`` with a speculative option of transformers' (``kw``), greedy.
 
     Its per-forward acceptance is not returned by ``generate``: the commits come from a streamer (transformers
-    streams each verification's accepted tokens at once) and the forwards from a hook on the base, so τ is measured,
-    not assumed.
+    streams each verification's accepted tokens at once) and the forwards from a hook on the base (an assistant
+    model's own forwards are not counted), so τ is measured, not assumed.
     """
     recorder, forwards = _CommitRecorder(), [0]
 
@@ -211,12 +211,59 @@ def run_prompt_lookup(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int,
 
     handle = km.base.register_forward_pre_hook(count)
     try:
-        tokens, seconds = _timed_generate(
-            km, ids, max_new_tokens, do_sample=False, prompt_lookup_num_tokens=num_tokens, streamer=recorder
-        )
+        tokens, seconds = _timed_generate(km, ids, max_new_tokens, do_sample=False, streamer=recorder, **kw)
     finally:
         handle.remove()
     return PeerRun(tokens, seconds, recorder.puts[1:], forwards[0])
+
+
+def run_prompt_lookup(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, num_tokens: int) -> PeerRun:
+    """transformers' prompt lookup decoding (``prompt_lookup_num_tokens``), greedy."""
+    return run_generate_peer(km, ids, max_new_tokens, prompt_lookup_num_tokens=num_tokens)
+
+
+@dataclass
+class DraftModel:
+    """A standalone draft model directory (``export-draft``'s, or any small model sharing the base's tokenizer),
+    loaded on first use in the base's dtype and on its device."""
+
+    path: str
+    model: Any = None
+
+    def load(self, km: KangarooModel) -> Any:
+        if self.model is None:
+            from transformers import AutoModelForCausalLM
+
+            draft = AutoModelForCausalLM.from_pretrained(self.path, dtype=km.base.dtype)
+            if draft.config.vocab_size != km.base.config.vocab_size:
+                raise ValueError(
+                    f"--draft-model {self.path} has a vocabulary of {draft.config.vocab_size} tokens and the base "
+                    f"{km.base.config.vocab_size}: a draft model must share the base's tokenizer (export one with "
+                    f"`python -m kangaroo_infer export-draft`)."
+                )
+            self.model = draft.to(km.base.device).eval()
+        return self.model
+
+
+def run_assisted(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, draft: DraftModel) -> PeerRun:
+    """transformers' assisted generation (``assistant_model``) with a standalone draft model, greedy."""
+    return run_generate_peer(km, ids, max_new_tokens, assistant_model=draft.load(km))
+
+
+def check_draft_model(path: str | None, kinds: list[str]) -> None:
+    """``--draft-model`` goes with ``--peers assisted`` and names a model directory."""
+    if "assisted" in kinds and path is None:
+        raise ValueError(
+            "--peers assisted needs --draft-model DIR: a draft model directory, e.g. one written by "
+            "`python -m kangaroo_infer export-draft --adapter ADAPTER --out DIR`."
+        )
+    if path is not None and "assisted" not in kinds:
+        raise ValueError("--draft-model sets the assisted peer: add --peers assisted, or drop --draft-model.")
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise ValueError(
+            f"--draft-model {path}: no model directory there (no config.json); export one with "
+            f"`python -m kangaroo_infer export-draft --adapter ADAPTER --out {path}`."
+        )
 
 
 def _pld_peers(pld_tokens: list[int]) -> list[Peer]:
@@ -233,11 +280,24 @@ def _pld_peers(pld_tokens: list[int]) -> list[Peer]:
 # Peer kinds by the name --peers takes; each builds its peers from bench's peer options (a new kind adds an entry).
 PEER_KINDS: dict[str, Callable[[dict[str, Any]], list[Peer]]] = {
     "pld": lambda options: _pld_peers(list(options.get("pld_tokens") or DEFAULT_PLD_TOKENS)),
+    "assisted": lambda options: [
+        Peer(
+            "assisted",
+            {
+                "kind": "assisted",
+                "implementation": "transformers generate(assistant_model)",
+                "draft_model": display_name(options["draft_model"]),
+            },
+            partial(run_assisted, draft=DraftModel(options["draft_model"])),
+        )
+    ],
 }
 
 
-def make_peers(kinds: list[str] | None, pld_tokens: list[int] | None = None) -> list[Peer]:
-    """The peers named by ``--peers`` (kinds from PEER_KINDS), in the order given."""
+def make_peers(
+    kinds: list[str] | None, pld_tokens: list[int] | None = None, draft_model: str | None = None
+) -> list[Peer]:
+    """The peers named by ``--peers`` (kinds from PEER_KINDS), in the order given; nothing is loaded yet."""
     kinds = list(kinds or [])
     unknown = [k for k in kinds if k not in PEER_KINDS]
     if unknown:
@@ -246,7 +306,8 @@ def make_peers(kinds: list[str] | None, pld_tokens: list[int] | None = None) -> 
         raise ValueError(f"--peers names a peer twice: {kinds}.")
     if pld_tokens is not None and "pld" not in kinds:
         raise ValueError("--pld-tokens sets the pld peer: add --peers pld, or drop --pld-tokens.")
-    options = {"pld_tokens": pld_tokens}
+    check_draft_model(draft_model, kinds)
+    options = {"pld_tokens": pld_tokens, "draft_model": None if draft_model is None else str(draft_model)}
     peers = [p for kind in kinds for p in PEER_KINDS[kind](options)]
     return peers
 
@@ -276,6 +337,7 @@ def check_bench_args(
     num_questions: int | None = None,
     peers: list[str] | None = None,
     pld_tokens: list[int] | None = None,
+    draft_model: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
@@ -305,7 +367,7 @@ def check_bench_args(
             raise ValueError(f"--pld-tokens takes comma-separated integers >= 1, e.g. 4,10; got {pld_tokens!r}.")
         if len(set(pld_tokens)) != len(pld_tokens):
             raise ValueError(f"--pld-tokens names a value twice: {pld_tokens}.")
-    make_peers(peers, pld_tokens)  # unknown or repeated peers
+    make_peers(peers, pld_tokens, draft_model)  # unknown or repeated peers, a missing draft model
     if peers and temperature > 0:
         raise ValueError(
             f"Peers ({', '.join(peers)}) are compared with vanilla greedy decoding token for token; drop --peers or "
@@ -704,12 +766,14 @@ def bench(
     peers: list[str] | None = None,
     pld_tokens: list[int] | None = None,
     spec_bench_dir: str | Path | None = None,
+    draft_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run every question with vanilla, Kangaroo and each peer (rotating which goes first) and write the results.
 
     With ``tree=True`` each question is also decoded in tree mode, reported under ``"tree"`` next to the chain.
-    ``peers`` (kinds from PEER_KINDS, e.g. ["pld"] with ``pld_tokens`` [4, 10]) decode each question too, are
-    checked against vanilla token for token and reported under ``"peers"``; greedy only.
+    ``peers`` (kinds from PEER_KINDS, e.g. ["pld"] with ``pld_tokens`` [4, 10], or ["assisted"] with
+    ``draft_model`` a standalone draft directory) decode each question too, are checked against vanilla token for
+    token and reported under ``"peers"``; greedy only.
     With ``temperature`` > 0 both sample (seed = question index), so outputs differ: identity is recorded as None.
     Each question's record is appended to ``answers.jsonl`` as soon as it is done; ``resume=True`` keeps the
     records already there (same settings only; questions whose text changed run again) and runs the remaining
@@ -720,14 +784,14 @@ def bench(
     check_bench_args(
         max_new_tokens=max_new_tokens, threshold=threshold, steps=steps, warmup=warmup, temperature=temperature,
         tree=tree, tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes, lookup_tokens=lookup_tokens, peers=peers,
-        pld_tokens=pld_tokens, resume=resume, overwrite=overwrite,
+        pld_tokens=pld_tokens, draft_model=draft_model, resume=resume, overwrite=overwrite,
     )  # fmt: skip
     if not questions:
         raise ValueError("No questions to benchmark; check --questions, --categories and --num-questions.")
     require_matplotlib()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume, overwrite)
-    peer_list = make_peers(peers, pld_tokens)
+    peer_list = make_peers(peers, pld_tokens, draft_model)
     device = km.backbone.embed_tokens.weight.device
     settings = {
         "adapter": display_name(adapter_name),
@@ -735,6 +799,7 @@ def bench(
         **run_config(km, threshold, steps, policy, temperature, max_new_tokens, lookup_tokens),
         "tree": [tree_top_k, tree_max_nodes] if tree else None,
         "peers": [p.name for p in peer_list],
+        **({"draft_model": display_name(draft_model)} if draft_model is not None else {}),
     }
     model_ids = spec_bench_model_ids(km, temperature, tree, peer_list)
     if spec_bench_dir is not None:

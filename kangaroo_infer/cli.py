@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--peers",
         help="comma-separated peer decoders run beside vanilla and kangaroo on every question, greedy: pld "
-        "(transformers' prompt lookup decoding)",
+        "(transformers' prompt lookup decoding), assisted (transformers' assisted generation with --draft-model)",
+    )
+    b.add_argument(
+        "--draft-model",
+        help="assisted peer: a standalone draft model directory (e.g. written by export-draft)",
     )
     b.add_argument(
         "--pld-tokens",
@@ -249,6 +253,7 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
         "--overwrite": (args.overwrite, "restarts"),
         "--peers": (args.peers, "adds decoders to"),
         "--pld-tokens": (args.pld_tokens, "sets a peer of"),
+        "--draft-model": (args.draft_model, "sets a peer of"),
         "--spec-bench-dir": (args.spec_bench_dir, "writes answer files of"),
     }
     if args.cost_profile_only or args.batch_size or args.sweep:
@@ -265,7 +270,7 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
         temperature=args.temperature, tree=args.tree and not args.sweep, tree_top_k=args.tree_top_k,
         tree_max_nodes=args.tree_max_nodes, lookup_tokens=args.lookup_tokens, num_questions=args.num_questions,
         peers=peers, pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
-        resume=args.resume, overwrite=args.overwrite,
+        draft_model=args.draft_model, resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
     if args.context < 1:
         raise ValueError(f"--context must be >= 1 token; got {args.context}.")
@@ -370,6 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peers=[p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None,
         pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
         spec_bench_dir=args.spec_bench_dir,
+        draft_model=args.draft_model,
     )
     bench.print_table(summary)
     if "cost_profile" in summary:

@@ -210,6 +210,44 @@ def test_peers_are_refused_with_sampling(tiny_dirs, tmp_path, capsys, no_model_l
     assert "--peers adds decoders to a question benchmark" in error_line(capsys)
 
 
+def test_assisted_peer_needs_a_draft_model_directory(tiny_dirs, tmp_path, capsys, no_model_load):
+    root, _, _ = tiny_dirs
+    args = ["bench", "--adapter", str(root / "adapter"), "--out", str(tmp_path / "o")]
+    assert cli.main([*args, "--peers", "assisted"]) == 2
+    assert "--peers assisted needs --draft-model DIR" in error_line(capsys)
+    assert cli.main([*args, "--draft-model", str(root / "base")]) == 2
+    assert "add --peers assisted, or drop --draft-model" in error_line(capsys)
+    assert cli.main([*args, "--peers", "assisted", "--draft-model", str(tmp_path / "nowhere")]) == 2
+    assert "no model directory there (no config.json)" in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_assisted_peer_with_an_exported_draft(tiny_dirs, tmp_path, capsys):
+    """export-draft's directory as transformers' assistant model, beside vanilla and kangaroo: identical output, its
+    τ from what each base forward committed, the draft recorded by name only."""
+    root, _, _ = tiny_dirs
+    draft = tmp_path / "draft"
+    assert cli.main(["export-draft", "--adapter", str(root / "adapter"), "--out", str(draft)]) == 0
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
+    out = tmp_path / "out"
+    args = ["bench", *bench_args(root / "adapter", questions), "--peers", "assisted", "--draft-model", str(draft),
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    assert "assisted speedup" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    peer = summary["peers"]["assisted"]
+    assert peer["settings"] == {
+        "kind": "assisted", "implementation": "transformers generate(assistant_model)", "draft_model": "draft"
+    }  # fmt: skip
+    assert peer["overall"]["identical"] is True and peer["overall"]["questions"] == 3 and peer["overall"]["tau"] >= 1
+    assert summary["config"]["draft_model"] == "draft"
+    for a in (json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()):
+        run = a["peers"]["assisted"]
+        assert run["identical"] and sum(run["accept_lengths"]) == run["new_tokens"]
+        assert len(run["accept_lengths"]) == run["decoding_steps"]
+    assert str(tmp_path) not in (out / "results.json").read_text()
+
+
 # ---- Spec-Bench's evaluation scripts, as they read answer files (their logic, re-expressed) ---------------------
 
 
