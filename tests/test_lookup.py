@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from kangaroo_infer import KangarooAdapter, KangarooModel
-from kangaroo_infer.accept import accept
+from kangaroo_infer.accept import accept_proposal
 from kangaroo_infer.cache import KangarooCache
 from kangaroo_infer.draft import Proposal, adapter_logits, shallow_step
 from kangaroo_infer.lookup import NgramLookup
@@ -151,10 +151,12 @@ def test_caches_after_a_lookup_round_match_a_fresh_pass(accepted):
     truth = truth[0, len(prompt) + 1 :].tolist()
     drafts = truth[:accepted] + [(truth[accepted] + 1) % VOCAB] + [3, 4]  # the first `accepted` are right
     verifier = Verifier(km.backbone, 2, cache)  # one lookup round: verify the copies, accept greedily, roll back
-    logits = verifier.logits(first, Proposal(drafts, copied=True))  # [k + 1, V]
-    n, nxt = accept(torch.tensor([drafts]), torch.tensor([len(drafts)]), logits[None], SamplingConfig())
-    verifier.keep(int(n[0]))
-    committed = drafts[: int(n[0])] + [int(nxt[0])]
+    proposal = Proposal(drafts, copied=True)
+    logits = verifier.logits(first, proposal)  # [k + 1, V]
+    path, nxt = accept_proposal(proposal, logits, SamplingConfig())
+    assert path == list(range(accepted + 1))
+    verifier.keep(path)
+    committed = drafts[:accepted] + [nxt]
     assert committed == truth[: accepted + 1]
     sequence = prompt + [first] + committed[:-1]
     with torch.no_grad():
