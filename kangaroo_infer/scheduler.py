@@ -153,10 +153,12 @@ class Scheduler:
         stats = self.drafters[name]
         return k * stats.fanout if stats.max_width is None else min(k * stats.fanout, stats.max_width)
 
-    def round_cost(self, name: str | None, k: int) -> float:
+    def round_cost(self, name: str | None, k: int, verified: int | None = None) -> float:
+        """Cost of a round of k draft steps from ``name`` that verifies ``verified`` tokens (default: what k steps
+        of ``name`` verify)."""
         if name is PLAIN or k == 0:
             return self.verify(1)
-        return k * self.draft(name) + self.verify(self.width(name, k) + 1)
+        return k * self.draft(name) + self.verify((self.width(name, k) if verified is None else verified) + 1)
 
     @staticmethod
     def expected_tokens(k: int, alpha: float) -> float:
@@ -241,7 +243,7 @@ class Scheduler:
             for drafted, accepted in outcomes:
                 if drafted > 0:
                     self._acceptance(stats, name, drafted, accepted)
-        m = (width if verified is None or width == 0 else verified) + 1  # tokens verified
+        m = (width if verified is None else verified) + 1  # tokens verified
         if c.measure_costs:
             if name is not PLAIN and width > 0 and not self.drafters[name].free:
                 stats = self.drafters[name]
@@ -253,7 +255,7 @@ class Scheduler:
             self.verify_cost[m] = (1 - weight) * self.verify_cost.get(m, 0.0) + weight * verify_cost
             spent = draft_cost + verify_cost
         else:
-            spent = self.verify(1) if name is PLAIN or width == 0 else width * self.draft(name) + self.verify(m)
+            spent = self.round_cost(name, width, m - 1)
         self.budget += c.explore_share * spent
 
     def _acceptance(self, stats: DrafterStats, name: str, drafted: int, accepted: int) -> None:
