@@ -1,5 +1,8 @@
-"""Reading training checkpoints safely: tensors and plain values only, never pickled code.
+"""Training checkpoints: written at step boundaries (``Checkpoints``), read safely (tensors and plain values only,
+never pickled code).
 
+``Checkpoints`` (configs/callbacks/default.yaml ``checkpoint``) is Lightning's ``ModelCheckpoint`` saving every N
+optimizer steps, at the end and on SIGTERM, but not on other exceptions.
 Lightning ``.ckpt`` files load with ``torch.load(weights_only=True)``; DeepSpeed ZeRO checkpoint directories are
 consolidated with every ``torch.load`` inside forced to weights-only. kangaroo_train keeps its hyper-parameters plain
 (``module.plain_containers``) so its own checkpoints always pass; a crafted file is refused before anything in it runs.
@@ -15,7 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.serialization import safe_globals
 
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
@@ -119,3 +125,27 @@ def checkpoint_header(ckpt: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise ValueError(f"{path} is not a kangaroo_train checkpoint (it has no hyper_parameters).")
     return {"hyper_parameters": checkpoint["hyper_parameters"], "global_step": checkpoint.get("global_step")}
+
+
+class Checkpoints(ModelCheckpoint):
+    """Every N optimizer steps, at the end, and on SIGTERM; not on other errors, where one crashed rank would hang
+    DeepSpeed's collective save (and a NaN loss must not be saved)."""
+
+    saved_step: int | None = None  # the global step of the newest checkpoint this run wrote or resumed from
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.saved_step = trainer.global_step  # step 0, or the step of the checkpoint resumed from
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning saves at the end only when no last.ckpt was written at all: keep the steps since the last
+        # periodic checkpoint too (max_steps between two periodic saves, max_time, an epoch end).
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        super().on_train_end(trainer, pl_module)

@@ -278,7 +278,8 @@ class StepAlignedSampler(Sampler[int]):
 
 
 class KangarooDataModule(L.LightningDataModule):
-    """Serves cached features (or token batches for online features) with step-aligned sharding per process."""
+    """Serves cached features (or token batches for online features) with step-aligned sharding per process.
+    ``held_out`` is the tokenized held-out split itself (what on-policy validation takes its prompts from)."""
 
     def __init__(
         self,
@@ -290,9 +291,10 @@ class KangarooDataModule(L.LightningDataModule):
         accumulate_grad_batches: int,
         num_workers: int,
         seed: int,
+        held_out: Dataset | None = None,
     ):
         super().__init__()
-        self.train_set, self.val_set, self.collate = train_set, val_set, collate
+        self.train_set, self.val_set, self.collate, self.held_out = train_set, val_set, collate, held_out
         self.batch_size, self.accumulate = batch_size, accumulate_grad_batches
         self.num_workers, self.seed = num_workers, seed
         self.steps_per_epoch = 0  # set with the training loader
@@ -313,7 +315,7 @@ class KangarooDataModule(L.LightningDataModule):
         if len(sampler) == 0:
             if train:
                 need = f"{world} processes x batch size {self.batch_size} x accumulation {self.accumulate}"
-                fix = "lower trainer.batch_size / trainer.accumulate_grad_batches"
+                fix = "lower data.batch_size / trainer.accumulate_grad_batches"
             else:
                 need = f"one per process, {world} processes"
                 fix = "raise data.val_fraction"

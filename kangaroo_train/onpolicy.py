@@ -1,22 +1,22 @@
 """On-policy validation: the adapter scored on the base model's own greedy answers while it trains.
 
 The held-out loss and top-1 (``val/loss``, ``val/top1``) score the adapter on ShareGPT replies, text the base did not
-write; decoding checks every draft against the base's own greedy choice. ``OnPolicyEval`` logs what decoding sees:
-at each validation (every ``onpolicy.every``-th), rank 0 scores the adapter teacher-forced on the base's greedy
-answers to a fixed set of held-out prompts (``kangaroo_infer.evaluate``) and logs
+write; decoding checks every draft against the base's own greedy choice. ``OnPolicyEval`` (``callbacks.onpolicy``)
+logs what decoding sees: at every ``every``-th validation, rank 0 scores the adapter teacher-forced on the base's
+greedy answers to a fixed set of held-out prompts (``kangaroo_infer.evaluate``) and logs
 
 - ``val/onpolicy_top1``: the draft's argmax equals the base's next token,
 - ``val/onpolicy_accept``: Σ_v min(p, q), the chance that speculative sampling accepts a draft,
 - ``val/onpolicy_tau``: 1 + Σ_{d<=depth} agreement of d chained drafts (an estimate of τ at γ = depth).
 
-Prompts: the first user turn of the first ``onpolicy.num_prompts`` held-out conversations (their tokens before the
+Prompts: the first user turn of the first ``num_prompts`` held-out conversations (their tokens before the
 first assistant token: the chat template's system prompt, the user turn and the assistant header), so they were
-never trained on. The greedy answers (``onpolicy.max_new_tokens`` tokens at most) are generated once and cached in
-``onpolicy.cache_dir``, keyed by the base (name, fingerprint, dtype), the prompts and max_new_tokens.
+never trained on. The greedy answers (``max_new_tokens`` tokens at most) are generated once and cached in
+``cache_dir``, keyed by the base (name, fingerprint, dtype), the prompts and max_new_tokens.
 
 Memory: scoring needs the whole base. With ``cache=none`` the base that computes the features is reused; with a
 feature cache only the LM head is loaded for training, so rank 0 loads the base itself (a 7B base in bf16 adds ~14 GB
-on that GPU; ``onpolicy.keep_base=false`` frees it after each evaluation at the cost of reloading it; ``onpolicy=none``
+on that GPU; ``keep_base=false`` frees it after each evaluation at the cost of reloading it; ``callbacks.onpolicy=null``
 turns the evaluation off). ZeRO-3 partitions the adapter's weights across ranks, so it is refused there.
 """
 
@@ -30,9 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from kangaroo_infer.adapter import base_fingerprint
 from kangaroo_infer.arch import Backbone
 from kangaroo_infer.base import load_base
 from kangaroo_infer.evaluate import EvalAnswer, greedy_answers, score_answers
@@ -60,7 +58,10 @@ class AnswerCache:
     def __init__(self, directory: str | Path, base_name: str, fingerprint: dict, dtype: str, max_new_tokens: int):
         self.directory = Path(directory)
         self.identity = {
-            "base": base_name, "fingerprint": fingerprint, "dtype": dtype, "max_new_tokens": max_new_tokens,
+            "base": base_name,
+            "fingerprint": fingerprint,
+            "dtype": dtype,
+            "max_new_tokens": max_new_tokens,
         }
 
     def path(self, prompts: list[list[int]]) -> Path:
@@ -89,27 +90,62 @@ class AnswerCache:
 
 
 class OnPolicyEval(L.Callback):
-    """Logs the adapter's agreement with the base's own greedy answers at validation (module docstring)."""
+    """Logs the adapter's agreement with the base's own greedy answers at validation (module docstring). The base
+    (from the adapter's config) and the held-out prompts (from ``KangarooDataModule.held_out``) are taken from the
+    run in ``setup``."""
 
     def __init__(
         self,
-        base_name: str,
-        prompts: list[list[int]],
-        cache: AnswerCache,
         *,
+        num_prompts: int,
         max_new_tokens: int,
         dtype: str,
+        cache_dir: str | Path,
         every: int = 1,
         depth: int = 4,
         keep_base: bool = True,
     ):
-        self.base_name, self.prompts, self.cache = base_name, prompts, cache
+        for key, value in (("num_prompts", num_prompts), ("max_new_tokens", max_new_tokens), ("every", every),
+                           ("depth", depth)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"callbacks.onpolicy.{key}={value!r} must be a positive integer (or turn the evaluation off: "
+                    f"callbacks.onpolicy=null)."
+                )
+        self.num_prompts, self.cache_dir = num_prompts, cache_dir
         self.max_new_tokens, self.dtype, self.every, self.depth, self.keep_base = (
             max_new_tokens, dtype, every, depth, keep_base,
         )  # fmt: skip
+        self.base_name: str | None = None
+        self.prompts: list[list[int]] = []
+        self.cache: AnswerCache | None = None
         self.answers: list[list[int]] | None = None
         self._base: torch.nn.Module | None = None
         self._validations = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+            raise ValueError(
+                "On-policy validation runs the whole adapter on rank 0, but ZeRO-3 partitions its weights across "
+                "ranks; use callbacks.onpolicy=null with strategy=deepspeed_zero3."
+            )
+        held_out = getattr(trainer.datamodule, "held_out", None)
+        if held_out is None:
+            raise ValueError("On-policy validation needs the tokenized held-out split (KangarooDataModule.held_out).")
+        self.prompts = held_out_prompts(held_out, self.num_prompts)
+        if not self.prompts:
+            raise ValueError(
+                "The held-out split has no sequence with a prompt before its first reply; use callbacks.onpolicy=null."
+            )
+        if len(self.prompts) < self.num_prompts:
+            log.warning(
+                "onpolicy: the held-out split has only %d prompts (num_prompts=%d)", len(self.prompts), self.num_prompts
+            )
+        self.base_name = pl_module.adapter.config.base_model
+        fingerprint = pl_module.adapter.config.base_fingerprint
+        self.cache = AnswerCache(self.cache_dir, self.base_name, fingerprint, self.dtype, self.max_new_tokens)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -148,41 +184,3 @@ class OnPolicyEval(L.Callback):
         if not self.keep_base:
             self._base = None
         return [float(result["top1"]), float(result["accept"]), float(result["tau_estimate"])]
-
-
-def onpolicy_callbacks(cfg: DictConfig, base_name: str, val_set) -> list[L.Callback]:
-    """``[OnPolicyEval]`` when ``onpolicy.enabled`` (configs/onpolicy/), else ``[]``."""
-    oc = cfg.get("onpolicy")
-    if oc is None or not oc.enabled:
-        return []
-    for key in ("num_prompts", "max_new_tokens", "every", "depth"):
-        value = oc[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"onpolicy.{key}={value!r} must be a positive integer (or turn it off: onpolicy=none).")
-    if cfg.strategy.name == "deepspeed" and OmegaConf.select(cfg, "strategy.config.zero_optimization.stage") == 3:
-        raise ValueError(
-            "On-policy validation runs the whole adapter on rank 0, but ZeRO-3 partitions its weights across ranks; "
-            "use onpolicy=none with strategy=deepspeed_zero3."
-        )
-    prompts = held_out_prompts(val_set, oc.num_prompts)
-    if not prompts:
-        raise ValueError("The held-out split has no sequence with a prompt before its first reply; use onpolicy=none.")
-    if len(prompts) < oc.num_prompts:
-        log.warning("onpolicy: the held-out split has only %d prompts (num_prompts=%d)", len(prompts), oc.num_prompts)
-    from transformers import AutoConfig
-
-    from kangaroo_infer.base import resolve_base_path
-
-    fingerprint = base_fingerprint(AutoConfig.from_pretrained(resolve_base_path(base_name)))
-    cache = AnswerCache(oc.cache_dir, base_name, fingerprint, cfg.model.dtype, oc.max_new_tokens)
-    callback = OnPolicyEval(
-        base_name,
-        prompts,
-        cache,
-        max_new_tokens=oc.max_new_tokens,
-        dtype=cfg.model.dtype,
-        every=oc.every,
-        depth=oc.depth,
-        keep_base=oc.keep_base,
-    )
-    return [callback]

@@ -36,7 +36,7 @@ def stream_is_terminal(stream: TextIO) -> bool:
 
 
 def progress_lines_enabled(setting: bool | None, stream: TextIO | None = None) -> bool:
-    """``trainer.progress_lines``: true / false force; null means exactly when stdout is not a terminal."""
+    """``callbacks.progress_lines.enabled``: true / false force; null means exactly when stdout is not a terminal."""
     if setting is not None:
         return bool(setting)
     return not stream_is_terminal(sys.stdout if stream is None else stream)
@@ -48,12 +48,13 @@ def _duration(seconds: float) -> str:
 
 class ProgressLines(Callback):
     """Logs ``train: step S/TOTAL | loss | top1 | tokens/s | elapsed | ETA`` every ``every_n_steps`` optimizer steps
-    (and at the last step) on global rank 0."""
+    (and at the last step) on global rank 0; silent unless ``enabled`` (null: when stdout is not a terminal)."""
 
-    def __init__(self, every_n_steps: int):
+    def __init__(self, every_n_steps: int, enabled: bool | None = None):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"trainer.progress_every_n_steps={every_n_steps!r} must be a positive integer.")
+            raise ValueError(f"callbacks.progress_lines.every_n_steps={every_n_steps!r} must be a positive integer.")
         self.every_n_steps = every_n_steps
+        self.enabled = progress_lines_enabled(enabled)
         self._start_time = 0.0  # when this run's first step began
         self._start_step = 0  # the global step this run started from (> 0 after a resume)
         self._last_step = -1  # the last global step a line was written for
@@ -71,7 +72,7 @@ class ProgressLines(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not trainer.is_global_zero:
+        if not self.enabled or not trainer.is_global_zero:
             return
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None  # [B, T], 1 = real token
         if mask is not None:
@@ -102,10 +103,3 @@ class ProgressLines(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # validation is not training throughput: start the tokens/s window again after it
         self._window_time, self._window_tokens = time.monotonic(), 0
-
-
-def progress_callbacks(trainer_cfg: Any) -> list[Callback]:
-    """``[ProgressLines]`` when ``trainer.progress_lines`` asks for it (by default: stdout is not a terminal)."""
-    if not progress_lines_enabled(trainer_cfg.progress_lines):
-        return []
-    return [ProgressLines(trainer_cfg.progress_every_n_steps)]

@@ -35,20 +35,37 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-class SlurmRequeue(Callback):
-    """On ``signum`` (SIGUSR1): save ``dirpath/step-<N>.ckpt`` after the next optimizer step and requeue the job."""
+def under_slurm() -> bool:
+    """A SLURM job as Lightning detects it: not torchrun inside SLURM, not an interactive allocation."""
+    return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
 
-    def __init__(self, dirpath: str | Path, signum: int = signal.SIGUSR1) -> None:
-        self.dirpath, self.signum = Path(dirpath), signal.Signals(signum)
+
+def slurm_plugins() -> list[SLURMEnvironment]:
+    """Under SLURM, its cluster environment with Lightning's in-handler auto-requeue off (``SlurmRequeue`` takes its
+    place); else nothing, and Lightning picks the environment itself."""
+    return [SLURMEnvironment(auto_requeue=False)] if under_slurm() else []
+
+
+class SlurmRequeue(Callback):
+    """On ``signum`` (SIGUSR1): save ``dirpath/step-<N>.ckpt`` after the next optimizer step and requeue the job.
+    Does nothing outside a SLURM job."""
+
+    def __init__(self, dirpath: str | Path, signum: int | str = "SIGUSR1") -> None:
+        self.dirpath = Path(dirpath)
+        self.signum = signal.Signals[signum] if isinstance(signum, str) else signal.Signals(signum)
         self._signalled = False
         self._requeued = False
         self._seen_step: int | None = None
         self._previous: Any = None
+        self._active = False
 
     def _notice(self, signum: int, frame: FrameType | None) -> None:  # a signal handler: set a flag, nothing else
         self._signalled = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._active = under_slurm()
+        if not self._active:
+            return
         self._previous = signal.signal(self.signum, self._notice)
         log.info(
             "slurm requeue: on %s a checkpoint is saved after the next step and job %s is requeued",
@@ -63,7 +80,8 @@ class SlurmRequeue(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self._requeued or step == self._seen_step:  # requeued already, or mid gradient accumulation
+        # not under SLURM, requeued already, or mid gradient accumulation
+        if not self._active or self._requeued or step == self._seen_step:
             return
         self._seen_step = step
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):  # any rank signalled
@@ -86,12 +104,3 @@ class SlurmRequeue(Callback):
                 job,
                 (result.stderr or result.stdout).strip(),
             )
-
-
-def slurm_callbacks_and_plugins(ckpt_dir: str | Path) -> tuple[list[Callback], list[SLURMEnvironment]]:
-    """Under a SLURM job (as Lightning detects it: not torchrun inside SLURM, not an interactive allocation), its
-    cluster environment with Lightning's in-handler auto-requeue off, and ``SlurmRequeue`` in its place."""
-    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
-        return [], []
-    environment = SLURMEnvironment(auto_requeue=False)
-    return [SlurmRequeue(ckpt_dir, environment.requeue_signal)], [environment]

@@ -60,7 +60,7 @@ def build_strategy(strategy_cfg: Mapping[str, Any], accelerator: str, devices: i
     if "gradient_accumulation_steps" in config or "train_micro_batch_size_per_gpu" in config:
         raise ValueError(
             "strategy.config must not set gradient_accumulation_steps / train_micro_batch_size_per_gpu: they come "
-            "from trainer.accumulate_grad_batches and trainer.batch_size so every strategy counts steps alike."
+            "from trainer.accumulate_grad_batches and data.batch_size so every strategy counts steps alike."
         )
     cls = CPUDeepSpeedStrategy if cpu else DeepSpeedStrategy
     return cls(config=config, parallel_devices=parallel, process_group_backend=backend, timeout=timeout)

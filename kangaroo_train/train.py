@@ -30,7 +30,6 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -97,10 +96,25 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.cache.enabled and cfg.cache.dtype not in DTYPES:
         raise ValueError(f"cache.dtype={cfg.cache.dtype!r} must be one of {list(DTYPES)}.")
     t = cfg.trainer
-    for key in ("batch_size", "accumulate_grad_batches", "val_every_n_steps", "ckpt_every_n_steps", "devices"):
-        value = t[key]
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
+    if checkpoint is None:
+        raise ValueError(
+            "callbacks.checkpoint is off, but resuming and export read its checkpoints; keep it (configs/callbacks/)."
+        )
+    if str(checkpoint.get("dirpath")) != str(cfg.paths.ckpt_dir):
+        raise ValueError(
+            f"callbacks.checkpoint.dirpath={checkpoint.get('dirpath')!r} differs from paths.ckpt_dir="
+            f"{cfg.paths.ckpt_dir!r}, where resuming and export look; set paths.ckpt_dir instead."
+        )
+    for key, value in (
+        ("data.batch_size", cfg.data.get("batch_size")),
+        ("trainer.accumulate_grad_batches", t.accumulate_grad_batches),
+        ("trainer.val_check_interval", t.val_check_interval),
+        ("trainer.devices", t.devices),
+        ("callbacks.checkpoint.every_n_train_steps", checkpoint.get("every_n_train_steps")),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"trainer.{key}={value!r} must be a positive integer.")
+            raise ValueError(f"{key}={value!r} must be a positive integer.")
     if t.max_steps == -1 and (t.max_epochs is None or t.max_epochs < 1):
         raise ValueError("Set trainer.max_steps or trainer.max_epochs (>= 1): training needs an end.")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
@@ -109,8 +123,13 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"temperature={cfg.temperature!r} must be > 0.")
     if cfg.strategy.name not in ("single", "ddp", "deepspeed"):
         raise ValueError(f"strategy={cfg.strategy.name!r}: choose strategy=single, ddp or deepspeed.")
-    if not cfg.logger:
+    if not any(node is not None for node in (cfg.logger or {}).values()):
         raise ValueError("No logger configured: use logger=wandb, logger=csv or logger=[wandb,csv].")
+    if cfg.stage in ("all", "train"):
+        instantiate_group(cfg.callbacks, "callbacks")  # cheap objects: a bad value fails now, not after the cache
+        for key, node in cfg.logger.items():  # loggers may touch disk or network: only their _target_ is checked
+            if node is not None:
+                _locate(node, f"logger.{key}")
 
 
 def generation_defaults(cfg: DictConfig) -> dict[str, Any] | None:
@@ -256,47 +275,45 @@ def _feature_device(cfg: DictConfig, launch: Launch) -> torch.device:
     return torch.device("cpu")
 
 
-def _make_loggers(cfg: DictConfig) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+def instantiate(node: DictConfig, where: str, **runtime: Any) -> Any:
+    """``hydra.utils.instantiate`` with one clear error: a bad value the object itself rejects (its ValueError) or
+    a ``_target_`` that does not import, named by its config key."""
+    from hydra.errors import InstantiationException
 
-    loggers = []
-    if "csv" in cfg.logger:
-        loggers.append(CSVLogger(save_dir=cfg.logger.csv.save_dir, name=cfg.logger.csv.name))
-    if "wandb" in cfg.logger:
-        w = cfg.logger.wandb
-        offline = w.offline if w.offline is not None else not wandb_api_key_available()
-        Path(w.save_dir).mkdir(parents=True, exist_ok=True)
-        loggers.append(
-            WandbLogger(
-                project=w.project,
-                name=w.name,
-                tags=[*(w.tags or []), Path(str(cfg.model.name)).name, f"exit{cfg.model.exit_layer}"],
-                group=w.group,
-                entity=w.entity,
-                offline=offline,
-                save_dir=w.save_dir,
-                log_model=False,
-            )
-        )
-    unknown = set(cfg.logger) - {"csv", "wandb"}
-    if unknown:
-        raise ValueError(f"Unknown logger(s) {sorted(unknown)}; use logger=wandb, csv or [wandb,csv].")
-    return loggers
-
-
-def wandb_api_key_available() -> bool:
-    """An API key in WANDB_API_KEY or in ~/.netrc for the wandb host (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
-    except (netrc.NetrcParseError, OSError):
-        return False
+        return hydra.utils.instantiate(node, **runtime)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise ValueError(
+            f"{where} could not be instantiated from _target_={node.get('_target_')!r}: {err.__cause__ or err}. "
+            f"Fix its arguments (configs/, or the override that set them)."
+        ) from None
+
+
+def _locate(node: Any, where: str) -> None:
+    """The ``_target_`` of ``node`` imports (a typo is reported before any stage runs)."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ValueError(
+            f"{where} is not an object to instantiate: it needs a _target_ (e.g. {where}._target_=my.module.MyClass), "
+            f"or null to turn it off."
+        )
+    try:
+        hydra.utils.get_object(node._target_)
+    except Exception as err:  # ImportError, AttributeError, ...: one message either way
+        raise ValueError(f"{where}._target_={node._target_!r} cannot be imported ({err}); fix the name.") from None
+
+
+def instantiate_group(group: DictConfig | None, name: str) -> list:
+    """The objects of a config group whose entries are ``_target_`` nodes (configs/callbacks/, configs/logger/), in
+    order; an entry set to null is off."""
+    objects = []
+    for key, node in (group or {}).items():
+        if node is None:
+            continue
+        _locate(node, f"{name}.{key}")
+        objects.append(instantiate(node, f"{name}.{key}"))
+    return objects
 
 
 def last_checkpoint(cfg: DictConfig) -> Path | None:
@@ -351,30 +368,6 @@ def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
         )
 
 
-class Checkpoints(ModelCheckpoint):
-    """Every N optimizer steps, at the end, and on SIGTERM; not on other errors, where one crashed rank would hang
-    DeepSpeed's collective save (and a NaN loss must not be saved)."""
-
-    saved_step: int | None = None  # the global step of the newest checkpoint this run wrote or resumed from
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            super().on_exception(trainer, pl_module, exception)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.saved_step = trainer.global_step  # step 0, or the step of the checkpoint resumed from
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self.saved_step = trainer.global_step
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning saves at the end only when no last.ckpt was written at all: keep the steps since the last
-        # periodic checkpoint too (max_steps between two periodic saves, max_time, an epoch end).
-        if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        super().on_train_end(trainer, pl_module)
-
-
 def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) -> None:
     """Fit the adapter; every process of a multi-device run executes this (Lightning launches the others)."""
     from kangaroo_infer.adapter import KangarooAdapter
@@ -382,9 +375,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
 
     from .features import collate_features, collate_tokens, compute_features
     from .module import FrozenParts, KangarooDataModule, KangarooModule
-    from .onpolicy import onpolicy_callbacks
-    from .progress import progress_callbacks
-    from .requeue import slurm_callbacks_and_plugins
+    from .requeue import slurm_plugins
     from .strategy import build_strategy
 
     ckpt_dir = Path(cfg.paths.ckpt_dir)
@@ -431,7 +422,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         generation=generation_defaults(cfg),
         compute_features=features,
         batch={
-            "batch_size": t.batch_size,
+            "batch_size": cfg.data.batch_size,
             "accumulate_grad_batches": t.accumulate_grad_batches,
             "processes": t.devices * t.num_nodes,
         },
@@ -442,46 +433,19 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         train_data,
         val_data,
         collate,
-        batch_size=t.batch_size,
+        batch_size=cfg.data.batch_size,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        num_workers=t.num_workers,
+        num_workers=cfg.data.num_workers,
         seed=cfg.seed,
+        held_out=val_set,
     )
-    checkpoints = Checkpoints(
-        dirpath=ckpt_dir,
-        filename="step-{step:08d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=t.ckpt_every_n_steps,
-        save_top_k=t.keep_checkpoints,
-        monitor="step",
-        mode="max",
-        save_last=True,
-        save_on_exception=True,
-    )
-    slurm_callbacks, plugins = slurm_callbacks_and_plugins(ckpt_dir)
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
+    trainer: L.Trainer = instantiate(
+        t,  # configs/trainer/: Lightning's own arguments
+        "trainer",
         strategy=build_strategy(_container(cfg.strategy), t.accelerator, t.devices, t.num_nodes),
-        precision=t.precision,
-        max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
-        max_time=t.get("max_time"),
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=cfg.optim.clip,
-        # validation every N optimizer steps = N * accumulation batches, counted across epochs
-        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches,
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar,
-        callbacks=[checkpoints, *onpolicy_callbacks(cfg, base_name, val_set), *progress_callbacks(t), *slurm_callbacks],
-        plugins=plugins,
-        logger=_make_loggers(cfg),
-        default_root_dir=cfg.paths.output_dir,
-        use_distributed_sampler=False,  # KangarooDataModule shards by rank itself, in whole optimizer steps
+        callbacks=instantiate_group(cfg.callbacks, "callbacks"),
+        logger=instantiate_group(cfg.logger, "logger"),
+        plugins=slurm_plugins(),
     )
     for logger in trainer.loggers:  # the full resolved config (wandb: the run's config)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -545,6 +509,6 @@ def main(cfg: DictConfig) -> None:
     except ValueError as err:  # bad input: one clear message, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except SIGTERMException:  # Lightning stopped after the current step; Checkpoints saved it
+    except SIGTERMException:  # Lightning stopped after the current step; the Checkpoints callback saved it
         print("interrupted by SIGTERM: checkpoint saved; continue with resume=true", file=sys.stderr, flush=True)
         sys.exit(128 + 15)

@@ -267,7 +267,8 @@ def run_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env["OMP_NUM_THREADS"] = "1"
     command = [
         sys.executable, "-m", "kangaroo_train", "experiment=tiny", f"paths.output_dir={output_dir}",
-        "trainer.max_steps=4", "trainer.val_every_n_steps=2", "onpolicy.num_prompts=4", "onpolicy.max_new_tokens=16",
+        "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "callbacks.onpolicy.num_prompts=4", "callbacks.onpolicy.max_new_tokens=16",
         *overrides,
     ]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
@@ -278,7 +279,7 @@ def run_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_training_logs_onpolicy_metrics_and_reuses_cached_answers(tmp_path):
     answers_dir = tmp_path / "answers"
-    first = run_train(tmp_path / "one", f"onpolicy.cache_dir={answers_dir}")
+    first = run_train(tmp_path / "one", f"callbacks.onpolicy.cache_dir={answers_dir}")
     assert "generating the base's greedy answers to 4 held-out prompts" in first.stdout + first.stderr
     (cached,) = answers_dir.glob("answers-*.json")
     saved = json.loads(cached.read_text())
@@ -292,23 +293,31 @@ def test_training_logs_onpolicy_metrics_and_reuses_cached_answers(tmp_path):
         assert 0.0 <= float(r["val/onpolicy_top1"]) <= 1.0 and 0.0 < float(r["val/onpolicy_accept"]) <= 1.0
         assert r["val/onpolicy_tau"]
 
-    second = run_train(tmp_path / "two", f"onpolicy.cache_dir={answers_dir}")
+    second = run_train(tmp_path / "two", f"callbacks.onpolicy.cache_dir={answers_dir}")
     assert "reusing the cached greedy answers" in second.stdout + second.stderr
     assert "generating the base's greedy answers" not in second.stdout + second.stderr
     assert cached.stat().st_mtime_ns == written and list(answers_dir.glob("answers-*.json")) == [cached]
 
 
 def test_onpolicy_config_off_and_bad_values(tmp_path):
+    import lightning as L
+    import torch
     from hydra import compose, initialize_config_dir
 
-    from kangaroo_train.onpolicy import onpolicy_callbacks
+    from kangaroo_train.onpolicy import OnPolicyEval
+    from kangaroo_train.strategy import CPUDeepSpeedStrategy
+    from kangaroo_train.train import instantiate_group
 
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        off = compose(config_name="train", overrides=["experiment=tiny", "onpolicy=none"])
-        bad = compose(config_name="train", overrides=["experiment=tiny", "onpolicy.num_prompts=0"])
-        zero3 = compose(config_name="train", overrides=["experiment=vicuna7b", "strategy=deepspeed_zero3"])
-    assert onpolicy_callbacks(off, "unused", None) == []
-    with pytest.raises(ValueError, match="onpolicy.num_prompts=0 must be a positive integer"):
-        onpolicy_callbacks(bad, "unused", None)
-    with pytest.raises(ValueError, match="onpolicy=none with strategy=deepspeed_zero3"):
-        onpolicy_callbacks(zero3, "unused", None)
+        on = compose(config_name="train", overrides=["experiment=tiny"])
+        off = compose(config_name="train", overrides=["experiment=tiny", "callbacks.onpolicy=null"])
+        bad = compose(config_name="train", overrides=["experiment=tiny", "callbacks.onpolicy.num_prompts=0"])
+    assert any(isinstance(c, OnPolicyEval) for c in instantiate_group(on.callbacks, "callbacks"))
+    assert not any(isinstance(c, OnPolicyEval) for c in instantiate_group(off.callbacks, "callbacks"))
+    with pytest.raises(ValueError, match="callbacks.onpolicy.num_prompts=0 must be a positive integer"):
+        instantiate_group(bad.callbacks, "callbacks")
+    zero3 = CPUDeepSpeedStrategy(config={"zero_optimization": {"stage": 3}}, parallel_devices=[torch.device("cpu", 0)])
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=zero3, logger=False, enable_progress_bar=False)
+    callback = OnPolicyEval(num_prompts=2, max_new_tokens=4, dtype="float32", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="callbacks.onpolicy=null with strategy=deepspeed_zero3"):
+        callback.setup(trainer, L.LightningModule(), "fit")

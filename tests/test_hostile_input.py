@@ -64,7 +64,9 @@ def test_materialize_refuses_a_foreign_directory_before_converting(kangaroo_home
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile_run")
-    run_train(out, "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "trainer.val_every_n_steps=100")
+    run_train(
+        out, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2", "trainer.val_check_interval=100"
+    )
     return out
 
 
@@ -213,7 +215,7 @@ def test_resume_from_a_truncated_last_ckpt_names_the_intact_one(run_copy):
 def test_resume_with_another_adapter_or_batch_is_refused(run_copy):
     out = run_train(run_copy, "stage=train", "resume=true", "adapter=attention_mlp", "trainer.max_steps=6", check=False)
     assert_clean_error(out, "another adapter config", "mlp: checkpoint False vs now True")
-    out = run_train(run_copy, "stage=train", "resume=true", "trainer.batch_size=4", "trainer.max_steps=6", check=False)
+    out = run_train(run_copy, "stage=train", "resume=true", "data.batch_size=4", "trainer.max_steps=6", check=False)
     assert_clean_error(out, "another batch layout", "batch_size: checkpoint 2 vs now 4")
 
 

@@ -302,7 +302,7 @@ def job_env(output_dir: Path, *overrides: str) -> dict[str, str]:
         "EXPERIMENT": "tiny",
         "GPUS_PER_NODE": "2",  # processes per node: trainer.devices
         "OUTPUT_DIR": str(output_dir),
-        "KANGAROO_OVERRIDES": " ".join(["strategy=ddp", "trainer.val_every_n_steps=100", *overrides]),
+        "KANGAROO_OVERRIDES": " ".join(["strategy=ddp", "trainer.val_check_interval=100", *overrides]),
     }
 
 
@@ -339,7 +339,7 @@ def test_cache_job_builds_every_shard_over_two_tasks_and_a_rerun_builds_nothing(
 
 @pytest.fixture(scope="module")
 def train_log(slurm_cluster, shared_dir, cache_logs) -> str:
-    return slurm_cluster.submit("train.sbatch", job_env(shared_dir, "trainer.progress_every_n_steps=4")).wait()
+    return slurm_cluster.submit("train.sbatch", job_env(shared_dir, "callbacks.progress_lines.every_n_steps=4")).wait()
 
 
 def test_train_job_trains_with_two_slurm_tasks_and_exports_a_loadable_adapter(train_log, shared_dir):
@@ -394,9 +394,9 @@ def test_requeued_train_job_resumes_from_its_checkpoint_without_losing_steps(slu
         f"paths.data_dir={shared_dir / 'data'}",  # the cache job's data and features
         f"cache.dir={shared_dir / 'features'}",
         f"trainer.max_steps={total}",
-        "trainer.ckpt_every_n_steps=1000",  # no periodic checkpoints: only those the interruptions make
-        "trainer.keep_checkpoints=10",
-        "trainer.progress_every_n_steps=1",
+        "callbacks.checkpoint.every_n_train_steps=1000",  # no periodic checkpoints: only those the interruptions make
+        "callbacks.checkpoint.save_top_k=10",
+        "callbacks.progress_lines.every_n_steps=1",
     )
     job = slurm_cluster.submit("train.sbatch", env)
     interrupt(slurm_cluster, job, 0, 3, "scontrol", "requeue", job.job_id)

@@ -74,6 +74,18 @@ def test_bad_settings_fail_with_the_fix():
         validate_config(compose_train(["experiment=tiny", "stage=everything"]))
     with pytest.raises(ValueError, match="trainer.accumulate_grad_batches"):
         validate_config(compose_train(["experiment=tiny", "trainer.accumulate_grad_batches=0"]))
+    with pytest.raises(ValueError, match="data.batch_size=0 must be a positive integer"):
+        validate_config(compose_train(["experiment=tiny", "data.batch_size=0"]))
+    with pytest.raises(ValueError, match="callbacks.checkpoint is off"):
+        validate_config(compose_train(["experiment=tiny", "callbacks.checkpoint=null"]))
+    with pytest.raises(ValueError, match=r"callbacks.progress_lines._target_='kangaroo_train.progres.ProgressLines'"):
+        validate_config(
+            compose_train(["experiment=tiny", "callbacks.progress_lines._target_=kangaroo_train.progres.ProgressLines"])
+        )
+    with pytest.raises(ValueError, match="callbacks.checkpoint.every_n_train_steps=0 must be a positive integer"):
+        validate_config(compose_train(["experiment=tiny", "callbacks.checkpoint.every_n_train_steps=0"]))
+    with pytest.raises(ValueError, match="logger.csv._target_="):
+        validate_config(compose_train(["experiment=tiny", "logger.csv._target_=nowhere.CSVLogger"]))
     with pytest.raises(ValueError, match="strategy=single runs one process"):
         cfg = compose_train(["experiment=tiny", "trainer.devices=2"])
         build_strategy(cfg.strategy, "cpu", 2, 1)

@@ -321,7 +321,7 @@ def shards(directory: Path) -> dict[str, os.stat_result]:
 def distilled_run(tmp_path_factory) -> Path:
     """data -> distill -> cache -> train -> export on the distilled conversations, uninterrupted, one process."""
     output_dir = tmp_path_factory.mktemp("distilled") / "run"
-    out = run_train(output_dir, "trainer.max_steps=6", "trainer.val_every_n_steps=3")
+    out = run_train(output_dir, "trainer.max_steps=6", "trainer.val_check_interval=3")
     assert "distill: 24 conversations (of 24 read" in out.stdout + out.stderr
     return output_dir
 

@@ -33,9 +33,9 @@ def steps_per_epoch(output_dir, sequences_per_step: int) -> int:
 
 
 def test_resume_from_an_epoch_end_starts_the_next_epoch(tmp_path):
-    run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_every_n_steps=100")
+    run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_check_interval=100")
     per_epoch = steps_per_epoch(tmp_path, sequences_per_step=2)
-    run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_every_n_steps=100", "resume=true")
+    run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=100", "resume=true")
     resumed = train_rows(metrics(tmp_path, version=1))
     assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == [(1, s) for s in range(per_epoch, 2 * per_epoch)]
 
@@ -76,8 +76,8 @@ def test_resume_after_kill_continues_the_step_count(tmp_path):
         "experiment=tiny",
         f"paths.output_dir={tmp_path}",
         f"trainer.max_steps={total}",
-        "trainer.ckpt_every_n_steps=4",
-        "trainer.val_every_n_steps=100",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        "trainer.val_check_interval=100",
     ]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -92,7 +92,7 @@ def test_resume_after_kill_continues_the_step_count(tmp_path):
     saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 4 <= saved < total and saved % 4 == 0
 
-    run_train(tmp_path, f"trainer.max_steps={total}", "trainer.ckpt_every_n_steps=4", "resume=true")
+    run_train(tmp_path, f"trainer.max_steps={total}", "callbacks.checkpoint.every_n_train_steps=4", "resume=true")
     resumed = train_rows(metrics(tmp_path, version=1))
     assert [int(r["step"]) for r in resumed] == list(range(saved, total))  # continues where the checkpoint was
     assert_schedule(resumed, total=total)  # the schedule continues too

@@ -41,6 +41,8 @@ def tiny_run(tmp_path_factory) -> Path:
     run_train(
         output_dir,
         "logger=[csv,wandb]",
+        "+callbacks.lr_monitor={_target_: lightning.pytorch.callbacks.LearningRateMonitor, logging_interval: step}",
+        "+trainer.detect_anomaly=false",
         "generation.threshold=0.5",
         "generation.max_draft_steps=3",
         "adapter.draft_vocab_size=64",
@@ -61,6 +63,7 @@ def test_all_stages_leave_their_outputs(tiny_run):
     logged = set(rows[0])
     assert {"train/loss", "train/top1", "train/accept", "train/lr", "train/tokens_per_s"} <= logged
     assert {"val/loss", "val/top1", "val/accept"} <= logged
+    assert "lr-AdamW/pg1" in logged  # a callback added from the command line (+callbacks.lr_monitor) ran
     runs = list((tiny_run / "logs" / "wandb").glob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
 
@@ -147,7 +150,7 @@ def test_empty_data_is_reported(tmp_path):
 
 def test_online_features_without_a_cache(tmp_path):
     """cache=none: the frozen base computes the features inside each step; checkpoints still hold only the adapter."""
-    run_train(tmp_path, "cache=none", "trainer.max_steps=3", "trainer.val_every_n_steps=3")
+    run_train(tmp_path, "cache=none", "trainer.max_steps=3", "trainer.val_check_interval=3")
     assert not (tmp_path / "features").exists()
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and all(k.startswith("adapter.") for k in ckpt["state_dict"])
@@ -163,7 +166,7 @@ def test_max_time_stops_with_a_checkpoint_and_an_export(tmp_path):
         tmp_path,
         "cache=none",
         "trainer.max_steps=1000000",
-        "trainer.ckpt_every_n_steps=1000000",
+        "callbacks.checkpoint.every_n_train_steps=1000000",
         'trainer.max_time="00:00:00:03"',
     )
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

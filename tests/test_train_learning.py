@@ -34,8 +34,8 @@ def test_adapter_learns_near_identity_deep_layers(tmp_path):
         "adapter.init=random",
         "optim.lr=1e-2",
         "trainer.max_steps=80",
-        "trainer.val_every_n_steps=80",
-        "trainer.ckpt_every_n_steps=80",
+        "trainer.val_check_interval=80",
+        "callbacks.checkpoint.every_n_train_steps=80",
         "cache.dtype=float32",
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -40,8 +40,8 @@ def test_lines_every_n_optimizer_steps_in_a_log_file(tmp_path):
         f"paths.output_dir={tmp_path / 'out'}",
         "trainer.max_steps=7",
         "trainer.accumulate_grad_batches=2",  # lines count optimizer steps, not micro-batches
-        "trainer.val_every_n_steps=100",
-        "trainer.progress_every_n_steps=3",
+        "trainer.val_check_interval=100",
+        "callbacks.progress_lines.every_n_steps=3",
         "stage=train",
     ]
     with open(log, "w") as out:  # stdout is a file, as under sbatch: no terminal, so the lines are on by default
@@ -69,5 +69,5 @@ def test_on_by_default_only_when_stdout_is_not_a_terminal(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5])
 def test_step_interval_must_be_a_positive_integer(bad):
-    with pytest.raises(ValueError, match="progress_every_n_steps"):
+    with pytest.raises(ValueError, match="callbacks.progress_lines.every_n_steps"):
         ProgressLines(bad)
