@@ -24,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kangaroo_infer.base import package_file
 
+from .checks import require_positive_int
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -64,8 +66,7 @@ def load_conversations(source: str, fmt: str = "auto", limit: int | None = None)
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown data format {fmt!r}: use one of {list(FORMATS)}.")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r} must be a positive integer, or None for all conversations.")
+    require_positive_int("limit", limit, optional=True, hint=" (null: all conversations)")
     label, records = _open_source(str(source))
     conversations: list[Conversation] = []
     record_fmt = None if fmt == "auto" else fmt
@@ -262,8 +263,7 @@ def tokenize_conversation(
     last special token (a newline between turns) is scaffolding. A token that straddles the boundary (the space
     ending a header merged into the first word of the reply) is masked. The result is cut to ``max_len`` tokens.
     """
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len={max_len!r} must be a positive integer (data.max_len).")
+    require_positive_int("max_len", max_len, hint=" (data.max_len)")
     text = _render(tokenizer, messages, generation_prompt=False)
     fast = bool(getattr(tokenizer, "is_fast", False))
     encoding = tokenizer(

@@ -61,6 +61,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from .checks import require_positive_int
 from .data import Conversation, _render, _tokenizer_identity, load_conversations
 
 log = logging.getLogger("kangaroo_train")
@@ -102,23 +103,15 @@ class DistillSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, optional: bool = False) -> None:
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"distill.{name}={value!r} must be a positive integer{' or null' if optional else ''}."
-                )
-
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or self.temperature < 0:
             raise ValueError(f"distill.temperature={self.temperature!r} must be >= 0 (0 = greedy).")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise ValueError(f"distill.top_p={self.top_p!r} must be in (0, 1].")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"distill.seed={self.seed!r} must be an integer.")
-        positive_int("max_new_tokens", self.max_new_tokens)
-        positive_int("max_len", self.max_len, optional=True)
-        positive_int("batch_size", self.batch_size)
+        require_positive_int("distill.max_new_tokens", self.max_new_tokens)
+        require_positive_int("distill.max_len", self.max_len, optional=True)
+        require_positive_int("distill.batch_size", self.batch_size)
 
     @property
     def sampled(self) -> bool:
@@ -434,8 +427,7 @@ class DistilledData:
         shard_size: int,
         eos: list[int],
     ) -> None:
-        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"distill.shard_size={shard_size!r} must be a positive integer.")
+        require_positive_int("distill.shard_size", shard_size)
         self.directory = Path(directory).expanduser()
         self.prompts = prompts
         self.settings = settings
@@ -734,8 +726,7 @@ def open_distillation(cfg: DictConfig, base_name: str) -> tuple[DistilledData, P
         batch_size=d.batch_size,
     )
     limit = d.num_conversations if d.num_conversations is not None else cfg.data.num_conversations
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"distill.num_conversations={limit!r} must be a positive integer or null (= data's).")
+    require_positive_int("distill.num_conversations", limit, optional=True, hint=" (null: data.num_conversations)")
     tokenizer = load_tokenizer(base_name)
     check_chat_template(tokenizer, base_name)
     path = resolve_base_path(base_name)

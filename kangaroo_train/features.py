@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 
 from kangaroo_infer.adapter import base_fingerprint, check_exit_layer
 
+from .checks import require_positive_int
 from .data import data_hash as compute_data_hash
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -150,8 +151,7 @@ class FeatureCache:
     ) -> None:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"Feature cache dtype {dtype!r} is not supported; use one of {list(STORAGE_DTYPES)}.")
-        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"shard_size={shard_size!r} must be a positive integer.")
+        require_positive_int("shard_size", shard_size, hint=" (cache.shard_size)")
         self.directory = Path(directory).expanduser()
         self.exit_layer = exit_layer
         self.dtype = dtype

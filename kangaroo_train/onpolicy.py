@@ -35,6 +35,8 @@ from kangaroo_infer.arch import Backbone
 from kangaroo_infer.base import load_base
 from kangaroo_infer.evaluate import EvalAnswer, greedy_answers, score_answers
 
+from .checks import require_positive_int
+
 log = logging.getLogger("kangaroo_train")
 
 METRICS = ("val/onpolicy_top1", "val/onpolicy_accept", "val/onpolicy_tau")
@@ -105,13 +107,9 @@ class OnPolicyEval(L.Callback):
         depth: int = 4,
         keep_base: bool = True,
     ):
-        for key, value in (("num_prompts", num_prompts), ("max_new_tokens", max_new_tokens), ("every", every),
-                           ("depth", depth)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"callbacks.onpolicy.{key}={value!r} must be a positive integer (or turn the evaluation off: "
-                    f"callbacks.onpolicy=null)."
-                )
+        counts = {"num_prompts": num_prompts, "max_new_tokens": max_new_tokens, "every": every, "depth": depth}
+        for key, value in counts.items():
+            require_positive_int(f"callbacks.onpolicy.{key}", value, hint=" (turn it off: callbacks.onpolicy=null)")
         self.num_prompts, self.cache_dir = num_prompts, cache_dir
         self.max_new_tokens, self.dtype, self.every, self.depth, self.keep_base = (
             max_new_tokens, dtype, every, depth, keep_base,

@@ -24,6 +24,8 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from .checks import require_positive_int
+
 log = logging.getLogger("kangaroo_train")
 
 
@@ -51,8 +53,7 @@ class ProgressLines(Callback):
     (and at the last step) on global rank 0; silent unless ``enabled`` (null: when stdout is not a terminal)."""
 
     def __init__(self, every_n_steps: int, enabled: bool | None = None):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"callbacks.progress_lines.every_n_steps={every_n_steps!r} must be a positive integer.")
+        require_positive_int("callbacks.progress_lines.every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.enabled = progress_lines_enabled(enabled)
         self._start_time = 0.0  # when this run's first step began
