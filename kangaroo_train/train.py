@@ -35,6 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kangaroo_infer.base import kangaroo_home
 
+from .checks import require_positive_int
+
 log = logging.getLogger("kangaroo_train")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repo's configs/, wherever Python runs from
@@ -86,13 +88,13 @@ def validate_config(cfg: DictConfig) -> None:
     """Catch impossible settings before anything is loaded, each with the override that fixes it."""
     if cfg.stage not in STAGE_CHOICES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGE_CHOICES)}.")
-    ell = cfg.model.exit_layer
-    if isinstance(ell, bool) or not isinstance(ell, int) or ell < 1:
-        raise ValueError(f"model.exit_layer={ell!r} must be an integer >= 1.")
+    require_positive_int("model.exit_layer", cfg.model.exit_layer)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
     if cfg.adapter.init not in ("random", "copy"):
         raise ValueError(f"adapter.init={cfg.adapter.init!r} must be random or copy.")
+    if cfg.adapter.get("init_from"):
+        check_init_from(cfg)
     if cfg.cache.enabled and cfg.cache.dtype not in DTYPES:
         raise ValueError(f"cache.dtype={cfg.cache.dtype!r} must be one of {list(DTYPES)}.")
     t = cfg.trainer
@@ -113,8 +115,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("trainer.devices", t.devices),
         ("callbacks.checkpoint.every_n_train_steps", checkpoint.get("every_n_train_steps")),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r} must be a positive integer.")
+        require_positive_int(key, value)
     if t.max_steps == -1 and (t.max_epochs is None or t.max_epochs < 1):
         raise ValueError("Set trainer.max_steps or trainer.max_epochs (>= 1): training needs an end.")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
@@ -368,6 +369,44 @@ def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
         )
 
 
+def check_init_from(cfg: DictConfig) -> None:
+    """``adapter.init_from`` (an exported adapter to train further) must fit this run exactly: the same exit layer,
+    adapter layout and draft-vocabulary size, so the result exports and loads like any adapter of this config (the
+    base fingerprint is checked when the base is loaded)."""
+    from kangaroo_infer.adapter import read_adapter_config
+
+    source = Path(cfg.adapter.init_from).expanduser()
+    where = f"adapter.init_from={str(source)!r}"
+    try:
+        config = read_adapter_config(source)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    wanted = {
+        "model.exit_layer": (config.exit_layer, cfg.model.exit_layer),
+        "adapter.mlp": (config.mlp, cfg.adapter.mlp),
+        "adapter.draft_vocab_size": (config.draft_vocab_size, cfg.adapter.get("draft_vocab_size")),
+    }
+    diffs = [
+        f"{key}={ours!r} but the adapter has {theirs!r}" for key, (theirs, ours) in wanted.items() if theirs != ours
+    ]
+    if diffs:
+        raise ValueError(
+            f"{where} does not fit this run: {'; '.join(diffs)}. Set these to the adapter's values "
+            f"(adapter=attention_mlp for mlp=true) or train from scratch without adapter.init_from."
+        )
+
+
+def warm_start_adapter(cfg: DictConfig, base):
+    """The exported adapter at ``adapter.init_from`` (e.g. the shipped one, to train on self-distilled answers)."""
+    from kangaroo_infer.adapter import KangarooAdapter
+
+    check_init_from(cfg)
+    try:
+        return KangarooAdapter.from_pretrained(Path(cfg.adapter.init_from).expanduser(), base)
+    except ValueError as err:
+        raise ValueError(f"adapter.init_from={cfg.adapter.init_from!r}: {err}") from None
+
+
 def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) -> None:
     """Fit the adapter; every process of a multi-device run executes this (Lightning launches the others)."""
     from kangaroo_infer.adapter import KangarooAdapter
@@ -393,10 +432,13 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
     L.seed_everything(cfg.seed, workers=True)
     t = cfg.trainer
     base = load_base(base_name, dtype=cfg.model.dtype)
-    adapter = KangarooAdapter.for_base(
-        base, cfg.model.exit_layer, init=cfg.adapter.init, mlp=cfg.adapter.mlp, base_name=base_name
-    ).float()  # fp32 master weights; mixed precision / DeepSpeed cast for compute
-    if cfg.adapter.get("draft_vocab_size"):
+    if cfg.adapter.get("init_from"):  # fine-tune an exported adapter: its weights and draft vocabulary
+        adapter = warm_start_adapter(cfg, base).float()
+    else:
+        adapter = KangarooAdapter.for_base(
+            base, cfg.model.exit_layer, init=cfg.adapter.init, mlp=cfg.adapter.mlp, base_name=base_name
+        ).float()  # fp32 master weights; mixed precision / DeepSpeed cast for compute
+    if cfg.adapter.get("draft_vocab_size") and not cfg.adapter.get("init_from"):
         from .data import frequent_tokens
 
         adapter.set_draft_vocab(frequent_tokens(train_set, base.config.vocab_size, cfg.adapter.draft_vocab_size))

@@ -109,6 +109,42 @@ def test_rerun_skips_finished_stages_and_export_cli(tiny_run, tmp_path):
     assert info["global_step"] == 8
 
 
+def test_init_from_trains_an_exported_adapter_further(tiny_run, tmp_path):
+    """adapter.init_from starts from an exported adapter's weights and draft vocabulary (at lr 0 they come out
+    unchanged), and the run's first validation scores that adapter, not a fresh one."""
+    from safetensors.torch import load_file
+
+    source = tiny_run / "adapter"
+    run_train(tmp_path, f"adapter.init_from={source}", "adapter.draft_vocab_size=64", "optim.lr=0", "stage=all")
+    before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "adapter" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    run_train(tmp_path / "lr", f"adapter.init_from={source}", "adapter.draft_vocab_size=64", "trainer.max_steps=2")
+    again = load_file(tmp_path / "lr" / "adapter" / "model.safetensors")
+    assert torch.equal(again["draft_vocab"], before["draft_vocab"])
+    assert not torch.equal(again["self_attn.q_proj.weight"], before["self_attn.q_proj.weight"])
+
+
+def test_init_from_that_does_not_fit_is_refused(tiny_run, tmp_path):
+    source = tiny_run / "adapter"
+    out = run_train(tmp_path, f"adapter.init_from={source}", "stage=train", check=False)  # draft vocab 64 vs none
+    assert_clean_error(out, "adapter.draft_vocab_size=None but the adapter has 64")
+    out = run_train(
+        tmp_path, f"adapter.init_from={source}", "adapter=attention_mlp", "adapter.draft_vocab_size=64", check=False
+    )
+    assert_clean_error(out, "adapter.mlp=True but the adapter has False")
+    out = run_train(tmp_path, f"adapter.init_from={tmp_path / 'nowhere'}", check=False)
+    assert_clean_error(out, "adapter.init_from=", "does not exist")
+    other = tmp_path / "other_base"  # the same adapter, recorded for a base with another vocabulary
+    import shutil
+
+    shutil.copytree(source, other)
+    config = json.loads((other / "config.json").read_text())
+    config["base_fingerprint"]["vocab_size"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    out = run_train(tmp_path, f"adapter.init_from={other}", "adapter.draft_vocab_size=64", check=False)
+    assert_clean_error(out, "adapter.init_from=", "trained for another base model", "vocab_size")
+
+
 def test_training_again_without_resume_is_refused(tiny_run):
     out = run_train(tiny_run, "stage=train", check=False)
     assert out.returncode == 2 and "resume=true" in out.stderr
