@@ -147,5 +147,6 @@ class Checkpoints(ModelCheckpoint):
         # Lightning saves at the end only when no last.ckpt was written at all: keep the steps since the last
         # periodic checkpoint too (max_steps between two periodic saves, max_time, an epoch end).
         if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(last, weights_only=False)  # full state: resuming needs the optimizer
         super().on_train_end(trainer, pl_module)

@@ -87,7 +87,7 @@ class SlurmRequeue(Callback):
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):  # any rank signalled
             return
         path = self.dirpath / f"step-{step:08d}.ckpt"
-        trainer.save_checkpoint(path)  # every rank: a collective save under DeepSpeed
+        trainer.save_checkpoint(path, weights_only=False)  # full state (resuming); collective under DeepSpeed
         self._requeued = True
         if not trainer.is_global_zero:
             return

@@ -544,8 +544,23 @@ def run(cfg: DictConfig) -> None:
         stage_export(cfg)
 
 
+def sweep_job_output_dir(cfg: DictConfig) -> None:
+    """Under ``-m`` (Hydra multirun) give each job its own ``paths.output_dir``: the configured one plus the job's
+    overrides (e.g. ``outputs/smollm2_135m_gpu/model.exit_layer=4``), so jobs never share checkpoints and a rerun of
+    the sweep finds each job's finished stages again (``resume=true`` continues each one)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    overrides = HydraConfig.get().job.override_dirname
+    if overrides:
+        cfg.paths.output_dir = f"{cfg.paths.output_dir}/{overrides}"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    sweep_job_output_dir(cfg)
     try:
         run(cfg)
     except ValueError as err:  # bad input: one clear message, no traceback

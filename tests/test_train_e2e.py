@@ -15,10 +15,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_train(output_dir: Path, *overrides: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m kangaroo_train experiment=tiny paths.output_dir=... overrides`` in a subprocess."""
+def run_train(
+    output_dir: Path, *overrides: str, timeout: int = 300, check: bool = True, multirun: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -m kangaroo_train [-m] experiment=tiny paths.output_dir=... overrides`` in a subprocess."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "kangaroo_train", "experiment=tiny", f"paths.output_dir={output_dir}", *overrides]
+    command = [sys.executable, "-m", "kangaroo_train", *(["-m"] if multirun else [])]
+    command += ["experiment=tiny", f"paths.output_dir={output_dir}", *overrides]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     if check:
         assert out.returncode == 0, f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
@@ -143,6 +146,16 @@ def test_init_from_that_does_not_fit_is_refused(tiny_run, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     out = run_train(tmp_path, f"adapter.init_from={other}", "adapter.draft_vocab_size=64", check=False)
     assert_clean_error(out, "adapter.init_from=", "trained for another base model", "vocab_size")
+
+
+def test_multirun_gives_each_job_its_own_output_dir(tmp_path):
+    """-m sweeps: every job trains and exports in paths.output_dir/<its overrides>, none overwrites another."""
+    run_train(tmp_path, "model.exit_layer=1,2", "trainer.max_steps=2", multirun=True)
+    for ell in (1, 2):
+        job = tmp_path / f"experiment=tiny,model.exit_layer={ell},trainer.max_steps=2"
+        assert json.loads((job / "adapter" / "config.json").read_text())["exit_layer"] == ell
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "hydra").glob("multirun-*/1/.hydra/overrides.yaml"))
 
 
 def test_training_again_without_resume_is_refused(tiny_run):
