@@ -397,10 +397,10 @@ def check_init_from(cfg: DictConfig) -> None:
 
 
 def warm_start_adapter(cfg: DictConfig, base):
-    """The exported adapter at ``adapter.init_from`` (e.g. the shipped one, to train on self-distilled answers)."""
+    """The exported adapter at ``adapter.init_from`` (e.g. the shipped one, to train on self-distilled answers); its
+    fit with the run was checked by ``validate_config``, its base fingerprint is checked here."""
     from kangaroo_infer.adapter import KangarooAdapter
 
-    check_init_from(cfg)
     try:
         return KangarooAdapter.from_pretrained(Path(cfg.adapter.init_from).expanduser(), base)
     except ValueError as err:
@@ -438,10 +438,10 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         adapter = KangarooAdapter.for_base(
             base, cfg.model.exit_layer, init=cfg.adapter.init, mlp=cfg.adapter.mlp, base_name=base_name
         ).float()  # fp32 master weights; mixed precision / DeepSpeed cast for compute
-    if cfg.adapter.get("draft_vocab_size") and not cfg.adapter.get("init_from"):
-        from .data import frequent_tokens
+        if cfg.adapter.get("draft_vocab_size"):
+            from .data import frequent_tokens
 
-        adapter.set_draft_vocab(frequent_tokens(train_set, base.config.vocab_size, cfg.adapter.draft_vocab_size))
+            adapter.set_draft_vocab(frequent_tokens(train_set, base.config.vocab_size, cfg.adapter.draft_vocab_size))
     if cfg.cache.enabled:
         caches = feature_caches(cfg, base_name, train_set, val_set)
         train_data, val_data = caches["train"].dataset(), caches["val"].dataset()
@@ -546,8 +546,8 @@ def run(cfg: DictConfig) -> None:
 
 def sweep_job_output_dir(cfg: DictConfig) -> None:
     """Under ``-m`` (Hydra multirun) give each job its own ``paths.output_dir``: the configured one plus the job's
-    overrides (e.g. ``outputs/smollm2_135m_gpu/model.exit_layer=4``), so jobs never share checkpoints and a rerun of
-    the sweep finds each job's finished stages again (``resume=true`` continues each one)."""
+    overrides (e.g. ``outputs/NAME/experiment=NAME,model.exit_layer=4``), so jobs never share checkpoints and a rerun
+    of the sweep finds each job's finished stages again (``resume=true`` continues each one)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
