@@ -303,16 +303,27 @@ def distill_conversations(
     source_indices: list[int],
     settings: DistillSettings,
     eos: list[int],
-    on_answers: Callable[[int, int], None] | None = None,
+    on_answers: Callable[[int, int, int], None] | None = None,
 ) -> list[DistilledConversation]:
     """Answer every user turn of ``skeletons`` with the base, turn index by turn index, each answer conditioned on
-    the conversation's regenerated history. ``on_answers(answers, tokens)`` reports progress after each batch."""
+    the conversation's regenerated history. ``on_answers(answers, tokens, dropped)`` reports progress after each
+    batch: answers generated, their tokens, and user turns that will never be answered (beyond max_len, after an
+    empty answer) found since the last report."""
     check_chat_template(tokenizer, tokenizer.name_or_path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     results = [DistilledConversation(index, []) for index in source_indices]
     # per conversation: the messages still to process, and whether it is still going
     pending = [list(skeleton) for skeleton in skeletons]
     active = [True] * len(skeletons)
+    reported_dropped = 0
+
+    def report(answers: int, tokens: int) -> None:
+        nonlocal reported_dropped
+        dropped = sum(r.stats["turns_beyond_max_len"] + r.stats["turns_after_empty"] for r in results)
+        if on_answers is not None and (answers or dropped != reported_dropped):
+            on_answers(answers, tokens, dropped - reported_dropped)
+        reported_dropped = dropped
+
     turn = 0
     while True:
         ready: list[tuple[int, list[int], int]] = []  # (conversation, prompt ids, budget)
@@ -355,9 +366,9 @@ def distill_conversations(
             )
             for (c, _, budget), (ids, ended) in zip(batch, answers, strict=True):
                 active[c] = _add_answer(results[c], pending[c], tokenizer, ids, ended, budget, settings)
-            if on_answers is not None:
-                on_answers(len(batch), sum(len(ids) for ids, _ in answers))
+            report(len(batch), sum(len(ids) for ids, _ in answers))
         turn += 1
+    report(0, 0)  # turns dropped when the last prompts were found beyond max_len
     for result in results:
         if not any(m["role"] == "assistant" for m in result.messages):
             result.messages = []
@@ -553,9 +564,10 @@ class DistilledData:
         ) as bar:
             tokens = 0
 
-            def on_answers(count: int, new_tokens: int) -> None:
+            def on_answers(count: int, new_tokens: int, dropped: int) -> None:
                 nonlocal tokens
                 tokens += new_tokens
+                bar.total -= dropped  # turns that will never be generated: the ETA counts only real work
                 elapsed = max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix(tokens=tokens, tok_s=f"{tokens / elapsed:.1f}", refresh=False)
                 bar.update(count)
@@ -574,7 +586,7 @@ class DistilledData:
         tokenizer: PreTrainedTokenizerBase,
         index: int,
         rank: int,
-        on_answers: Callable[[int, int], None],
+        on_answers: Callable[[int, int, int], None],
     ) -> None:
         lo, hi = self._bounds(index)
         started = time.monotonic()

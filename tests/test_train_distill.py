@@ -124,6 +124,17 @@ def test_every_turn_answers_the_regenerated_history(tiny):
     assert sum(r.stats["cut_max_new_tokens"] for r in results) == users
 
 
+def distill_counting(base, tokenizer, skeletons, indices, settings, eos):
+    """distill_conversations, checking its progress reports: every user turn is reported once, as an answer or as
+    a turn that will never be answered, and the reported tokens are the answers' tokens."""
+    reports = []
+    results = distill_conversations(base, tokenizer, skeletons, indices, settings, eos, lambda *r: reports.append(r))
+    user_turns = sum(m["role"] == "user" for skeleton in skeletons for m in skeleton)
+    assert sum(a for a, _, _ in reports) + sum(d for _, _, d in reports) == user_turns
+    assert sum(t for _, t, _ in reports) == sum(r.stats["answer_tokens"] for r in results)
+    return results
+
+
 def test_max_len_bounds_prompt_plus_answer(tiny):
     base, tokenizer = tiny
     eos = [tokenizer.eos_token_id]
@@ -136,7 +147,7 @@ def test_max_len_bounds_prompt_plus_answer(tiny):
     ]
     second = chat_ids(tokenizer, [*history, three_turns[2]])
     settings = DistillSettings(max_new_tokens=MAX_NEW, max_len=len(second) + 5)
-    result, short = distill_conversations(base, tokenizer, prompts.skeletons, [0, 1], settings, eos)
+    result, short = distill_counting(base, tokenizer, prompts.skeletons, [0, 1], settings, eos)
     # turn 1's prompt leaves 5 tokens: its answer stops there (max_len) and the conversation ends
     assert result.messages == [
         *history,
@@ -148,7 +159,7 @@ def test_max_len_bounds_prompt_plus_answer(tiny):
     assert short.stats["cut_max_len"] == 0 and len(short.messages) == 3  # system, user, assistant
 
     too_long = DistillSettings(max_new_tokens=MAX_NEW, max_len=len(first))  # not even the first answer fits
-    (dropped,) = distill_conversations(base, tokenizer, prompts.skeletons[:1], [0], too_long, eos)
+    (dropped,) = distill_counting(base, tokenizer, prompts.skeletons[:1], [0], too_long, eos)
     assert dropped.messages == [] and dropped.stats["dropped_max_len"] == 1
     assert dropped.stats["turns_beyond_max_len"] == 3
 
@@ -162,7 +173,7 @@ def test_empty_answers_end_their_conversation(tiny):
     # a stop token that starts conversation 2's second answer but is not in its first: that answer comes out empty
     stop = reference_answer(base, chat_ids(tokenizer, normal[1].messages[:3]), 1, eos)[0]
     assert stop not in reference_answer(base, chat_ids(tokenizer, normal[1].messages[:1]), MAX_NEW, eos)
-    _, cut = distill_conversations(base, tokenizer, prompts.skeletons, [1, 2], settings, [stop])
+    _, cut = distill_counting(base, tokenizer, prompts.skeletons, [1, 2], settings, [stop])
     assert cut.messages == normal[1].messages[:2]  # the first answer; the empty second one ends the conversation
     assert cut.stats["empty_answers"] == 1 and cut.stats["turns_after_empty"] == 1 and cut.stats["dropped_empty"] == 0
     first = reference_answer(base, chat_ids(tokenizer, prompts.skeletons[0][:1]), 1, eos)[0]
