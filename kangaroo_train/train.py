@@ -86,12 +86,16 @@ def _wait_for(ready: Callable[[], bool], what: str, timeout_minutes: float) -> N
 
 def validate_config(cfg: DictConfig) -> None:
     """Catch impossible settings before anything is loaded, each with the override that fixes it."""
+    from kangaroo_infer.adapter import INITS
+
+    from .module import SCHEDULES
+
     if cfg.stage not in STAGE_CHOICES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGE_CHOICES)}.")
     require_positive_int("model.exit_layer", cfg.model.exit_layer)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
-    if cfg.adapter.init not in ("random", "copy"):
+    if cfg.adapter.init not in INITS:
         raise ValueError(f"adapter.init={cfg.adapter.init!r} must be random or copy.")
     if cfg.adapter.get("init_from"):
         check_init_from(cfg)
@@ -118,7 +122,7 @@ def validate_config(cfg: DictConfig) -> None:
         require_positive_int(key, value)
     if t.max_steps == -1 and (t.max_epochs is None or t.max_epochs < 1):
         raise ValueError("Set trainer.max_steps or trainer.max_epochs (>= 1): training needs an end.")
-    if cfg.optim.schedule not in ("cosine", "linear", "constant"):
+    if cfg.optim.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={cfg.optim.schedule!r} must be cosine, linear or constant.")
     if cfg.temperature is None or cfg.temperature <= 0:
         raise ValueError(f"temperature={cfg.temperature!r} must be > 0.")

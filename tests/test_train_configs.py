@@ -74,6 +74,10 @@ def test_bad_settings_fail_with_the_fix():
         validate_config(compose_train(["experiment=tiny", "stage=everything"]))
     with pytest.raises(ValueError, match="trainer.accumulate_grad_batches"):
         validate_config(compose_train(["experiment=tiny", "trainer.accumulate_grad_batches=0"]))
+    with pytest.raises(ValueError, match="adapter.init='zeros' must be random or copy"):
+        validate_config(compose_train(["experiment=tiny", "adapter.init=zeros"]))
+    with pytest.raises(ValueError, match="optim.schedule='step' must be cosine, linear or constant"):
+        validate_config(compose_train(["experiment=tiny", "optim.schedule=step"]))
     with pytest.raises(ValueError, match="model.exit_layer=0 must be a positive integer"):
         validate_config(compose_train(["experiment=tiny", "model.exit_layer=0"]))
     with pytest.raises(ValueError, match="data.batch_size=0 must be a positive integer"):
