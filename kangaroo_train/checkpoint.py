@@ -143,10 +143,22 @@ class Checkpoints(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.saved_step = trainer.global_step
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)  # the periodic step-N.ckpt
+        # A run that stops after this step (max_time, max_steps, a callback's should_stop) is saved here, while
+        # Lightning still counts the epoch as unfinished: saved in on_train_end instead, the epoch would count as
+        # done and a resumed run would skip the rest of it (and end short of its planned steps and LR schedule).
+        max_steps = trainer.max_steps
+        if trainer.should_stop or (max_steps is not None and 0 <= max_steps <= trainer.global_step):
+            self._save_last(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning saves at the end only when no last.ckpt was written at all: keep the steps since the last
-        # periodic checkpoint too (max_steps between two periodic saves, max_time, an epoch end).
+        # periodic checkpoint too (an epoch end, or max_epochs).
+        self._save_last(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_last(self, trainer: L.Trainer) -> None:
         if self.saved_step != trainer.global_step:
             last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
             trainer.save_checkpoint(last, weights_only=False)  # full state: resuming needs the optimizer
-        super().on_train_end(trainer, pl_module)

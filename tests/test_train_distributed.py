@@ -40,6 +40,19 @@ def test_resume_from_an_epoch_end_starts_the_next_epoch(tmp_path):
     assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == [(1, s) for s in range(per_epoch, 2 * per_epoch)]
 
 
+def test_resume_after_a_mid_epoch_stop_finishes_that_epoch(tmp_path):
+    """A run that stops mid-epoch (max_steps here, max_time or a callback's should_stop alike) saves the epoch as
+    unfinished, so resuming trains the rest of it instead of skipping to the next epoch."""
+    common = ("trainer.max_epochs=2", "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_train_steps=1000")
+    run_train(tmp_path, "trainer.max_steps=7", *common)
+    per_epoch = steps_per_epoch(tmp_path, sequences_per_step=2)
+    assert 7 < per_epoch
+    run_train(tmp_path, "trainer.max_steps=-1", *common, "resume=true")
+    resumed = train_rows(metrics(tmp_path, version=1))
+    expected = [(s // per_epoch, s) for s in range(7, 2 * per_epoch)]  # epoch 0 finishes, then epoch 1
+    assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == expected
+
+
 def test_ddp_two_processes(tmp_path):
     run_train(tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.accumulate_grad_batches=3")
     rows = train_rows(metrics(tmp_path))

@@ -220,4 +220,7 @@ def test_max_time_stops_with_a_checkpoint_and_an_export(tmp_path):
     )
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert 0 < ckpt["global_step"] < 1000000
+    last_row = train_rows(metrics(tmp_path))[-1]  # the step it stopped after, and that step's epoch
+    assert int(last_row["step"]) == ckpt["global_step"] - 1
+    assert ckpt["epoch"] == int(last_row["epoch"])  # saved as unfinished: a resumed run completes that epoch
     assert json.loads((tmp_path / "adapter" / "training.json").read_text())["global_step"] == ckpt["global_step"]
