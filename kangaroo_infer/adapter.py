@@ -3,7 +3,8 @@
 Adapter (the paper's design): input RMSNorm -> one self-attention block of the base model's own attention class ->
 residual -> final RMSNorm; the base model's frozen LM head turns its output into draft logits. An optional MLP block
 (``mlp=True``: post-attention RMSNorm -> the base model's MLP class -> residual) adds capacity where the
-attention-only adapter drafts too badly to pay for itself.
+attention-only adapter drafts too badly to pay for itself, and ``num_layers`` > 1 stacks more such blocks (each with
+its own keys/values, adapter cache layer i) before the final norm.
 
 A checkpoint is a directory with ``config.json`` (adapter settings, exit layer, the base model it was trained for and
 a fingerprint of that base, optional generation defaults) and ``model.safetensors`` (adapter weights only).
@@ -70,6 +71,7 @@ class AdapterConfig:
     base_model: str | None = None  # path, hub id or alias the adapter was trained for
     init: str = "random"
     mlp: bool = False
+    num_layers: int = 1  # adapter blocks (attention [+ MLP]) before the final norm
     draft_vocab_size: int | None = None  # drafts come from this many frequent tokens (None = the full vocabulary)
     generation: dict[str, Any] = field(default_factory=dict)  # optional defaults: threshold, max_draft_steps
     format: str = FORMAT
@@ -123,12 +125,12 @@ def _base_modules(config: PretrainedConfig) -> _BaseModules:
     return _BaseModules(type(layer.self_attn), type(layer.input_layernorm), type(layer.mlp), type(decoder.rotary_emb))
 
 
-def _adapter_attention_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The base config, reduced to one full-attention layer (the adapter never uses a sliding window)."""
+def _adapter_attention_config(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
+    """The base config, reduced to the adapter's full-attention layers (the adapter never uses a sliding window)."""
     cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = 1
+    cfg.num_hidden_layers = num_layers
     if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = ["full_attention"]
+        cfg.layer_types = ["full_attention"] * num_layers
     if getattr(cfg, "sliding_window", None) is not None:
         cfg.sliding_window = None
     if hasattr(cfg, "use_sliding_window"):
@@ -136,28 +138,83 @@ def _adapter_attention_config(config: PretrainedConfig) -> PretrainedConfig:
     return cfg
 
 
-class KangarooAdapter(nn.Module):
-    """Maps exit-layer hidden states (input of base layer ℓ) to hidden states that the base LM head reads."""
+class AdapterBlock(nn.Module):
+    """One adapter block: RMSNorm -> the base's attention -> residual [-> RMSNorm -> the base's MLP -> residual]."""
+
+    def __init__(self, mods: _BaseModules, attn_config: PretrainedConfig, mlp: bool, layer_idx: int):
+        super().__init__()
+        hidden, eps = attn_config.hidden_size, attn_config.rms_norm_eps
+        self.input_layernorm = mods.norm(hidden, eps=eps)
+        self.self_attn = mods.attention(attn_config, layer_idx=layer_idx)  # its keys/values: adapter cache layer idx
+        self.has_mlp = mlp
+        if mlp:
+            self.post_attention_layernorm = mods.norm(hidden, eps=eps)
+            self.mlp = mods.mlp(attn_config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [B, q, H] residual stream
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [B, q, head_dim]
+        attention_mask: torch.Tensor | None,  # [B, 1, q, kv] or None (causal)
+        cache=None,
+    ) -> torch.Tensor:  # [B, q, H]
+        attn, _ = self.self_attn(
+            self.input_layernorm(hidden),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        hidden = hidden + attn
+        if self.has_mlp:
+            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden
+
+    @torch.no_grad()
+    def copy_layer(self, layer: nn.Module) -> None:
+        """Take a base decoder layer's attention block (and MLP block)."""
+        self.input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+        self.self_attn.load_state_dict(layer.self_attn.state_dict())
+        if self.has_mlp:
+            self.post_attention_layernorm.load_state_dict(layer.post_attention_layernorm.state_dict())
+            self.mlp.load_state_dict(layer.mlp.state_dict())
+
+    @torch.no_grad()
+    def silence(self) -> None:
+        """Zero the projections that write into the residual stream: the block then passes its input through."""
+        for name, param in self.named_parameters():
+            if name.startswith(("self_attn.o_proj.", "mlp.down_proj.")):
+                param.zero_()
+
+
+class KangarooAdapter(AdapterBlock):
+    """Maps exit-layer hidden states (input of base layer ℓ) to hidden states that the base LM head reads.
+
+    The adapter is its own first block (so a one-block checkpoint's keys are ``self_attn.*``, ``mlp.*``, ...);
+    further blocks live in ``blocks`` (``blocks.0`` is the second one).
+    """
 
     def __init__(self, config: AdapterConfig, base_config: PretrainedConfig):
-        super().__init__()
-        self.config = config
-        self.base_config = base_config
         check_exit_layer(config.exit_layer, base_config.num_hidden_layers)
         if config.init not in INITS:
             raise ValueError(f"Unknown adapter init {config.init!r}; choose one of {list(INITS)}.")
+        layers = config.num_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"Adapter num_layers={layers!r} must be an integer >= 1 (1 is the paper's adapter).")
         mods = _base_modules(base_config)
-        attn_config = _adapter_attention_config(base_config)
-        hidden, eps = base_config.hidden_size, base_config.rms_norm_eps
-        self.input_layernorm = mods.norm(hidden, eps=eps)
-        self.self_attn = mods.attention(attn_config, layer_idx=0)
-        if config.mlp:
-            self.post_attention_layernorm = mods.norm(hidden, eps=eps)
-            self.mlp = mods.mlp(attn_config)
-        self.norm = mods.norm(hidden, eps=eps)
+        attn_config = _adapter_attention_config(base_config, layers)
+        super().__init__(mods, attn_config, config.mlp, layer_idx=0)
+        self.config = config
+        self.base_config = base_config
+        if layers > 1:
+            self.blocks = nn.ModuleList(AdapterBlock(mods, attn_config, config.mlp, i) for i in range(1, layers))
+        self.norm = mods.norm(base_config.hidden_size, eps=base_config.rms_norm_eps)
         self.rotary_emb = mods.rotary(config=attn_config)  # buffers only (not saved)
         if config.draft_vocab_size is not None:
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+
+    def all_blocks(self) -> list[AdapterBlock]:
+        """The blocks in the order they run."""
+        return [self, *getattr(self, "blocks", [])]
 
     def set_draft_vocab(self, token_ids: torch.Tensor | list[int]) -> None:
         """Restrict drafting to these token ids (e.g. the most frequent ones in the training data, as FR-Spec does).
@@ -185,8 +242,10 @@ class KangarooAdapter(nn.Module):
         init: str = "random",
         mlp: bool = False,
         base_name: str | None = None,
+        num_layers: int = 1,
     ) -> KangarooAdapter:
-        """A fresh adapter for ``base``: torch-default weights (``random``) or copied from base layer ℓ (``copy``)."""
+        """A fresh adapter for ``base``: torch-default weights (``random``) or copied from base layers ℓ, ℓ + 1, …
+        (``copy``)."""
         check_exit_layer(exit_layer, base.config.num_hidden_layers)
         config = AdapterConfig(
             exit_layer=exit_layer,
@@ -194,6 +253,7 @@ class KangarooAdapter(nn.Module):
             base_model=base_name if base_name is not None else (base.config.name_or_path or None),
             init=init,
             mlp=mlp,
+            num_layers=num_layers,
         )
         adapter = cls(config, base.config)
         param = next(base.parameters())
@@ -204,15 +264,32 @@ class KangarooAdapter(nn.Module):
 
     @torch.no_grad()
     def copy_from(self, base: PreTrainedModel) -> None:
-        """Initialise from base layer ℓ's attention block (and MLP block) and the base's final norm."""
+        """Initialise block i from base layer ℓ + i (the last layer for blocks past it), the norm from the base's."""
         decoder = base.get_decoder()
-        layer = decoder.layers[self.config.exit_layer]
-        self.input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
-        self.self_attn.load_state_dict(layer.self_attn.state_dict())
-        if self.config.mlp:
-            self.post_attention_layernorm.load_state_dict(layer.post_attention_layernorm.state_dict())
-            self.mlp.load_state_dict(layer.mlp.state_dict())
+        last = len(decoder.layers) - 1
+        for i, block in enumerate(self.all_blocks()):
+            block.copy_layer(decoder.layers[min(self.config.exit_layer + i, last)])
         self.norm.load_state_dict(decoder.norm.state_dict())
+
+    @torch.no_grad()
+    def grow_from(self, smaller: KangarooAdapter) -> None:
+        """Start from a trained adapter with fewer blocks: its blocks, norm and draft vocabulary are taken as they
+        are, and the blocks it lacks are silenced (they pass their input through), so this adapter drafts exactly
+        as ``smaller`` until training moves it."""
+        ours, theirs = self.config, smaller.config
+        same = {"exit_layer": ours.exit_layer, "mlp": ours.mlp, "base_fingerprint": ours.base_fingerprint}
+        diffs = [f"{k}: {getattr(theirs, k)!r} vs {v!r}" for k, v in same.items() if getattr(theirs, k) != v]
+        if theirs.num_layers > ours.num_layers:
+            diffs.append(f"num_layers: {theirs.num_layers} vs {ours.num_layers} (it has more blocks)")
+        if diffs:
+            raise ValueError(f"Cannot grow this adapter from one that differs in {'; '.join(diffs)}.")
+        if getattr(smaller, "draft_vocab", None) is not None:
+            self.set_draft_vocab(smaller.draft_vocab)
+        for block in self.all_blocks()[theirs.num_layers :]:
+            block.silence()
+        state = self.state_dict()
+        state.update(smaller.state_dict())  # every key of the smaller adapter is a key of this one, same shape
+        self.load_state_dict(state, strict=True)
 
     def forward(
         self,
@@ -220,21 +297,15 @@ class KangarooAdapter(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: [B, q, head_dim]
         position_ids: torch.Tensor | None = None,  # [B, q]; used when position_embeddings is None
         attention_mask: torch.Tensor | None = None,  # [B, 1, q, kv] or None (causal)
-        cache=None,  # transformers Cache holding the adapter's own keys/values (layer 0)
+        cache=None,  # transformers Cache holding the adapter's own keys/values (layer i: block i)
     ) -> torch.Tensor:  # [B, q, H], ready for the base LM head
         if position_embeddings is None:
             if position_ids is None:
                 position_ids = torch.arange(exit_states.shape[1], device=exit_states.device)[None]
             position_embeddings = self.rotary_emb(exit_states, position_ids=position_ids)
-        attn, _ = self.self_attn(
-            self.input_layernorm(exit_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            cache=cache,
-        )
-        hidden = exit_states + attn
-        if self.config.mlp:
-            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = exit_states
+        for block in self.all_blocks():  # the first block is this module itself, hence the explicit call
+            hidden = AdapterBlock.forward(block, hidden, position_embeddings, attention_mask, cache)
         return self.norm(hidden)
 
     # ---- checkpoint -------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One transformers ``DynamicCache`` holds every base layer; the shallow layers [0, ℓ) run ahead of the deep layers
 [ℓ, L) while drafting, so the two halves have different lengths until verification. A second ``DynamicCache`` holds
-the adapter's single attention layer, which may lag behind: it only ever needs the exit states of committed tokens.
+the adapter's attention layers (one per adapter block), which may lag behind: it only ever needs the exit states of
+committed tokens.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class KangarooCache:
             self.base.layers[idx].crop(min(0, length - self.base.get_seq_length(idx)))
         adapter_len = self.adapter_len
         if adapter_len > length:
-            self.adapter.layers[0].crop(length - adapter_len)
+            for layer in self.adapter.layers:
+                layer.crop(length - adapter_len)
         elif adapter_len < length:
             missing = length - adapter_len
             pending = sum(s.shape[1] for s in self.adapter_pending)
@@ -75,14 +77,16 @@ class KangarooCache:
         for layer in self.base.layers:
             layer.keys = layer.keys.index_select(-2, base_keep)
             layer.values = layer.values.index_select(-2, base_keep)
-        layer = self.adapter.layers[0]
-        layer.keys = layer.keys.index_select(-2, adapter_keep)
-        layer.values = layer.values.index_select(-2, adapter_keep)
+        for layer in self.adapter.layers:
+            layer.keys = layer.keys.index_select(-2, adapter_keep)
+            layer.values = layer.values.index_select(-2, adapter_keep)
 
     def crop(self, length: int, adapter_length: int) -> None:
         """Forget everything past ``length`` base entries and ``adapter_length`` adapter entries, pending states
         included: back to an earlier point of the same sequence (e.g. to time the same step repeatedly)."""
         for layer in self.base.layers:
             layer.crop(length - layer.get_seq_length())
-        self.adapter.layers[0].crop(adapter_length - self.adapter_len)
+        adapter_len = self.adapter_len
+        for layer in self.adapter.layers:
+            layer.crop(adapter_length - adapter_len)
         self.deep_pending, self.adapter_pending = [], []

@@ -1,12 +1,12 @@
 """Export a Kangaroo adapter as a standalone draft model that serving engines and HF assisted generation can load.
 
-The draft is a plain transformers model of the base's own architecture class with ℓ + 1 decoder layers: the base's
-first ℓ layers, then the adapter as decoder layer ℓ (its attention block, and its MLP block when it has one; the
-attention-only adapter gets an all-zero MLP, which adds nothing to the residual), the adapter's final norm, and the
-base's embeddings and LM head. Its logits equal Kangaroo's draft logits over the FULL vocabulary: an adapter's
-draft vocabulary (``draft_vocab``, FR-Spec style) is not carried over, since plain architectures have no place
-for it. Engines that run a separate draft model recompute the shallow layers there and never exit early, so this
-route is expected to be slower than kangaroo's own decoding (docs/serving.md).
+The draft is a plain transformers model of the base's own architecture class with ℓ + n decoder layers: the base's
+first ℓ layers, then the adapter's n blocks as decoder layers ℓ, …, ℓ + n - 1 (attention block, and MLP block when
+the adapter has one; an attention-only block gets an all-zero MLP, which adds nothing to the residual), the adapter's
+final norm, and the base's embeddings and LM head. Its logits equal Kangaroo's draft logits over the FULL
+vocabulary: an adapter's draft vocabulary (``draft_vocab``, FR-Spec style) is not carried over, since plain
+architectures have no place for it. Engines that run a separate draft model recompute the shallow layers there and
+never exit early, so this route is expected to be slower than kangaroo's own decoding (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def export_draft(
 def build_draft(base: PreTrainedModel, adapter: KangarooAdapter) -> PreTrainedModel:
     """The draft as an in-memory model (fp32 if the base is), sharing no storage with ``base`` or ``adapter``."""
     ell = adapter.config.exit_layer
-    config = draft_config(base.config, ell)
+    config = draft_config(base.config, ell, adapter.config.num_layers)
     draft = AutoModelForCausalLM.from_config(config, dtype=base.dtype).eval()
     if type(draft) is not type(base):
         raise ValueError(f"The draft was built as {type(draft).__name__}, not the base's {type(base).__name__}.")
@@ -82,10 +82,10 @@ def build_draft(base: PreTrainedModel, adapter: KangarooAdapter) -> PreTrainedMo
     return draft
 
 
-def draft_config(base_config: PretrainedConfig, exit_layer: int) -> PretrainedConfig:
-    """The base config cut to ℓ + 1 layers whose last layer (the adapter) attends to the whole context."""
+def draft_config(base_config: PretrainedConfig, exit_layer: int, adapter_layers: int = 1) -> PretrainedConfig:
+    """The base config cut to ℓ + n layers whose last n layers (the adapter's blocks) attend to the whole context."""
     config = copy.deepcopy(base_config)
-    config.num_hidden_layers = exit_layer + 1
+    config.num_hidden_layers = exit_layer + adapter_layers
     model_type = config.model_type
     window = getattr(config, "sliding_window", None)
     if model_type == "mistral" and window is not None:
@@ -99,12 +99,12 @@ def draft_config(base_config: PretrainedConfig, exit_layer: int) -> PretrainedCo
             )
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        config.layer_types = list(layer_types[:exit_layer]) + ["full_attention"]
+        config.layer_types = list(layer_types[:exit_layer]) + ["full_attention"] * adapter_layers
     if model_type == "qwen2":
         # The older rule (layers >= max_window_layers slide) must agree where it can: with no sliding shallow
         # layer, every layer of the draft is full attention.
         if "sliding_attention" not in (config.layer_types or []):
-            config.max_window_layers = exit_layer + 1
+            config.max_window_layers = exit_layer + adapter_layers
     return config
 
 
@@ -122,17 +122,18 @@ def _draft_state(draft: PreTrainedModel, base: PreTrainedModel, adapter: Kangaro
     put(f"{dec}.embed_tokens", base_dec.embed_tokens.state_dict())
     for idx in range(ell):
         put(f"{dec}.layers.{idx}", base_dec.layers[idx].state_dict())
-    layer = f"{dec}.layers.{ell}"
-    put(f"{layer}.input_layernorm", adapter.input_layernorm.state_dict())
-    put(f"{layer}.self_attn", adapter.self_attn.state_dict())
-    draft_layer = draft.get_decoder().layers[ell]
-    if adapter.config.mlp:
-        put(f"{layer}.post_attention_layernorm", adapter.post_attention_layernorm.state_dict())
-        put(f"{layer}.mlp", adapter.mlp.state_dict())
-    else:  # zero MLP: the layer adds nothing after its attention, exactly as the attention-only adapter
-        norm = draft_layer.post_attention_layernorm.state_dict()
-        put(f"{layer}.post_attention_layernorm", {k: torch.ones_like(v) for k, v in norm.items()})
-        put(f"{layer}.mlp", {k: torch.zeros_like(v) for k, v in draft_layer.mlp.state_dict().items()})
+    for i, block in enumerate(adapter.all_blocks()):
+        layer = f"{dec}.layers.{ell + i}"
+        put(f"{layer}.input_layernorm", block.input_layernorm.state_dict())
+        put(f"{layer}.self_attn", block.self_attn.state_dict())
+        if adapter.config.mlp:
+            put(f"{layer}.post_attention_layernorm", block.post_attention_layernorm.state_dict())
+            put(f"{layer}.mlp", block.mlp.state_dict())
+        else:  # zero MLP: the layer adds nothing after its attention, exactly as the attention-only block
+            draft_layer = draft.get_decoder().layers[ell + i]
+            norm = draft_layer.post_attention_layernorm.state_dict()
+            put(f"{layer}.post_attention_layernorm", {k: torch.ones_like(v) for k, v in norm.items()})
+            put(f"{layer}.mlp", {k: torch.zeros_like(v) for k, v in draft_layer.mlp.state_dict().items()})
     put(f"{dec}.norm", adapter.norm.state_dict())
     put(head, base.get_output_embeddings().state_dict())  # the tied head's name too: it is one tensor in the draft
     return state

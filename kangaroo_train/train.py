@@ -97,6 +97,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
     if cfg.adapter.init not in INITS:
         raise ValueError(f"adapter.init={cfg.adapter.init!r} must be random or copy.")
+    require_positive_int("adapter.num_layers", cfg.adapter.num_layers)
     if cfg.adapter.get("init_from"):
         check_init_from(cfg)
     if cfg.cache.enabled and cfg.cache.dtype not in DTYPES:
@@ -356,8 +357,11 @@ def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
             f"Cannot resume: {err} {intact or 'No intact step-*.ckpt is left: start over in another paths.output_dir.'}"
         ) from None
     adapter, now = saved.get("adapter_config") or {}, hparams["adapter_config"]
-    keys = ("exit_layer", "mlp", "init", "draft_vocab_size", "base_fingerprint")
-    diffs = [f"{k}: checkpoint {adapter.get(k)!r} vs now {now[k]!r}" for k in keys if adapter.get(k) != now[k]]
+    keys = ("exit_layer", "mlp", "num_layers", "init", "draft_vocab_size", "base_fingerprint")
+    saved_config = {"num_layers": 1, **adapter}  # checkpoints from before num_layers had one block
+    diffs = [
+        f"{k}: checkpoint {saved_config.get(k)!r} vs now {now[k]!r}" for k in keys if saved_config.get(k) != now[k]
+    ]
     if diffs:
         raise ValueError(
             f"Cannot resume from {ckpt_path}: it was trained with another adapter config ({'; '.join(diffs)}). "
@@ -376,7 +380,8 @@ def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
 def check_init_from(cfg: DictConfig) -> None:
     """``adapter.init_from`` (an exported adapter to train further) must fit this run exactly: the same exit layer,
     adapter layout and draft-vocabulary size, so the result exports and loads like any adapter of this config (the
-    base fingerprint is checked when the base is loaded)."""
+    base fingerprint is checked when the base is loaded). It may have fewer blocks than ``adapter.num_layers``: the
+    run then grows it (``KangarooAdapter.grow_from``)."""
     from kangaroo_infer.adapter import read_adapter_config
 
     source = Path(cfg.adapter.init_from).expanduser()
@@ -393,27 +398,45 @@ def check_init_from(cfg: DictConfig) -> None:
     diffs = [
         f"{key}={ours!r} but the adapter has {theirs!r}" for key, (theirs, ours) in wanted.items() if theirs != ours
     ]
+    if config.num_layers > cfg.adapter.num_layers:
+        diffs.append(f"adapter.num_layers={cfg.adapter.num_layers!r} but the adapter has {config.num_layers!r}")
     if diffs:
         raise ValueError(
             f"{where} does not fit this run: {'; '.join(diffs)}. Set these to the adapter's values "
-            f"(adapter=attention_mlp for mlp=true) or train from scratch without adapter.init_from."
+            f"(adapter=attention_mlp for mlp=true; adapter.num_layers may also be larger, to grow it) or train from "
+            f"scratch without adapter.init_from."
         )
 
 
 def warm_start_adapter(cfg: DictConfig, base):
-    """The exported adapter at ``adapter.init_from`` (e.g. the shipped one, to train on self-distilled answers); its
-    fit with the run was checked by ``validate_config``, its base fingerprint is checked here."""
+    """The exported adapter at ``adapter.init_from`` (e.g. the shipped one, to train on self-distilled answers),
+    grown to ``adapter.num_layers`` blocks if it has fewer; its fit with the run was checked by ``validate_config``,
+    its base fingerprint is checked here."""
     from kangaroo_infer.adapter import KangarooAdapter
 
     try:
-        return KangarooAdapter.from_pretrained(Path(cfg.adapter.init_from).expanduser(), base)
+        adapter = KangarooAdapter.from_pretrained(Path(cfg.adapter.init_from).expanduser(), base)
     except ValueError as err:
         raise ValueError(f"adapter.init_from={cfg.adapter.init_from!r}: {err}") from None
+    if adapter.config.num_layers == cfg.adapter.num_layers:
+        return adapter
+    grown = fresh_adapter(cfg, base, adapter.config.base_model)
+    grown.grow_from(adapter)
+    return grown
+
+
+def fresh_adapter(cfg: DictConfig, base, base_name: str | None):
+    """A new adapter of the run's layout (``cfg.adapter``) for ``base``."""
+    from kangaroo_infer.adapter import KangarooAdapter
+
+    a = cfg.adapter
+    return KangarooAdapter.for_base(
+        base, cfg.model.exit_layer, init=a.init, mlp=a.mlp, num_layers=a.num_layers, base_name=base_name
+    )
 
 
 def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) -> None:
     """Fit the adapter; every process of a multi-device run executes this (Lightning launches the others)."""
-    from kangaroo_infer.adapter import KangarooAdapter
     from kangaroo_infer.base import load_base
 
     from .features import collate_features, collate_tokens, compute_features
@@ -439,9 +462,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
     if cfg.adapter.get("init_from"):  # fine-tune an exported adapter: its weights and draft vocabulary
         adapter = warm_start_adapter(cfg, base).float()
     else:
-        adapter = KangarooAdapter.for_base(
-            base, cfg.model.exit_layer, init=cfg.adapter.init, mlp=cfg.adapter.mlp, base_name=base_name
-        ).float()  # fp32 master weights; mixed precision / DeepSpeed cast for compute
+        adapter = fresh_adapter(cfg, base, base_name).float()  # fp32 master weights; mixed precision casts for compute
         if cfg.adapter.get("draft_vocab_size"):
             from .data import frequent_tokens
 

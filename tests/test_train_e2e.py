@@ -127,6 +127,26 @@ def test_init_from_trains_an_exported_adapter_further(tiny_run, tmp_path):
     assert not torch.equal(again["self_attn.q_proj.weight"], before["self_attn.q_proj.weight"])
 
 
+def test_init_from_grows_an_adapter_by_blocks(tiny_run, tmp_path):
+    """adapter.num_layers above init_from's: its blocks are taken as they are and the new ones pass their input
+    through (at lr 0 the grown adapter drafts exactly as the source); fewer blocks than the source is refused."""
+    from safetensors.torch import load_file
+
+    source = tiny_run / "adapter"
+    grown = tmp_path / "grown"
+    run_train(grown, f"adapter.init_from={source}", "adapter.draft_vocab_size=64", "adapter.num_layers=2", "optim.lr=0")
+    before, after = load_file(source / "model.safetensors"), load_file(grown / "adapter" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not after["blocks.0.self_attn.o_proj.weight"].any() and after["blocks.0.self_attn.q_proj.weight"].any()
+    assert json.loads((grown / "adapter" / "config.json").read_text())["num_layers"] == 2
+    out = run_train(
+        tmp_path / "fewer", f"adapter.init_from={grown / 'adapter'}", "adapter.draft_vocab_size=64", check=False
+    )
+    assert_clean_error(out, "adapter.num_layers=1 but the adapter has 2")
+    out = run_train(tmp_path / "none", "adapter.num_layers=0", check=False)
+    assert_clean_error(out, "adapter.num_layers=0 must be a positive integer")
+
+
 def test_init_from_that_does_not_fit_is_refused(tiny_run, tmp_path):
     source = tiny_run / "adapter"
     out = run_train(tmp_path, f"adapter.init_from={source}", "stage=train", check=False)  # draft vocab 64 vs none
