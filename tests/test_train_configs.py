@@ -118,5 +118,6 @@ def test_gpu_experiment_is_the_recipe_of_the_shipped_adapter():
     cfg = compose_train(["experiment=smollm2_135m_gpu"])
     assert shipped["base_model"] == cfg.model.name and shipped["exit_layer"] == cfg.model.exit_layer
     assert shipped["mlp"] == cfg.adapter.mlp and shipped["init"] == cfg.adapter.init
+    assert shipped.get("num_layers", 1) == cfg.adapter.num_layers  # written before num_layers existed: one block
     assert shipped["draft_vocab_size"] == cfg.adapter.draft_vocab_size
     assert shipped["generation"] == generation_defaults(cfg)

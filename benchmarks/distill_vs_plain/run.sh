@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # #11 on this CPU: does self-distilled data give a better adapter than ShareGPT's replies at equal scale? Trains two
-# adapters with the main job's recipe (experiment=smollm2_135m: ℓ=2, attention adapter, 2 epochs) on the same first
+# adapters with the main job's recipe as it was then (experiment=smollm2_135m with the paper's attention adapter:
+# ℓ=2, 2 epochs) on the same first
 # 400 ShareGPT conversations, one on their replies (plain) and one on the base's own greedy answers (distilled), then
 # scores both and the shipped adapter on the base's own greedy answers to Spec-Bench questions (eval-adapter) and
 # times adapter-only decoding (bench --lookup-tokens 0). Nothing else may run beside it (~1.5 h on 2 cores, most of
@@ -14,9 +15,9 @@ py=${PYTHON:-.venv/bin/python}
 n=${NUM_CONVERSATIONS:-400}
 
 "$py" -m kangaroo_train experiment=smollm2_135m_distill distill.num_conversations="$n" \
-  paths.output_dir="$work/distill$n" logger=csv resume=true
+  adapter=attention adapter.num_layers=1 paths.output_dir="$work/distill$n" logger=csv resume=true
 "$py" -m kangaroo_train experiment=smollm2_135m data.num_conversations="$n" \
-  paths.output_dir="$work/plain$n" logger=csv resume=true
+  adapter=attention adapter.num_layers=1 paths.output_dir="$work/plain$n" logger=csv resume=true
 
 mkdir -p "$out"
 for run in "plain$n:$work/plain$n/adapter" "distill$n:$work/distill$n/adapter" \

@@ -18,4 +18,5 @@ base = load_base(saved["identity"]["base"], dtype=saved["identity"]["dtype"])
 answers = [EvalAnswer(p, a) for p, a in zip(saved["prompts"], saved["answers"], strict=True)]
 for directory in sys.argv[2:]:
     result = score_answers(Backbone.of(base), KangarooAdapter.from_pretrained(directory, base), answers)["overall"]
-    print(json.dumps({"adapter": directory, **{k: result[k] for k in ("positions", "top1", "accept", "tau_estimate")}}))
+    scores = {k: result[k] for k in ("positions", "top1", "accept", "tau_estimate")}
+    print(json.dumps({"answers": sys.argv[1], "adapter": directory, **scores}))
