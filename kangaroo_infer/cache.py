@@ -59,8 +59,7 @@ class KangarooCache:
             self.base.layers[idx].crop(min(0, length - self.base.get_seq_length(idx)))
         adapter_len = self.adapter_len
         if adapter_len > length:
-            for layer in self.adapter.layers:
-                layer.crop(length - adapter_len)
+            self.adapter.crop(length - adapter_len)  # every adapter layer (one per block)
         elif adapter_len < length:
             missing = length - adapter_len
             pending = sum(s.shape[1] for s in self.adapter_pending)
@@ -86,7 +85,5 @@ class KangarooCache:
         included: back to an earlier point of the same sequence (e.g. to time the same step repeatedly)."""
         for layer in self.base.layers:
             layer.crop(length - layer.get_seq_length())
-        adapter_len = self.adapter_len
-        for layer in self.adapter.layers:
-            layer.crop(adapter_length - adapter_len)
+        self.adapter.crop(adapter_length - self.adapter_len)
         self.deep_pending, self.adapter_pending = [], []
