@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.serialization import safe_globals
 
@@ -150,6 +151,13 @@ class Checkpoints(ModelCheckpoint):
         # done and a resumed run would skip the rest of it (and end short of its planned steps and LR schedule).
         max_steps = trainer.max_steps
         if trainer.should_stop or (max_steps is not None and 0 <= max_steps <= trainer.global_step):
+            self._save_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # A callback that stops the run from validation (EarlyStopping) does so mid-epoch when validation runs every
+        # N steps: save now too, for the same reason as above (ModelCheckpoints run after the other callbacks).
+        if trainer.should_stop and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._save_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -53,6 +53,32 @@ def test_resume_after_a_mid_epoch_stop_finishes_that_epoch(tmp_path):
     assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == expected
 
 
+def test_resume_after_a_stop_from_mid_epoch_validation_finishes_that_epoch(tmp_path):
+    """EarlyStopping stops the run from validation, here after step 5 of an epoch longer than that: last.ckpt holds
+    the unfinished epoch, so the resumed run (without the callback) trains the rest of it."""
+    common = (
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=5",
+        "callbacks.checkpoint.every_n_train_steps=1000",
+    )
+    stop = (
+        "+callbacks.stop={_target_: lightning.pytorch.callbacks.EarlyStopping, monitor: val/loss, mode: min, "
+        "stopping_threshold: 1.0e9, check_on_train_epoch_end: false}"  # the first validation reaches it
+    )
+    run_train(tmp_path, *common, stop)
+    per_epoch = steps_per_epoch(tmp_path, sequences_per_step=2)
+    assert 5 < per_epoch
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
+    )
+    run_train(tmp_path, *common, "resume=true")
+    resumed = train_rows(metrics(tmp_path, version=1))
+    assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == [
+        (s // per_epoch, s) for s in range(5, 2 * per_epoch)
+    ]
+
+
 def test_ddp_two_processes(tmp_path):
     run_train(tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.accumulate_grad_batches=3")
     rows = train_rows(metrics(tmp_path))
