@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -338,6 +338,8 @@ def last_checkpoint(cfg: DictConfig) -> Path | None:
 def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
     """Before Lightning loads ``ckpt_path``: it must be intact, and trained with this run's adapter and batch layout
     (a resumed run would otherwise fail deep inside Lightning, or silently follow another step schedule)."""
+    from kangaroo_infer.adapter import AdapterConfig
+
     from .checkpoint import checkpoint_header
 
     try:
@@ -358,7 +360,8 @@ def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
         ) from None
     adapter, now = saved.get("adapter_config") or {}, hparams["adapter_config"]
     keys = ("exit_layer", "mlp", "num_layers", "init", "draft_vocab_size", "base_fingerprint")
-    saved_config = {"num_layers": 1, **adapter}  # checkpoints from before num_layers had one block
+    # fields newer than the checkpoint take their defaults, as they do when its exported config.json is read
+    saved_config = {f.name: f.default for f in fields(AdapterConfig) if f.default is not MISSING} | adapter
     diffs = [
         f"{k}: checkpoint {saved_config.get(k)!r} vs now {now[k]!r}" for k in keys if saved_config.get(k) != now[k]
     ]

@@ -217,6 +217,13 @@ def test_resume_with_another_adapter_or_batch_is_refused(run_copy):
     assert_clean_error(out, "another adapter config", "mlp: checkpoint False vs now True")
     out = run_train(run_copy, "stage=train", "resume=true", "data.batch_size=4", "trainer.max_steps=6", check=False)
     assert_clean_error(out, "another batch layout", "batch_size: checkpoint 2 vs now 4")
+    # a checkpoint from before adapter.num_layers existed counts as the default, one block
+    last = run_copy / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    del ckpt["hyper_parameters"]["adapter_config"]["num_layers"]
+    torch.save(ckpt, last)
+    out = run_train(run_copy, "stage=train", "resume=true", "adapter.num_layers=2", "trainer.max_steps=6", check=False)
+    assert_clean_error(out, "another adapter config", "num_layers: checkpoint 1 vs now 2")
 
 
 # ---- 7. devices and generation arguments ------------------------------------------------------------------------
