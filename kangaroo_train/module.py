@@ -44,26 +44,40 @@ def kangaroo_loss(
     loss_mask: torch.Tensor,  # [B, T] 1 = assistant token
     head: nn.Module,  # frozen LM head: H -> V
     temperature: float = 1.0,
+    vocab: torch.Tensor | None = None,  # [V'] the adapter's draft vocabulary (None: all V tokens)
 ) -> dict[str, torch.Tensor]:
     """Soft-label cross-entropy of the adapter against the full model, plus agreement metrics (module docstring).
 
-    The head runs only on the weighted positions, which keeps the [N, V] logits small. Returns ``loss`` (mean over
-    weighted positions, differentiable), ``top1`` (argmax agreement), ``accept`` (Σ_v min(p, q), the expected
+    The head runs only on the weighted positions, which keeps the [N, V] logits small. With a draft vocabulary the
+    adapter's distribution q is a softmax over those V' tokens only, as when it drafts: the loss is
+    -Σ_{v in V'} p(v) log q(v) (the target's mass outside V' is out of the draft's reach), and the draft's head costs
+    V'/V of the full one (the target's p still spans all V tokens). Returns ``loss`` (mean over weighted positions,
+    differentiable), ``top1`` (the draft's argmax equals the full model's), ``accept`` (Σ_v min(p, q), the expected
     acceptance of a drafted token under speculative sampling) and ``count`` (N). Metrics use temperature 1.
     """
     select = position_weights(loss_mask)  # [B, T]
-    head_dtype = head.weight.dtype
-    draft_logits = head(draft_hidden[select].to(head_dtype)).float()  # [N, V]
-    with torch.no_grad():
-        target_logits = head(target_hidden[select].to(head_dtype)).float()  # [N, V]
+    weight, bias = head.weight, getattr(head, "bias", None)  # [V, H], [V] or None
+    if vocab is not None:
+        weight, bias = weight[vocab], (bias[vocab] if bias is not None else None)  # [V', H]
+    draft_logits = F.linear(draft_hidden[select].to(weight.dtype), weight, bias).float()  # [N, V']
     count = select.sum()
     denom = count.clamp(min=1).float()
-    p_t = F.softmax(target_logits / temperature, dim=-1)
-    log_q_t = F.log_softmax(draft_logits / temperature, dim=-1)
+    with torch.no_grad():
+        target_logits = head(target_hidden[select].to(head.weight.dtype)).float()  # [N, V]
+        target_top = target_logits.argmax(-1)  # [N]
+        reach = target_logits if vocab is None else target_logits[:, vocab]  # [N, V']
+
+        def probs(t: float) -> torch.Tensor:  # p over the draftable tokens, normalised over all V: [N, V']
+            return torch.exp(reach / t - torch.logsumexp(target_logits / t, dim=-1, keepdim=True))
+
+        p_t = probs(temperature)
+        p = p_t if temperature == 1.0 else probs(1.0)
+    log_q_t = F.log_softmax(draft_logits / temperature, dim=-1)  # [N, V']
     loss = -(p_t * log_q_t).sum(-1).sum() / denom
     with torch.no_grad():
-        p, q = F.softmax(target_logits, dim=-1), F.softmax(draft_logits, dim=-1)
-        top1 = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float().sum() / denom
+        q = log_q_t.exp() if temperature == 1.0 else F.softmax(draft_logits, dim=-1)
+        draft_top = draft_logits.argmax(-1) if vocab is None else vocab[draft_logits.argmax(-1)]  # [N] token ids
+        top1 = (draft_top == target_top).float().sum() / denom
         accept = torch.minimum(p, q).sum(-1).sum() / denom
     return {"loss": loss, "top1": top1, "accept": accept, "count": count}
 
@@ -118,6 +132,7 @@ class KangarooModule(L.LightningModule):
         *,
         optim: Mapping[str, Any],
         temperature: float,
+        draft_vocab_loss: bool,
         base_config: Mapping[str, Any],
         generation: Mapping[str, Any] | None,
         compute_features: Callable | None = None,
@@ -138,6 +153,7 @@ class KangarooModule(L.LightningModule):
                 "generation": plain_containers(generation) if generation is not None else None,
                 "optim": plain_containers(optim),
                 "temperature": float(temperature),
+                "draft_vocab_loss": bool(draft_vocab_loss),
                 "batch": plain_containers(batch) if batch is not None else None,  # the step layout resuming needs
             }
         )
@@ -162,7 +178,11 @@ class KangarooModule(L.LightningModule):
         param = next(self.adapter.parameters())
         # Right-padded batches: causal attention alone keeps real positions from seeing padding.
         draft = self.adapter(exit_states.to(param.dtype))  # [B, T, H]
-        return kangaroo_loss(draft, final_states, batch["loss_mask"], self.frozen.lm_head, self.hparams.temperature)
+        # the tokens it drafts from (None: all V)
+        vocab = getattr(self.adapter, "draft_vocab", None) if self.hparams.draft_vocab_loss else None
+        return kangaroo_loss(
+            draft, final_states, batch["loss_mask"], self.frozen.lm_head, self.hparams.temperature, vocab
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)

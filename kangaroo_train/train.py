@@ -127,6 +127,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"optim.schedule={cfg.optim.schedule!r} must be cosine, linear or constant.")
     if cfg.temperature is None or cfg.temperature <= 0:
         raise ValueError(f"temperature={cfg.temperature!r} must be > 0.")
+    if not isinstance(cfg.draft_vocab_loss, bool):
+        raise ValueError(f"draft_vocab_loss={cfg.draft_vocab_loss!r} must be true or false.")
     if cfg.strategy.name not in ("single", "ddp", "deepspeed"):
         raise ValueError(f"strategy={cfg.strategy.name!r}: choose strategy=single, ddp or deepspeed.")
     if not any(node is not None for node in (cfg.logger or {}).values()):
@@ -488,6 +490,7 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
         frozen,
         optim=_container(cfg.optim),
         temperature=cfg.temperature,
+        draft_vocab_loss=cfg.draft_vocab_loss,
         base_config=adapter.base_config.to_dict(),
         generation=generation_defaults(cfg),
         compute_features=features,

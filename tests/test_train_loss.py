@@ -71,6 +71,31 @@ def test_temperature_softens_both_distributions():
     assert kangaroo_loss(draft, target, loss_mask, identity_head(2), t)["loss"].item() == pytest.approx(expected)
 
 
+def test_draft_vocabulary_loss_and_metrics_match_a_hand_computed_example():
+    """With a draft vocabulary q is a softmax over those tokens only (as when drafting); p keeps all tokens."""
+    loss_mask, vocab = torch.tensor([[0, 1, 1]]), torch.tensor([2, 0])  # positions 0 and 1 trained; drafts from {2, 0}
+    target = torch.tensor([[[0.0, math.log(2.0), 0.0], [math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    draft = torch.tensor([[[0.0, 9.0, math.log(3.0)], [0.0, 9.0, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    out = kangaroo_loss(draft, target, loss_mask, identity_head(3), vocab=vocab)
+    # position 0: p = (1/4, 1/2, 1/4) over tokens 0, 1, 2; q over (2, 0) = (3/4, 1/4): token 1 (logit 9) is out
+    #   of reach. CE = -(1/4 log 3/4 + 1/4 log 1/4); the draft's top is token 2, p's is 1; min-sum 1/4 + 1/4
+    # position 1: p = (1/2, 1/4, 1/4); q over (2, 0) = (1/2, 1/2); CE = -(1/4 log 1/2 + 1/2 log 1/2); top: tie ->
+    #   first in vocab order, token 2, p's is 0; min-sum 1/4 + 1/2
+    ce0 = -(0.25 * math.log(0.75) + 0.25 * math.log(0.25))
+    ce1 = -(0.25 * math.log(0.5) + 0.5 * math.log(0.5))
+    assert out["loss"].item() == pytest.approx((ce0 + ce1) / 2, abs=1e-6)
+    assert out["top1"].item() == 0.0
+    assert out["accept"].item() == pytest.approx((0.5 + 0.75) / 2, abs=1e-6)
+    out["loss"].backward()
+    assert torch.all(draft.grad[..., 1] == 0)  # a token outside the draft vocabulary gets no gradient
+    vocab = torch.tensor([1, 0])  # now p's top is draftable at both positions, and drafted at position 0
+    assert kangaroo_loss(draft, target, loss_mask, identity_head(3), vocab=vocab)["top1"].item() == 0.5
+    with torch.no_grad():  # the full vocabulary is the vocab=None case
+        full = kangaroo_loss(draft, target, loss_mask, identity_head(3))
+        every = kangaroo_loss(draft, target, loss_mask, identity_head(3), vocab=torch.arange(3))
+    assert all(torch.allclose(full[k].float(), every[k].float()) for k in ("loss", "top1", "accept", "count"))
+
+
 def test_lr_schedule_warmup_then_cosine_and_linear():
     kw = {"warmup": 4, "total": 14}
     assert [lr_multiplier(s, schedule="cosine", **kw) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])

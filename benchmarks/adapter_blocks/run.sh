@@ -22,14 +22,14 @@ reuse="paths.data_dir=$main/data cache.dir=$main/features callbacks.onpolicy.cac
 for run in "main_attn:attention:1" "main_mlp:attention_mlp:1" "main_mlp2:attention_mlp:2"; do
   IFS=: read -r name adapter blocks <<< "$run"
   "$py" -m kangaroo_train experiment=smollm2_135m $reuse paths.output_dir="$work/$name" \
-    adapter="$adapter" adapter.draft_vocab_size=16384 adapter.num_layers="$blocks" logger=csv resume=true
+    adapter="$adapter" adapter.draft_vocab_size=16384 adapter.num_layers="$blocks" draft_vocab_loss=false logger=csv resume=true
 done
 
 "$py" -m kangaroo_train experiment=smollm2_135m_distill distill.num_conversations=400 \
   distill.dir="$work/distill400/distill" cache.dir="$work/distill400/features" \
   callbacks.onpolicy.cache_dir="$work/distill400/onpolicy" paths.output_dir="$work/ft2_distill400" \
   adapter=attention_mlp adapter.draft_vocab_size=16384 adapter.init_from=checkpoints/smollm2-135m-instruct \
-  adapter.num_layers=2 optim.lr=3e-4 logger=csv resume=true
+  adapter.num_layers=2 optim.lr=3e-4 draft_vocab_loss=false logger=csv resume=true
 
 mkdir -p "$out"
 adapters="$work/main_attn/adapter $work/main_mlp/adapter $work/main_mlp2/adapter $work/ft2_distill400/adapter"

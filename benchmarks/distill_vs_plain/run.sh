@@ -15,9 +15,9 @@ py=${PYTHON:-.venv/bin/python}
 n=${NUM_CONVERSATIONS:-400}
 
 "$py" -m kangaroo_train experiment=smollm2_135m_distill distill.num_conversations="$n" \
-  adapter=attention adapter.num_layers=1 paths.output_dir="$work/distill$n" logger=csv resume=true
+  adapter=attention adapter.num_layers=1 paths.output_dir="$work/distill$n" draft_vocab_loss=false logger=csv resume=true
 "$py" -m kangaroo_train experiment=smollm2_135m data.num_conversations="$n" \
-  adapter=attention adapter.num_layers=1 paths.output_dir="$work/plain$n" logger=csv resume=true
+  adapter=attention adapter.num_layers=1 paths.output_dir="$work/plain$n" draft_vocab_loss=false logger=csv resume=true
 
 mkdir -p "$out"
 for run in "plain$n:$work/plain$n/adapter" "distill$n:$work/distill$n/adapter" \

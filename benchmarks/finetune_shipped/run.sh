@@ -19,13 +19,13 @@ shipped=checkpoints/smollm2-135m-instruct
   distill.dir="$work/distill400/distill" cache.dir="$work/distill400/features" \
   callbacks.onpolicy.cache_dir="$work/distill400/onpolicy" paths.output_dir="$work/ft_distill400" \
   adapter=attention_mlp adapter.num_layers=1 adapter.draft_vocab_size=16384 adapter.init_from="$shipped" \
-  optim.lr=3e-4 logger=csv resume=true
+  optim.lr=3e-4 draft_vocab_loss=false logger=csv resume=true
 
 "$py" -m kangaroo_train experiment=smollm2_135m_distill distill.num_conversations=400 \
   distill.dir="$work/distill400/distill" cache.dir="$work/distill400/features" \
   callbacks.onpolicy.cache_dir="$work/distill400/onpolicy" paths.output_dir="$work/ft_t05_distill400" \
   adapter=attention_mlp adapter.num_layers=1 adapter.draft_vocab_size=16384 adapter.init_from="$shipped" \
-  optim.lr=3e-4 temperature=0.5 logger=csv resume=true
+  optim.lr=3e-4 temperature=0.5 draft_vocab_loss=false logger=csv resume=true
 
 rm -rf "$work/shipped_l4" && cp -r "$shipped" "$work/shipped_l4"
 "$py" -c 'import json, sys; p = sys.argv[1]; c = json.load(open(p)); c["exit_layer"] = 4; json.dump(c, open(p, "w"))' \
@@ -34,7 +34,7 @@ rm -rf "$work/shipped_l4" && cp -r "$shipped" "$work/shipped_l4"
   distill.dir="$work/distill400/distill" cache.dir="$work/distill400_l4/features" \
   callbacks.onpolicy.cache_dir="$work/distill400/onpolicy" paths.output_dir="$work/ft_l4_distill400" \
   adapter=attention_mlp adapter.num_layers=1 adapter.draft_vocab_size=16384 adapter.init_from="$work/shipped_l4" \
-  model.exit_layer=4 optim.lr=3e-4 logger=csv resume=true
+  model.exit_layer=4 optim.lr=3e-4 draft_vocab_loss=false logger=csv resume=true
 
 mkdir -p "$out"
 "$py" "$(dirname "$0")/score_held_out.py" "$work"/distill400/onpolicy/answers-*.json "$shipped" \
