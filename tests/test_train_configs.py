@@ -82,6 +82,8 @@ def test_bad_settings_fail_with_the_fix():
         validate_config(compose_train(["experiment=tiny", "model.exit_layer=0"]))
     with pytest.raises(ValueError, match="data.batch_size=0 must be a positive integer"):
         validate_config(compose_train(["experiment=tiny", "data.batch_size=0"]))
+    with pytest.raises(ValueError, match="draft_vocab_loss='yes please' must be true or false"):
+        validate_config(compose_train(["experiment=tiny", "draft_vocab_loss='yes please'"]))
     with pytest.raises(ValueError, match="callbacks.checkpoint is off"):
         validate_config(compose_train(["experiment=tiny", "callbacks.checkpoint=null"]))
     with pytest.raises(ValueError, match=r"callbacks.progress_lines._target_='kangaroo_train.progres.ProgressLines'"):
