@@ -17,11 +17,10 @@ py=${PYTHON:-.venv/bin/python}
 main=$work/smollm2_135m
 
 time KANGAROO_OUT=$main bash scripts/main.sh logger=csv
-"$py" -m kangaroo_train experiment=smollm2_135m paths.data_dir="$main/data" cache.dir="$main/features" \
-  callbacks.onpolicy.cache_dir="$main/onpolicy" paths.output_dir="$work/main_vocab2" adapter.num_layers=2 \
+reuse="paths.data_dir=$main/data cache.dir=$main/features callbacks.onpolicy.cache_dir=$main/onpolicy"
+"$py" -m kangaroo_train experiment=smollm2_135m $reuse paths.output_dir="$work/main_vocab2" adapter.num_layers=2 \
   logger=csv resume=true
-"$py" -m kangaroo_train experiment=smollm2_135m paths.data_dir="$main/data" cache.dir="$main/features" \
-  callbacks.onpolicy.cache_dir="$main/onpolicy" paths.output_dir="$work/ft_vocab" \
+"$py" -m kangaroo_train experiment=smollm2_135m $reuse paths.output_dir="$work/ft_vocab" \
   adapter.init_from=checkpoints/smollm2-135m-instruct optim.lr=3e-4 trainer.max_epochs=1 logger=csv resume=true
 
 mkdir -p "$out/training"
@@ -30,12 +29,11 @@ for run in "main_vocab:$main" "main_vocab2:$work/main_vocab2" "ft_vocab:$work/ft
 done
 "$py" benchmarks/finetune_shipped/score_held_out.py "$main"/onpolicy/answers-*.json "$main/adapter" \
   "$work/main_vocab2/adapter" checkpoints/smollm2-135m-instruct "$work/ft_vocab/adapter" | tee "$out/held_out.jsonl"
-for run in "main_vocab:$main/adapter" "main_vocab2:$work/main_vocab2/adapter"; do
-  name=${run%%:*} adapter=${run#*:}
-  "$py" -m kangaroo_infer eval-adapter --adapter "$adapter" --questions "$questions" \
-    --answers benchmarks/spec_bench_smollm2/answers.jsonl --num-questions 15 --out "$out/eval_$name.json"
-  "$py" -m kangaroo_infer bench --adapter "$adapter" --questions "$questions" --num-questions 5 \
-    --max-new-tokens 128 --lookup-tokens 0 --no-profile --out "$out/bench_$name" --overwrite
+for run in "main_vocab:$main/adapter" "main_vocab2:$work/main_vocab2/adapter" "ft_vocab:$work/ft_vocab/adapter"; do
+  "$py" -m kangaroo_infer eval-adapter --adapter "${run#*:}" --questions "$questions" \
+    --answers benchmarks/spec_bench_smollm2/answers.jsonl --num-questions 15 --out "$out/eval_${run%%:*}.json"
 done
-"$py" -m kangaroo_infer eval-adapter --adapter "$work/ft_vocab/adapter" --questions "$questions" \
-  --answers benchmarks/spec_bench_smollm2/answers.jsonl --num-questions 15 --out "$out/eval_ft_vocab.json"
+for run in "main_vocab:$main/adapter" "main_vocab2:$work/main_vocab2/adapter"; do
+  "$py" -m kangaroo_infer bench --adapter "${run#*:}" --questions "$questions" --num-questions 5 \
+    --max-new-tokens 128 --lookup-tokens 0 --no-profile --out "$out/bench_${run%%:*}" --overwrite
+done
