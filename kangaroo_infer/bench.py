@@ -250,6 +250,25 @@ def run_assisted(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, draf
     return run_generate_peer(km, ids, max_new_tokens, assistant_model=draft.load(km))
 
 
+def run_kangaroo_peer(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> PeerRun:
+    """Kangaroo's own loop with some drafting turned off (``kw``), e.g. none at all: what the loop saves by itself."""
+    out, seconds = run_kangaroo(km, ids, max_new_tokens, **kw)
+    return PeerRun(out.sequences[0, ids.shape[1] :].tolist(), seconds, out.accept_lengths, len(out.accept_lengths))
+
+
+def _plain_peers(options: dict[str, Any]) -> list[Peer]:
+    settings = {"kind": "plain", "implementation": "kangaroo generate(max_draft_steps=0, lookup_tokens=0)"}
+    return [Peer("kangaroo-plain", settings, partial(run_kangaroo_peer, max_draft_steps=0, lookup_tokens=0))]
+
+
+def _lookup_peers(options: dict[str, Any]) -> list[Peer]:
+    """Kangaroo's lookup drafting alone: the same lookup and policy settings as the kangaroo run, adapter off."""
+    lookup, policy = options["lookup_tokens"], options["policy"]
+    settings = {"kind": "lookup", "implementation": "kangaroo generate(max_draft_steps=0)", "lookup_tokens": lookup}
+    run = partial(run_kangaroo_peer, max_draft_steps=0, lookup_tokens=lookup, policy=policy)
+    return [Peer("kangaroo-lookup", settings, run)]
+
+
 def check_draft_model(path: str | None, kinds: list[str]) -> None:
     """``--draft-model`` goes with ``--peers assisted`` and names a model directory."""
     if "assisted" in kinds and path is None:
@@ -291,13 +310,21 @@ PEER_KINDS: dict[str, Callable[[dict[str, Any]], list[Peer]]] = {
             partial(run_assisted, draft=DraftModel(options["draft_model"])),
         )
     ],
+    # Kangaroo without its adapter: every round a plain step (the loop's own saving over generate), or lookup only.
+    "plain": _plain_peers,
+    "lookup": _lookup_peers,
 }
 
 
 def make_peers(
-    kinds: list[str] | None, pld_tokens: list[int] | None = None, draft_model: str | None = None
+    kinds: list[str] | None,
+    pld_tokens: list[int] | None = None,
+    draft_model: str | None = None,
+    lookup_tokens: int | None = None,
+    policy: str = "adaptive",
 ) -> list[Peer]:
-    """The peers named by ``--peers`` (kinds from PEER_KINDS), in the order given; nothing is loaded yet."""
+    """The peers named by ``--peers`` (kinds from PEER_KINDS), in the order given; nothing is loaded yet.
+    ``lookup_tokens`` and ``policy`` are kangaroo's, which the lookup peer shares."""
     kinds = list(kinds or [])
     unknown = [k for k in kinds if k not in PEER_KINDS]
     if unknown:
@@ -307,7 +334,17 @@ def make_peers(
     if pld_tokens is not None and "pld" not in kinds:
         raise ValueError("--pld-tokens sets the pld peer: add --peers pld, or drop --pld-tokens.")
     check_draft_model(draft_model, kinds)
-    options = {"pld_tokens": pld_tokens, "draft_model": None if draft_model is None else str(draft_model)}
+    if "lookup" in kinds and lookup_tokens == 0:
+        raise ValueError(
+            "--peers lookup drafts by lookup only and --lookup-tokens 0 turns lookup off (that is --peers plain); "
+            "drop one of them."
+        )
+    options = {
+        "pld_tokens": pld_tokens,
+        "draft_model": None if draft_model is None else str(draft_model),
+        "lookup_tokens": lookup_tokens,
+        "policy": policy,
+    }
     peers = [p for kind in kinds for p in PEER_KINDS[kind](options)]
     return peers
 
@@ -348,7 +385,7 @@ def check_bench_args(
     if threshold is not None and (not _is_real(threshold) or not 0.0 <= threshold <= 1.0):
         raise ValueError(f"--threshold (η) must lie in [0, 1]; got {threshold!r}.")
     for flag, value, low in (
-        ("--steps", steps, 1),
+        ("--steps", steps, 0),
         ("--tree-top-k", tree_top_k, 1),
         ("--tree-max-nodes", tree_max_nodes, 1),
         ("--lookup-tokens", lookup_tokens, 0),
@@ -367,7 +404,7 @@ def check_bench_args(
             raise ValueError(f"--pld-tokens takes comma-separated integers >= 1, e.g. 4,10; got {pld_tokens!r}.")
         if len(set(pld_tokens)) != len(pld_tokens):
             raise ValueError(f"--pld-tokens names a value twice: {pld_tokens}.")
-    make_peers(peers, pld_tokens, draft_model)  # unknown or repeated peers, a missing draft model
+    make_peers(peers, pld_tokens, draft_model, lookup_tokens)  # unknown or repeated peers, a missing draft model
     if peers and temperature > 0:
         raise ValueError(
             f"Peers ({', '.join(peers)}) are compared with vanilla greedy decoding token for token; drop --peers or "
@@ -740,7 +777,7 @@ def print_table(summary: dict[str, Any]) -> None:
             "n/a" if r["identical"] is None else "yes" if r["identical"] else "NO",
             *(cells[i] if i < len(cells) else "" for cells in peer_cells.values()),  # tree rows: no peer cells
         )
-    Console(width=max(100 + 16 * len(peers), Console().width)).print(table)
+    Console(width=max(100 + sum(len(p) + 12 for p in peers), Console().width)).print(table)
 
 
 def bench(
@@ -791,12 +828,13 @@ def bench(
     require_matplotlib()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume, overwrite)
-    peer_list = make_peers(peers, pld_tokens, draft_model)
+    config = run_config(km, threshold, steps, policy, temperature, max_new_tokens, lookup_tokens)
+    peer_list = make_peers(peers, pld_tokens, draft_model, config["lookup_tokens"], policy)
     device = km.backbone.embed_tokens.weight.device
     settings = {
         "adapter": display_name(adapter_name),
         "adapter_sha256": adapter_fingerprint(km),
-        **run_config(km, threshold, steps, policy, temperature, max_new_tokens, lookup_tokens),
+        **config,
         "tree": [tree_top_k, tree_max_nodes] if tree else None,
         "peers": [p.name for p in peer_list],
         **({"draft_model": display_name(draft_model)} if draft_model is not None else {}),
@@ -933,9 +971,7 @@ def _settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[st
     ]
 
 
-def _finished_records(
-    out_dir: Path, settings: dict[str, Any], questions: list[Question], resume: bool
-) -> list[dict]:
+def _finished_records(out_dir: Path, settings: dict[str, Any], questions: list[Question], resume: bool) -> list[dict]:
     """The answers a resumed run keeps (none unless ``resume``). Reads only: refuses answers written with other
     settings, and leaves out (to decode again) those whose question text changed since."""
     path, settings_path = out_dir / ANSWERS, out_dir / SETTINGS

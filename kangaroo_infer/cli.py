@@ -18,7 +18,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default fp32)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threshold", type=float, help="early-exit threshold η (default: adapter's, else 0.6)")
-    parser.add_argument("--steps", type=int, help="max draft steps γ per round (default: adapter's, else 6)")
+    parser.add_argument(
+        "--steps", type=int, help="max draft steps γ per round (default: adapter's, else 6; 0 = adapter drafting off)"
+    )
     parser.add_argument(
         "--policy",
         choices=["adaptive", "fixed"],
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--peers",
         help="comma-separated peer decoders run beside vanilla and kangaroo on every question, greedy: pld "
-        "(transformers' prompt lookup decoding), assisted (transformers' assisted generation with --draft-model)",
+        "(transformers' prompt lookup decoding), assisted (transformers' assisted generation with --draft-model), "
+        "plain (kangaroo's loop, no drafting), lookup (kangaroo, lookup drafting only)",
     )
     b.add_argument(
         "--draft-model",
@@ -164,7 +167,7 @@ def load_model(args: argparse.Namespace):
 
 def _check_generate_cli(args: argparse.Namespace) -> None:
     """The numeric arguments of ``generate``, checked before the model loads (minutes for a large one)."""
-    ints = (("--max-new-tokens", args.max_new_tokens, 1), ("--steps", args.steps, 1), ("--top-k", args.top_k, 0),
+    ints = (("--max-new-tokens", args.max_new_tokens, 1), ("--steps", args.steps, 0), ("--top-k", args.top_k, 0),
             ("--tree-top-k", args.tree_top_k, 1), ("--tree-max-nodes", args.tree_max_nodes, 1),
             ("--lookup-tokens", args.lookup_tokens, 0), ("--exit-layer", args.exit_layer, 1))  # fmt: skip
     for flag, value, low in ints:

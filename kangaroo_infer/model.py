@@ -134,7 +134,8 @@ class KangarooModel:
         """Decode losslessly: greedy output token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
 
         ``threshold`` (η) and ``max_draft_steps`` (γ) default to the adapter checkpoint's recorded generation
-        defaults, else 0.6 and 6.
+        defaults, else 0.6 and 6; ``max_draft_steps=0`` turns adapter drafting off (with ``lookup_tokens=0`` too, every
+        round is a plain step of the full model: the loop without drafting, a baseline for what drafting adds).
         ``eos_token_id`` behaves as in transformers' ``generate``: left out, the base's generation config names the
         end-of-sequence token(s); an explicit None (or []) disables stopping early. ``streamer``
         is any object with ``put(tensor)`` / ``end()`` (e.g. transformers' TextStreamer); it first receives the

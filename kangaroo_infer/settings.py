@@ -39,7 +39,7 @@ class ModelLimits:
 class GenerationSettings:
     max_new_tokens: int
     threshold: float  # η: a draft step below this top probability ends the round's drafting
-    max_draft_steps: int  # γ: most drafts per round
+    max_draft_steps: int  # γ: most adapter drafts per round (0: adapter drafting off)
     eos_ids: frozenset[int]
     policy: str | PolicyConfig
     sampling: SamplingConfig
@@ -91,7 +91,7 @@ class GenerationSettings:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1]; got {threshold!r}.")
-        _check_int("max_draft_steps", steps, 1)
+        _check_int("max_draft_steps", steps, 0)
         if not isinstance(tree, bool):
             raise ValueError(f"tree must be True or False; got {tree!r}.")
         _check_int("tree_top_k", tree_top_k, 1)

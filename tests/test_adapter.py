@@ -184,7 +184,7 @@ def test_bad_generate_inputs():
         ),
         (dict(input_ids=ok, threshold=1.5), r"threshold must lie in \[0, 1\]"),
         (dict(input_ids=ok, threshold=-0.1), r"threshold must lie in \[0, 1\]"),
-        (dict(input_ids=ok, max_draft_steps=0), "max_draft_steps must be an integer >= 1"),
+        (dict(input_ids=ok, max_draft_steps=-1), "max_draft_steps must be an integer >= 0"),
         (dict(input_ids=ok, eos_token_id="eos"), "eos_token_id must be"),
     ]
     for kwargs, message in cases:

@@ -1,6 +1,7 @@
 """bench never loses answers (arguments checked before the model loads or a file is touched, --resume/--overwrite,
-resume across path spellings and changed questions, matplotlib checked first), runs peers (HF prompt lookup) beside
-vanilla and kangaroo, and writes Spec-Bench model-answer files that Spec-Bench's own evaluation scripts read."""
+resume across path spellings and changed questions, matplotlib checked first), runs peers (HF prompt lookup,
+assisted generation, Kangaroo without its adapter) beside vanilla and kangaroo, and writes Spec-Bench model-answer
+files that Spec-Bench's own evaluation scripts read."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def error_line(capsys) -> str:
     [
         (["--threshold", "2"], "--threshold (η) must lie in [0, 1]"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
-        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--steps", "-1"], "--steps must be an integer >= 0"),
         (["--num-questions", "0"], "--num-questions must be an integer >= 1"),
         (["--warmup", "-1"], "--warmup must be an integer >= 0"),
         (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
@@ -101,6 +102,7 @@ def error_line(capsys) -> str:
         (["--peers", "pld", "--pld-tokens", "0"], "--pld-tokens takes comma-separated integers >= 1"),
         (["--peers", "pld", "--pld-tokens", "4,x"], "--pld-tokens takes comma-separated integers"),
         (["--peers", "medusa"], "Unknown peers ['medusa']"),
+        (["--peers", "lookup", "--lookup-tokens", "0"], "--lookup-tokens 0 turns lookup off (that is --peers plain)"),
         (["--context", "0"], "--context must be >= 1"),
         (["--resume", "--overwrite"], "pass one of them"),
         ([], "already holds 3 answers (answers.jsonl); pass --resume"),
@@ -246,6 +248,30 @@ def test_assisted_peer_with_an_exported_draft(tiny_dirs, tmp_path, capsys):
         assert run["identical"] and sum(run["accept_lengths"]) == run["new_tokens"]
         assert len(run["accept_lengths"]) == run["decoding_steps"]
     assert str(tmp_path) not in (out / "results.json").read_text()
+
+
+def test_kangaroo_without_its_adapter_as_peers(tiny_dirs, tmp_path, capsys):
+    """--peers plain,lookup: kangaroo's own loop with no drafting (one token per forward) and with lookup only,
+    beside the full kangaroo; identical output, settings recorded, so a report shows what the adapter adds."""
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "out"
+    args = ["bench", *bench_args(root / "adapter", questions), "--lookup-tokens", "4", "--peers", "plain,lookup",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "kangaroo-plain speedup" in printed and "kangaroo-lookup speedup" in printed
+    summary = json.loads((out / "results.json").read_text())
+    plain, lookup = summary["peers"]["kangaroo-plain"], summary["peers"]["kangaroo-lookup"]
+    assert plain["settings"]["implementation"] == "kangaroo generate(max_draft_steps=0, lookup_tokens=0)"
+    assert lookup["settings"]["lookup_tokens"] == 4 == summary["config"]["lookup_tokens"]
+    assert plain["overall"]["tau"] == 1.0 and plain["overall"]["identical"] and lookup["overall"]["identical"]
+    assert summary["overall"]["tau"] > 1.0  # the adapter's drafts are accepted when it is on
+    for a in (json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()):
+        assert set(a["peers"]["kangaroo-plain"]["accept_lengths"]) == {1}
+        run = a["peers"]["kangaroo-lookup"]
+        assert sum(run["accept_lengths"]) == run["new_tokens"] == a["vanilla_new_tokens"]
+        assert len(run["accept_lengths"]) == run["decoding_steps"]
 
 
 # ---- Spec-Bench's evaluation scripts, as they read answer files (their logic, re-expressed) ---------------------

@@ -256,7 +256,7 @@ def test_cli_device_cuda_without_cuda_is_one_error_line(tiny_dirs):
     [
         (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
         (["--threshold", "2"], "--threshold (η) must lie in [0, 1]"),
-        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--steps", "-1"], "--steps must be an integer >= 0"),
         (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
         (["--top-p", "0"], "--top-p must lie in (0, 1]"),
         (["--top-k", "-2"], "--top-k must be an integer >= 0"),

@@ -210,6 +210,35 @@ def test_lookup_settings_defaults_and_errors(tmp_path):
     assert off.generate(ids, max_new_tokens=40, eos_token_id=None, policy="fixed").lookup_rounds == []
 
 
+def test_adapter_drafting_off():
+    """max_draft_steps=0 turns the adapter off: lookup drafts alone, or (with lookup_tokens=0 too) every round is a
+    plain step, for one prompt, a tree request, a batch and sampling alike; output unchanged."""
+    model = tiny_model("llama", deep_scale=0.05, exit_layer=2, seed=5)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)  # drafts that would often be accepted: switched off, none may appear
+    rng = random.Random(3)
+    prompts = [repetitive_prompt(rng, 30) for _ in range(4)]
+    for ids in prompts:
+        on = check_identical(km, ids, 40, eos_token_id=None, threshold=0.0, policy="fixed", lookup_tokens=0)
+        assert on.tau > 1.2  # the adapter drafts and is accepted when it is on
+        for kw in ({}, {"tree": True}):
+            plain = check_identical(km, ids, 40, eos_token_id=None, max_draft_steps=0, lookup_tokens=0, **kw)
+            assert set(plain.draft_lengths) == {0} and plain.lookup_rounds == [] and plain.tau == 1.0
+        copied = check_identical(km, ids, 40, eos_token_id=None, max_draft_steps=0, policy="fixed")
+        assert [i for i, n in enumerate(copied.draft_lengths) if n] == copied.lookup_rounds
+    assert any(check_identical(km, p, 40, eos_token_id=None, max_draft_steps=0).lookup_rounds for p in prompts)
+    batch = torch.cat(prompts)
+    out = km.generate(batch, max_new_tokens=30, eos_token_id=None, max_draft_steps=0, lookup_tokens=0)
+    assert all(set(row) == {0} for row in out.draft_lengths)
+    for row, ids in enumerate(prompts):
+        ref = km.generate(ids, max_new_tokens=30, eos_token_id=None)
+        assert out.sequences[row].tolist() == ref.sequences[0].tolist()
+    sampled = km.generate(prompts[0], max_new_tokens=30, eos_token_id=None, temperature=0.8, seed=1, max_draft_steps=0)
+    assert sampled.lookup_rounds == [i for i, n in enumerate(sampled.draft_lengths) if n]
+    with pytest.raises(ValueError, match="max_draft_steps must be an integer >= 0; got -1"):
+        km.generate(prompts[0], max_new_tokens=5, max_draft_steps=-1)
+
+
 # ---- the policy ----------------------------------------------------------------------------------------------------
 
 
