@@ -185,17 +185,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from .base import load_tokenizer
+    from .questions import chat_ids
 
     _check_generate_cli(args)
     km = load_model(args)
     tokenizer = load_tokenizer(km.base)
     if args.chat:
-        input_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
+        input_ids = chat_ids(tokenizer, args.prompt, "cpu")
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -305,14 +301,15 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .base import load_tokenizer
+    from .questions import default_questions, load_questions
 
     _check_bench_cli(args)
     if args.cost_profile_only:
         return cost_profile_only(args)
 
-    path = args.questions or bench.default_questions()
+    path = args.questions or default_questions()
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    questions = bench.load_questions(path, categories, args.num_questions)
+    questions = load_questions(path, categories, args.num_questions)
     km = load_model(args)
     tokenizer = load_tokenizer(km.base)
     if args.batch_size:

@@ -42,6 +42,7 @@ from transformers import DynamicCache, PreTrainedModel
 from .adapter import KangarooAdapter
 from .arch import Backbone, causal_mask
 from .draft import DraftHead
+from .questions import Question, chat_prompt_ids, default_questions, jsonl_records, load_questions
 
 
 @dataclass
@@ -63,13 +64,6 @@ class AnswerScore:
     match: list[bool]  # draft argmax == the next answer token (what chained drafting needs)
     greedy_mismatches: int  # answer tokens the full model would not have chosen greedily (0 for a greedy answer)
     answer_tokens: int  # answer tokens scored (after truncation to the greedy prefix, if asked)
-
-
-def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """A user message in the tokenizer's chat template, with the assistant header (as bench prompts)."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
-    )["input_ids"]
 
 
 @torch.inference_mode()
@@ -265,7 +259,9 @@ def score_answers(
 # ---- answers written by bench -----------------------------------------------------------------------------------
 
 
-def answers_from_bench(path: str | Path, questions: list, tokenizer, eos_token_id: int | None) -> tuple[list, dict]:
+def answers_from_bench(
+    path: str | Path, questions: list[Question], tokenizer, eos_token_id: int | None
+) -> tuple[list, dict]:
     """The base's greedy answers recorded by ``bench`` (``answers.jsonl``), as token ids, and what was kept.
 
     A greedy bench (``identical`` true or false; None means it sampled) records vanilla ``generate``'s own answer as
@@ -276,8 +272,6 @@ def answers_from_bench(path: str | Path, questions: list, tokenizer, eos_token_i
     appended. Tokenizing decoded text need not give the original ids:
     score such answers with ``truncate_to_greedy=True``, which keeps the leading tokens the base chooses greedily.
     """
-    from .bench import jsonl_records
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Answers file {str(path)!r} does not exist; pass the answers.jsonl written by bench --out.")
@@ -369,7 +363,6 @@ def run_eval(
     ``answers.jsonl``), score the adapter on them; optionally write the result as JSON to ``out``."""
     import sys
 
-    from . import bench
     from .base import load_tokenizer
     from .model import KangarooModel
 
@@ -378,8 +371,8 @@ def run_eval(
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
     if answers is not None and not Path(answers).is_file():
         raise ValueError(f"Answers file {str(answers)!r} does not exist; pass the answers.jsonl bench wrote.")
-    path = questions if questions is not None else bench.default_questions()
-    selected = bench.load_questions(path, categories, num_questions)
+    path = questions if questions is not None else default_questions()
+    selected = load_questions(path, categories, num_questions)
     km = KangarooModel.from_pretrained(base, adapter=adapter, dtype=dtype, device=device)
     tokenizer = load_tokenizer(km.base)
     source: dict[str, Any]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kangaroo_infer import cli
-from kangaroo_infer.bench import load_questions
+from kangaroo_infer.questions import load_questions
 
 KEYS = {"speedup", "tau", "vanilla_tokens_per_s", "kangaroo_tokens_per_s", "identical", "questions"}
 SPEC_BENCH = [

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from kangaroo_infer import cli
-from kangaroo_infer.bench import bench, load_questions
+from kangaroo_infer.bench import bench
+from kangaroo_infer.questions import load_questions
 
 QUESTIONS = [
     {"question_id": 82, "category": "coding", "turns": ["Write hello world in C. Write hello world in C."]},
@@ -187,7 +188,7 @@ def test_resume_decodes_again_the_questions_whose_text_changed(finished, caplog)
     assert sorted(now) == [82, 201, 301]
     assert now[82] == first[82] and now[201] == first[201]  # unchanged questions kept as they were
     assert now[301] != first[301]
-    from kangaroo_infer.bench import Question
+    from kangaroo_infer.questions import Question
 
     assert json.loads(now[301])["prompt_sha256"] == Question(301, "qa", "Who wrote Macbeth?").prompt_sha256
 

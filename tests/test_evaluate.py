@@ -15,13 +15,8 @@ import torch
 from kangaroo_infer import KangarooModel
 from kangaroo_infer.cache import KangarooCache
 from kangaroo_infer.draft import DraftHead, DraftPick, adapter_logits, draft_proposal, shallow_step
-from kangaroo_infer.evaluate import (
-    EvalAnswer,
-    chat_prompt_ids,
-    depth_counts,
-    greedy_answers,
-    score_answers,
-)
+from kangaroo_infer.evaluate import EvalAnswer, depth_counts, greedy_answers, score_answers
+from kangaroo_infer.questions import chat_prompt_ids, load_questions
 from kangaroo_infer.sample import SamplingConfig
 
 from .conftest import identity_adapter, tiny_model
@@ -197,7 +192,7 @@ def test_cli_on_a_bench_answers_file(tiny_dirs, tmp_path):
     questions_file = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     km = KangarooModel.from_pretrained(None, adapter=root / "adapter")
     tokenizer = load_tokenizer(km.base)
-    questions = bench.load_questions(questions_file)
+    questions = load_questions(questions_file)
     bench.bench(km, tokenizer, questions, tmp_path / "b", max_new_tokens=12, warmup=0, profile=False, progress=False)
     records = [json.loads(line) for line in (tmp_path / "b" / "answers.jsonl").read_text().splitlines()]
     assert all(r["identical"] for r in records)

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from kangaroo_infer import KangarooModel, bench
 from kangaroo_infer.accept import accept
-from kangaroo_infer.bench import Question
+from kangaroo_infer.questions import Question
 from kangaroo_infer.sample import SamplingConfig, draw, process
 
 from .conftest import VOCAB, identity_adapter, tiny_model
