@@ -61,6 +61,28 @@ def tiny_model(
     return model
 
 
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, reduction: int) -> None:
+    """Logits of one model computed along two fp32 paths that are not the same kernels: a row alone or among others
+    (MKL's GEMM gives a row different bits depending on how many rows it computes together), GEMV vs GEMM, an
+    explicit mask vs ``is_causal`` in attention. No CPU promises equal bits there, only equal values up to rounding.
+
+    Derivation: each logit ends a chain of fp32 dot products of at most ``reduction`` terms (hidden size, MLP width
+    or sequence length, whichever is longest); a dot product of n terms is off by at most n * eps * sum|a_i b_i|
+    (Higham's gamma_n bound), and we take max|expected| as the scale of sum|a_i b_i|. So
+    rtol = reduction * eps(fp32) and atol = reduction * eps(fp32) * max|expected|. A wrong weight mapping changes
+    logits by O(1), orders of magnitude above this. Where the same rows go through the same computation, tests assert
+    equality instead (``torch.equal``), and token identity where the algorithm guarantees it.
+    """
+    assert expected.dtype == actual.dtype == torch.float32
+    tol = reduction * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def reduction_length(config, seq_len: int) -> int:
+    """The longest fp32 sum on a decoder's path to its logits (see assert_fp32_close)."""
+    return max(config.hidden_size, config.intermediate_size, seq_len)
+
+
 def identity_adapter(km) -> None:
     """Make the adapter pass its input through (attention output 0) and reuse the base's final norm weights,
     so drafts equal the base's "logit lens" at the exit layer: accepted often when deep layers are near identity."""
