@@ -109,7 +109,8 @@ def check_replaceable(target: Path, legacy_files: frozenset[str] = frozenset()) 
     entries = {str(p.relative_to(target)) for p in target.rglob("*")}
     listed = target / WRITTEN_LIST
     if listed.is_file():
-        written = set(listed.read_text().splitlines()) | {WRITTEN_LIST}
+        # only atomic_directory's own lines (no owner): files of single-file writers never make a directory replaceable
+        written = {name for name, owner in _written_lines(target).items() if not owner} | {WRITTEN_LIST}
         parents = {str(parent) for name in written for parent in Path(name).parents if str(parent) != "."}
         foreign = sorted(entries - written - parents)
     else:
@@ -146,6 +147,89 @@ def atomic_directory(target: Path, legacy_files: frozenset[str] = frozenset()) -
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _written_lines(directory: Path) -> dict[str, str]:
+    """name -> owner of each line in ``directory``'s ``WRITTEN_LIST`` ("" for files atomic_directory wrote)."""
+    try:
+        lines = (directory / WRITTEN_LIST).read_text().splitlines()
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return {}
+    return dict((line.split("\t", 1) + [""])[:2] for line in lines if line)
+
+
+def _record_written(directory: Path, name: str, owner: str) -> None:
+    """Add ``name`` to the directory's written list (one appended line: ranks writing at once lose nothing)."""
+    if _written_lines(directory).get(name) != owner:
+        with open(directory / WRITTEN_LIST, "a", encoding="utf-8") as f:
+            f.write(f"{name}\t{owner}\n")
+
+
+def check_file_target(
+    path: str | os.PathLike, owner: str, *, overwrite: bool = False, inputs: tuple = (), fix: str = ""
+) -> Path:
+    """Refuse to write ``path`` unless it is new, or a file ``owner`` wrote there before, or ``overwrite`` allows
+    replacing a foreign file. A directory, or a file the same command reads (``inputs``), is always refused.
+
+    Call it before any work, so a refused path costs nothing; ``write_file`` checks again. ``fix`` names the flag
+    that allows replacing (e.g. "pass --overwrite to replace it").
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; name a file to write (e.g. {path / 'results.json'}).")
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+            raise ValueError(f"{path} is also an input of this command ({source}); nothing was changed. Name "
+                             f"another output file.")  # fmt: skip
+    if path.exists() and not overwrite and _written_lines(path.parent).get(path.name) != owner:
+        raise ValueError(
+            f"{path} exists and {owner} did not write it; nothing was changed. Choose another output path"
+            + (f", or {fix}." if fix else ".")
+        )
+    return path
+
+
+def write_file(path: str | os.PathLike, data: str | bytes, owner: str, *, overwrite: bool = False) -> Path:
+    """Write one file atomically (a temporary beside it, then one rename) under ``check_file_target``'s policy,
+    and record it in its directory's ``WRITTEN_LIST`` as ``owner``'s, so a later run of ``owner`` may replace it."""
+    path = check_file_target(path, owner, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _record_written(path.parent, path.name, owner)
+    return path
+
+
+def check_claimable(target: str | os.PathLike, owner: str, *, legacy: bool = False, fix: str = "") -> Path:
+    """Refuse a directory that an incremental writer (distill, feature cache) may not fill: anything but a new or
+    empty directory, or one ``owner`` claimed before (``legacy``: one the caller recognises as its own from before
+    claims existed). Read-only: call it before any work."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory; choose another directory (or remove the file).")
+    entries = sorted(p.name for p in target.iterdir() if p.name != WRITTEN_LIST) if target.is_dir() else []
+    if entries and not legacy and _written_lines(target).get("*") != owner:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(
+            f"{target} already holds files {owner} did not write ({shown}); nothing was changed. "
+            + (fix or f"Choose another directory, or empty {target} yourself if its contents may go.")
+        )
+    return target
+
+
+def claim_directory(target: str | os.PathLike, owner: str, *, legacy: bool = False, fix: str = "") -> Path:
+    """``check_claimable``, then create the directory and mark it as ``owner``'s (a ``*`` line in its list)."""
+    target = check_claimable(target, owner, legacy=legacy, fix=fix)
+    target.mkdir(parents=True, exist_ok=True)
+    _record_written(target, "*", owner)
+    return target
 
 
 def load_base(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .base import check_file_target, write_file
 from .cache import KangarooCache
 from .draft import adapter_logits, shallow_step
 from .model import KangarooModel
@@ -32,6 +33,8 @@ from .verify import deep_logits
 
 ANSWERS = "answers.jsonl"  # one record per question, appended as each finishes
 SETTINGS = "bench_settings.json"  # what a resumed run must match
+RESULTS, PLOT, SWEEP = "results.json", "speedup.png", "sweep.json"
+OWNER = "bench"  # the writer named in --out's written list (kangaroo_infer.base.write_file)
 DEFAULT_PLD_TOKENS = (10,)  # HF's own default for prompt_lookup_num_tokens, and Spec-Bench's PLD setting
 log = logging.getLogger(__name__)
 
@@ -335,12 +338,28 @@ def _complete_lines(path: Path) -> int:
     return count
 
 
-def check_out_dir(out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> int:
-    """The number of answers already in ``out_dir``; refuses a file, and answers that neither --resume keeps nor
-    --overwrite discards (forgetting --resume must not throw hours of answers away)."""
+def may_replace(out_dir: Path, overwrite: bool) -> bool:
+    """Whether bench may replace files in ``out_dir`` it did not list as its own: with --overwrite, or in a
+    directory an earlier bench wrote before it listed its files (answers and settings both there)."""
+    return overwrite or ((out_dir / ANSWERS).is_file() and (out_dir / SETTINGS).is_file())
+
+
+def check_out_files(out_dir: str | Path, names: tuple[str, ...], overwrite: bool = False) -> None:
+    """Refuse, before any work, to replace a file in ``out_dir`` that bench did not write (base.write_file)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; name a directory (a new one, or one bench wrote).")
+    replace = may_replace(out_dir, overwrite)
+    for name in names:
+        check_file_target(out_dir / name, OWNER, overwrite=replace, fix="pass --overwrite to replace it")
+
+
+def check_out_dir(out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> int:
+    """The number of answers already in ``out_dir``; refuses a file, files bench did not write (without
+    --overwrite), and answers that neither --resume keeps nor --overwrite discards (forgetting --resume must not
+    throw hours of answers away)."""
+    out_dir = Path(out_dir)
+    check_out_files(out_dir, (SETTINGS, RESULTS, PLOT), overwrite)
     path = out_dir / ANSWERS
     found = _complete_lines(path) if path.is_file() else 0
     if found and not resume and not overwrite:
@@ -583,6 +602,8 @@ def profile_only(
 ) -> dict[str, Any]:
     """The cost profile alone, at a context of random tokens (no tokenizer or questions needed), and the speedup
     limit it implies at a τ measured elsewhere (e.g. on CPU with the trained adapter)."""
+    out_dir = Path(out_dir)
+    check_out_files(out_dir, (RESULTS,))
     device = km.backbone.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, km.base.config.vocab_size, (1, context), generator=generator).to(device)
@@ -606,9 +627,7 @@ def profile_only(
             "torch_threads": torch.get_num_threads(),
         },
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_file(out_dir / RESULTS, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return summary
 
 
@@ -621,8 +640,11 @@ def _decoders(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return decoders
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
-    """Speedup and τ per category, one bar per decoder (kangaroo, its tree mode, each peer)."""
+def plot(summary: dict[str, Any], path: Path, overwrite: bool = False) -> None:
+    """Speedup and τ per category, one bar per decoder (kangaroo, its tree mode, each peer), written to ``path``
+    under base.write_file's policy."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -648,8 +670,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         fig.legend(handles, labels, loc="upper center", ncol=len(decoders), fontsize="small", frameon=False)
         top = 0.92
     fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_file(path, png.getvalue(), OWNER, overwrite=overwrite)
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -752,9 +776,10 @@ def bench(
     if spec_bench_dir is not None:
         _check_spec_bench_dir(Path(spec_bench_dir), model_ids, resume or overwrite)
     done = _finished_records(out_dir, settings, questions, resume)  # reads only; raises on other settings
-    out_dir.mkdir(parents=True, exist_ok=True)  # nothing below is refused: now the directory may change
-    (out_dir / ANSWERS).write_text("".join(json.dumps(r) + "\n" for r in done))  # without stale or cut-off lines
-    (out_dir / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    replace = may_replace(out_dir, overwrite)  # decided before bench writes (then its files are listed as its own)
+    # answers.jsonl was checked by check_out_dir (kept with --resume, discarded with --overwrite): replaced here
+    write_file(out_dir / ANSWERS, "".join(json.dumps(r) + "\n" for r in done), OWNER, overwrite=True)
+    write_file(out_dir / SETTINGS, json.dumps(settings, indent=2) + "\n", OWNER, overwrite=replace)
     finished = {(r["category"], r["question_id"]) for r in done}
     modes: dict[str | None, dict] = {
         None: {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "lookup_tokens": lookup_tokens}
@@ -856,8 +881,8 @@ def bench(
     if spec_bench_dir is not None:
         written = write_spec_bench(records, spec_bench_dir, model_ids)
         summary["config"]["spec_bench_files"] = [p.name for p in written]
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(summary, out_dir / "speedup.png")
+    write_file(out_dir / RESULTS, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=replace)
+    plot(summary, out_dir / PLOT, overwrite=replace)
     return summary
 
 
@@ -983,7 +1008,6 @@ def write_spec_bench(records: list[dict], directory: str | Path, model_ids: dict
     new_tokens, wall_time (one entry per turn; bench decodes the first turn) and accept_lengths (tokens committed
     per full-model forward)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     rows = sorted(records, key=_question_order)
     written = []
     for decoder, model_id in model_ids.items():
@@ -1007,11 +1031,8 @@ def write_spec_bench(records: list[dict], directory: str | Path, model_ids: dict
                 "tstamp": r.get("tstamp", time.time()),
             }
             lines.append(json.dumps(answer) + "\n")
-        path = directory / f"{model_id}.jsonl"
-        partial_path = path.with_name(path.name + ".partial")
-        partial_path.write_text("".join(lines))
-        partial_path.replace(path)  # a reader never sees half a file
-        written.append(path)
+        # checked by _check_spec_bench_dir (replaced only with --resume or --overwrite); atomic: never half a file
+        written.append(write_file(directory / f"{model_id}.jsonl", "".join(lines), OWNER, overwrite=True))
     return written
 
 
@@ -1026,7 +1047,7 @@ def sweep(
     """Decode a few questions once per grid point (generate keyword arguments, e.g. threshold and max_draft_steps,
     or tree_top_k and tree_max_nodes); vanilla is timed once per question. Picks the fastest point."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_files(out_dir, (SWEEP,))
     device = km.backbone.embed_tokens.weight.device
     prompts = [chat_ids(tokenizer, q.prompt, device) for q in questions]
     run_vanilla(km, prompts[0], min(32, max_new_tokens))  # warm-up
@@ -1046,7 +1067,7 @@ def sweep(
         )
     best = max(results, key=lambda g: g["speedup"])
     result = {"grid": results, "best": best, "questions": len(questions)}
-    (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_file(out_dir / SWEEP, json.dumps(result, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return result
 
 
@@ -1092,7 +1113,7 @@ def batch_throughput(
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"--batch-size needs positive batch sizes, e.g. 1,4,8; got {batch_sizes}.")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_files(out_dir, (RESULTS,))
     device = km.backbone.embed_tokens.weight.device
     pad_id = pad_token_id(km)
     eos_ids = km.resolve_eos("from_generation_config")
@@ -1151,11 +1172,11 @@ def batch_throughput(
             "rows_identical_to_vanilla_batch": totals["rows_identical"] if temperature == 0 else None,
             **totals,
         }
-    path = out_dir / "results.json"
+    path = out_dir / RESULTS
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary["batch"] = results
     summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens, batched=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_file(path, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return summary
 
 

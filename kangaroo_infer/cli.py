@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of generating them",
     )
     ev.add_argument("--depth", type=int, default=4, help="report agreement of up to D chained drafts (default 4)")
-    ev.add_argument("--out", help="also write the results to this JSON file")
+    ev.add_argument("--out", help="also write the results to this JSON file (a new one, or one eval-adapter wrote)")
+    ev.add_argument("--overwrite", action="store_true", help="let --out replace a file eval-adapter did not write")
     return parser
 
 
@@ -179,6 +180,8 @@ def _check_generate_cli(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}.")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p must lie in (0, 1] (1 = off); got {args.top_p}.")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63 - 1] (a torch seed); got {args.seed}.")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -291,7 +294,9 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
                 raise ValueError(f"--sweep-steps takes integers >= 1; got {args.sweep_steps!r}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; name a directory (a new one, or one bench wrote).")
-    if not (args.cost_profile_only or args.batch_size or args.sweep):
+    if args.cost_profile_only or args.batch_size or args.sweep:
+        bench.check_out_files(args.out, (bench.SWEEP,) if args.sweep else (bench.RESULTS,))
+    else:
         bench.check_out_dir(args.out, args.resume, args.overwrite)
         if args.spec_bench_dir and os.path.exists(args.spec_bench_dir) and not os.path.isdir(args.spec_bench_dir):
             raise ValueError(f"--spec-bench-dir {args.spec_bench_dir} is a file; name a directory.")
@@ -456,6 +461,7 @@ def cmd_eval_adapter(args: argparse.Namespace) -> int:
         answers=args.answers,
         depth=args.depth,
         out=args.out,
+        overwrite=args.overwrite,
     )
     print_table(result)
     if args.out:
@@ -477,3 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {_resume_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """The one line printed on Ctrl-C: what was kept and how to go on."""
+    if args.command == "bench" and not (args.cost_profile_only or args.batch_size or args.sweep):
+        return (
+            f"the answers finished so far are in {os.path.join(args.out, 'answers.jsonl')}; rerun the same command "
+            f"with --resume (instead of --overwrite) to decode only the missing questions."
+        )
+    if args.command == "eval-adapter":
+        return "nothing was written; rerun the same command to evaluate again."
+    return "nothing was written; rerun the same command to start again."

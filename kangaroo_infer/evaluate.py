@@ -41,6 +41,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .adapter import KangarooAdapter
 from .arch import Backbone, causal_mask
+from .base import check_file_target, write_file
 from .draft import DraftHead
 from .questions import Question, chat_prompt_ids, default_questions, jsonl_records, load_questions
 
@@ -244,6 +245,12 @@ def score_answers(
         score = score_answer(backbone, adapter, head, answer.prompt_ids, answer.answer_ids, truncate_to_greedy)
         overall.add(score, depth)
         categories.setdefault(answer.category, _Totals()).add(score, depth)
+    if overall.positions == 0 and truncate_to_greedy and any(len(a.answer_ids) >= 2 for a in answers):
+        raise ValueError(
+            "No answer position to score: none of the answers' tokens is the base's own greedy choice (every answer "
+            "diverges from it at once), so they were recorded with another base, dtype or chat template. Pass the "
+            "--base (and --dtype) the benchmark used, or drop --answers to let eval-adapter generate the answers."
+        )
     if overall.positions == 0:
         raise ValueError(
             "No answer position to score: every answer has fewer than 2 tokens (nothing is drafted from it); raise "
@@ -343,6 +350,7 @@ def print_table(result: dict[str, Any], title: str = "on-policy adapter agreemen
 
 
 DEFAULT_MAX_NEW_TOKENS = 128
+OWNER = "eval-adapter"  # the writer named in its output directory's written list
 
 
 def run_eval(
@@ -358,9 +366,11 @@ def run_eval(
     depth: int = 4,
     out: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``eval-adapter``: load base + adapter, get the base's greedy answers (generated, or from a bench
-    ``answers.jsonl``), score the adapter on them; optionally write the result as JSON to ``out``."""
+    ``answers.jsonl``), score the adapter on them; optionally write the result as JSON to ``out`` (a new file, one
+    eval-adapter wrote, or with ``overwrite`` any file but its inputs; checked before anything loads)."""
     import sys
 
     from .base import load_tokenizer
@@ -372,6 +382,8 @@ def run_eval(
     if answers is not None and not Path(answers).is_file():
         raise ValueError(f"Answers file {str(answers)!r} does not exist; pass the answers.jsonl bench wrote.")
     path = questions if questions is not None else default_questions()
+    if out is not None:
+        check_file_target(out, OWNER, overwrite=overwrite, inputs=(path, answers), fix="pass --overwrite to replace it")
     selected = load_questions(path, categories, num_questions)
     km = KangarooModel.from_pretrained(base, adapter=adapter, dtype=dtype, device=device)
     tokenizer = load_tokenizer(km.base)
@@ -418,7 +430,5 @@ def run_eval(
         **source,
     }
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_file(out, json.dumps(result, indent=2) + "\n", OWNER, overwrite=overwrite)
     return result

@@ -25,14 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from kangaroo_infer.arch import Backbone
-from kangaroo_infer.base import load_base
+from kangaroo_infer.base import load_base, write_file
 from kangaroo_infer.evaluate import EvalAnswer, greedy_answers, score_answers
 
 from .checks import require_positive_int
@@ -83,12 +82,8 @@ class AnswerCache:
         return saved["answers"]
 
     def save(self, prompts: list[list[int]], answers: list[list[int]]) -> Path:
-        path = self.path(prompts)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"identity": self.identity, "prompts": prompts, "answers": answers}) + "\n")
-        os.replace(tmp, path)  # readers never see a half-written file
-        return path
+        value = {"identity": self.identity, "prompts": prompts, "answers": answers}
+        return write_file(self.path(prompts), json.dumps(value) + "\n", "on-policy evaluation")  # atomic
 
 
 class OnPolicyEval(L.Callback):
