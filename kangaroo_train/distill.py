@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -61,12 +60,15 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from .checks import require_positive_int
+from kangaroo_infer.base import check_claimable, claim_directory, write_file
+
+from .checks import manifest_has, require_number, require_positive_int
 from .data import Conversation, _render, _tokenizer_identity, load_conversations
 
 log = logging.getLogger("kangaroo_train")
 
 FORMAT = "kangaroo-distilled"
+OWNER = "distill"  # the writer named in distill.dir's written list (kangaroo_infer.base.claim_directory)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CONVERSATIONS_NAME = "conversations.jsonl"
@@ -103,10 +105,8 @@ class DistillSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or self.temperature < 0:
-            raise ValueError(f"distill.temperature={self.temperature!r} must be >= 0 (0 = greedy).")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise ValueError(f"distill.top_p={self.top_p!r} must be in (0, 1].")
+        require_number("distill.temperature", self.temperature, 0)  # NaN refused: it would silently run greedy
+        require_number("distill.top_p", self.top_p, 0, 1, low_open=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"distill.seed={self.seed!r} must be an integer.")
         require_positive_int("distill.max_new_tokens", self.max_new_tokens)
@@ -136,6 +136,7 @@ class Prompts:
     source_indices: list[int]  # position of each in the source
     originals: list[Conversation]  # the source conversations as loaded (for mix_original)
     dropped_no_user: int = 0  # conversations without a user turn (dropped, counted)
+    dropped_no_reply: int = 0  # records of data.source with a user turn but no assistant reply (dropped on loading)
     truncated_empty: int = 0  # conversations cut before an empty user turn (distill.empty_prompts=truncate)
 
 
@@ -541,13 +542,14 @@ class DistilledData:
         """Write this rank's missing shards; whichever rank then finds every shard present assembles the result."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        claim_directory(self.directory, OWNER, legacy=manifest_has(self.directory, "distill_key"), fix=DIR_FIX)
         self.check()
         if self._read_manifest() is None:  # any rank may write it: identical content, atomic write
             self._write_json(self.manifest_path, {**self.identity, "distill_key": self.key, "complete": False})
         mine = [i for i in range(self.num_shards) if i % world_size == rank]
         for index in mine:  # leftovers of an interrupted write by this rank
-            for tmp in self.directory.glob(f"{self.shard_path(index).name}.tmp-*"):
+            name = self.shard_path(index).name
+            for tmp in [*self.directory.glob(f"{name}.tmp-*"), *self.directory.glob(f".{name}.*.tmp")]:
                 tmp.unlink(missing_ok=True)
         todo = [i for i in mine if self._shard_header(i) is None]
         answers = sum(
@@ -613,10 +615,8 @@ class DistilledData:
             "seconds": round(time.monotonic() - started, 3),
             "stats": {key: stats[key] for key in STAT_KEYS},
         }
-        path = self.shard_path(index)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in [json.dumps(header), *lines]), encoding="utf-8")
-        os.replace(tmp, path)
+        text = "".join(line + "\n" for line in [json.dumps(header), *lines])
+        write_file(self.shard_path(index), text, OWNER, overwrite=True)  # claimed directory: every file is distill's
 
     def _shard_records(self, index: int) -> Iterator[dict[str, Any]]:
         with self.shard_path(index).open(encoding="utf-8") as f:
@@ -638,12 +638,12 @@ class DistilledData:
                 f"distill.max_len ({self.settings.max_len}). Raise distill.max_len / data.max_len, or check the base "
                 f"with a chat prompt (does it answer at all?)."
             )
-        tmp = self.conversations_path.with_name(f"{CONVERSATIONS_NAME}.tmp-{os.getpid()}")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, self.conversations_path)
+        write_file(self.conversations_path, "".join(lines), OWNER, overwrite=True)
+        p = self.prompts
         report = {
-            "source_conversations": len(self.prompts.skeletons) + self.prompts.dropped_no_user,
-            "dropped_no_user_turn": self.prompts.dropped_no_user,
+            "source_conversations": len(p.skeletons) + p.dropped_no_user + p.dropped_no_reply,
+            "dropped_no_user_turn": p.dropped_no_user,
+            "dropped_no_reply": p.dropped_no_reply,
             "truncated_empty_prompt": self.prompts.truncated_empty,
             **{key: totals[key] for key in STAT_KEYS},
         }
@@ -652,9 +652,7 @@ class DistilledData:
         )
 
     def _write_json(self, path: Path, value: dict[str, Any]) -> None:
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_file(path, json.dumps(value, indent=2) + "\n", OWNER, overwrite=True)
 
     # -- using the result ---------------------------------------------------------------------------------------
 
@@ -668,13 +666,15 @@ class DistilledData:
     def log_report(self) -> None:
         r = self.report()
         log.info(
-            "distill: %d conversations (of %d read; %d without a user turn dropped, %d with an empty first answer "
+            "distill: %d conversations (of %d read; %d without a user turn dropped, %d without an assistant reply "
+            "dropped, %d with an empty first answer "
             "dropped, %d whose first prompt reaches max_len dropped), %d answers, %d answer tokens; %d answers cut "
             "at max_new_tokens=%d, %d cut at max_len=%s, %d empty answers dropped; turns not generated: %d beyond "
             "max_len, %d after an empty answer; %d conversations cut before an empty user turn -> %s",
             r["conversations"],
             r["source_conversations"],
             r["dropped_no_user_turn"],
+            r.get("dropped_no_reply", 0),
             r["dropped_empty"],
             r["dropped_max_len"],
             r["answers"],
@@ -701,10 +701,16 @@ class DistilledData:
         originals = [json.dumps({"messages": c}, ensure_ascii=False) for c in self.prompts.originals]
         content = "".join(line + "\n" for line in [*originals, *distilled])
         if not path.is_file() or path.read_text(encoding="utf-8") != content:  # every rank may write it, atomically
-            tmp = path.with_name(f"{MIXED_NAME}.tmp-{os.getpid()}")
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
+            write_file(path, content, OWNER, overwrite=True)
         return path
+
+
+DIR_FIX = "Set distill.dir to a new or empty directory, or to one distill wrote."
+
+
+def check_distill_dir(directory: str | Path) -> None:
+    """Refuse a distill.dir that holds files distill did not write (before any stage runs: nothing is replaced)."""
+    check_claimable(directory, OWNER, legacy=manifest_has(directory, "distill_key"), fix=DIR_FIX)
 
 
 def _sha256_json(value: Any) -> str:
@@ -727,6 +733,7 @@ def open_distillation(cfg: DictConfig, base_name: str) -> tuple[DistilledData, P
     d = cfg.distill
     if d.dir is None:
         raise ValueError("distill.dir is not set; set it to a directory for the distilled conversations.")
+    check_distill_dir(d.dir)
     if not isinstance(d.mix_original, bool):
         raise ValueError(f"distill.mix_original={d.mix_original!r} must be true or false.")
     settings = DistillSettings(
@@ -747,9 +754,12 @@ def open_distillation(cfg: DictConfig, base_name: str) -> tuple[DistilledData, P
     except OSError:  # no generation_config.json: the model config's
         generation_eos = getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
     eos = stop_token_ids(generation_eos, tokenizer)
+    dropped: dict[str, int] = {}
     prompts = prompts_from_conversations(
-        load_conversations(str(cfg.data.source), cfg.data.format, limit), empty_prompts=d.empty_prompts
+        load_conversations(str(cfg.data.source), cfg.data.format, limit, dropped), empty_prompts=d.empty_prompts
     )
+    prompts.dropped_no_user += dropped.get("no_user", 0)
+    prompts.dropped_no_reply += dropped.get("no_reply", 0)
     identity = {
         "base": base_name,
         "base_fingerprint": base_fingerprint(AutoConfig.from_pretrained(path)),

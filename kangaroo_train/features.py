@@ -36,12 +36,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kangaroo_infer.adapter import base_fingerprint, check_exit_layer
+from kangaroo_infer.base import claim_directory
 
-from .checks import require_positive_int
+from .checks import manifest_has, require_positive_int
 from .data import data_hash as compute_data_hash
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST_NAME = "manifest.json"
+OWNER = "feature cache"  # the writer named in cache.dir's written list (kangaroo_infer.base.claim_directory)
+DIR_FIX = "Set cache.dir to a new or empty directory, or to one the cache stage wrote."
 CACHE_FORMAT = "kangaroo-feature-cache"
 CACHE_FORMAT_VERSION = 2  # 2: a CRC-32 of every sample's data in its shard's header
 IDENTITY_FIELDS = ("format", "format_version", "base_fingerprint", "exit_layer", "dtype", "data_hash", "shard_size")
@@ -263,7 +266,7 @@ class FeatureCache:
                 "The dataset passed to FeatureCache.build does not match the cache's data_hash; create the cache with "
                 "data_hash(dataset) of the same dataset you build it from."
             )
-        self.directory.mkdir(parents=True, exist_ok=True)
+        claim_directory(self.directory, OWNER, legacy=manifest_has(self.directory, "cache_key"), fix=DIR_FIX)
         self.check()
         num_shards = math.ceil(len(dataset) / self.shard_size)
         if self._read_manifest() is None:  # every rank may write it: the content is identical, the write atomic

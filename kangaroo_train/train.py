@@ -30,12 +30,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from kangaroo_infer.base import kangaroo_home
+from kangaroo_infer.base import check_claimable, kangaroo_home
 
-from .checks import require_positive_int
+from .checks import check_values, manifest_has, require_positive_int
 
 log = logging.getLogger("kangaroo_train")
 
@@ -92,6 +93,15 @@ def validate_config(cfg: DictConfig) -> None:
 
     if cfg.stage not in STAGE_CHOICES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGE_CHOICES)}.")
+    check_values(cfg)  # every group's numbers, whatever the stage: a bad optim.lr must not wait for stage=train
+    if cfg.distill.enabled and cfg.distill.dir is not None:
+        from .distill import check_distill_dir
+
+        check_distill_dir(cfg.distill.dir)
+    if cfg.cache.enabled:
+        from .features import DIR_FIX, OWNER
+
+        check_claimable(cfg.cache.dir, OWNER, legacy=manifest_has(cfg.cache.dir, "cache_key"), fix=DIR_FIX)
     require_positive_int("model.exit_layer", cfg.model.exit_layer)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
@@ -125,8 +135,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError("Set trainer.max_steps or trainer.max_epochs (>= 1): training needs an end.")
     if cfg.optim.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={cfg.optim.schedule!r} must be cosine, linear or constant.")
-    if cfg.temperature is None or cfg.temperature <= 0:
-        raise ValueError(f"temperature={cfg.temperature!r} must be > 0.")
     if not isinstance(cfg.draft_vocab_loss, bool):
         raise ValueError(f"draft_vocab_loss={cfg.draft_vocab_loss!r} must be true or false.")
     if cfg.strategy.name not in ("single", "ddp", "deepspeed"):
@@ -522,7 +530,12 @@ def stage_train(cfg: DictConfig, base_name: str, train_set, val_set, tokenizer) 
     )
     for logger in trainer.loggers:  # the full resolved config (wandb: the run's config)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:
+        if trainer.interrupted:  # Ctrl-C: Lightning saved a checkpoint (save_on_exception) and exits; say how to go on
+            raise KeyboardInterrupt from None
+        raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()  # a clean exit (a late abort was seen once without it)
@@ -589,6 +602,31 @@ def sweep_job_output_dir(cfg: DictConfig) -> None:
         cfg.paths.output_dir = f"{cfg.paths.output_dir}/{overrides}"
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job a Hydra multirun expands ``overrides`` (the command line's) into."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+class CheckSweepJobs(Callback):
+    """Under ``-m``, every job's config is composed and validated before the first job starts: a bad value in the
+    last job must not wait for the earlier jobs' hours of work (configs/train.yaml: hydra.callbacks)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra import compose
+
+        jobs = sweep_jobs(list(config.hydra.overrides.task))
+        for number, job in enumerate(jobs):
+            try:
+                validate_config(compose(config_name=config.hydra.job.config_name, overrides=job))
+            except ValueError as err:
+                print(f"error: job {number} ({','.join(job)}): {err} No job was started.", file=sys.stderr)
+                sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     sweep_job_output_dir(cfg)
@@ -597,6 +635,14 @@ def main(cfg: DictConfig) -> None:
     except ValueError as err:  # bad input: one clear message, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: finished shards, cache and checkpoints are kept
+        print(
+            "interrupted: finished work (distilled and cached shards, checkpoints) is kept; rerun the same command "
+            "with resume=true to continue.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
     except SIGTERMException:  # Lightning stopped after the current step; the Checkpoints callback saved it
         print("interrupted by SIGTERM: checkpoint saved; continue with resume=true", file=sys.stderr, flush=True)
         sys.exit(128 + 15)
