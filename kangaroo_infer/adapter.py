@@ -100,7 +100,32 @@ class AdapterConfig:
         missing = sorted(k for k in ("exit_layer", "base_fingerprint") if k not in raw)
         if missing:
             raise ValueError(f"{path} lacks required keys {missing}; re-export the adapter checkpoint.")
-        return cls(**raw)
+        config = cls(**raw)
+        config.check(path)
+        return config
+
+    def check(self, where: str | os.PathLike = "adapter config") -> None:
+        """Type and range of every field (a damaged or hand-edited config.json), as one error naming the field."""
+
+        def count(value: Any, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        problems = {
+            "exit_layer": (count(self.exit_layer, 1), "an integer >= 1"),
+            "base_fingerprint": (isinstance(self.base_fingerprint, dict), "a JSON object"),
+            "base_model": (self.base_model is None or isinstance(self.base_model, str), "a string or null"),
+            "init": (self.init in INITS, f"one of {list(INITS)}"),
+            "mlp": (isinstance(self.mlp, bool), "true or false"),
+            "num_layers": (count(self.num_layers, 1), "an integer >= 1"),
+            "draft_vocab_size": (self.draft_vocab_size in (None,) or count(self.draft_vocab_size, 1), "null or >= 1"),
+            "generation": (isinstance(self.generation, dict), "a JSON object"),
+        }
+        for key, (ok, what) in problems.items():
+            if not ok:
+                raise ValueError(
+                    f"{where}: {key}={getattr(self, key)!r} must be {what}; the file is damaged or was edited by hand. "
+                    f"Re-export the adapter (or restore {key} in it)."
+                )
 
 
 @dataclass
