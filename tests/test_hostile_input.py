@@ -262,6 +262,8 @@ def test_cli_device_cuda_without_cuda_is_one_error_line(tiny_dirs):
         (["--top-k", "-2"], "--top-k must be an integer >= 0"),
         (["--lookup-tokens", "-1"], "--lookup-tokens must be an integer >= 0"),
         (["--tree-max-nodes", "0"], "--tree-max-nodes must be an integer >= 1"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63 - 1]"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1]"),
     ],
 )
 def test_generate_numeric_arguments_are_checked_before_the_model_loads(tmp_path, args, message, capsys):
@@ -274,3 +276,179 @@ def test_generate_numeric_arguments_are_checked_before_the_model_loads(tmp_path,
         torch.set_grad_enabled(True)  # cli.main turns autograd off for the process
     err = capsys.readouterr().err
     assert message in err and "does not exist" not in err, err
+
+
+# ---- 8. issue #28: settings checked before any stage, adapter configs, Ctrl-C, messages that name the fix -------
+
+
+def compose_train(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from kangaroo_train.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=["experiment=tiny", *overrides])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=abc", "optim.lr='abc' must be a finite number > 0"),
+        ("optim.lr=-1", "optim.lr=-1 must be a finite number > 0"),
+        ("optim.lr=nan", "optim.lr=nan must be a finite number > 0"),
+        ("optim.betas=[0.9,1.5]", "optim.betas[1]=1.5 must be a finite number >= 0 and < 1"),
+        ("optim.warmup_steps=1.5", "optim.warmup_steps=1.5 must be an integer >= 0"),
+        ("data.val_fraction=1", "data.val_fraction=1 must be a finite number >= 0 and < 1"),
+        ("data.max_len=0", "data.max_len=0 must be a positive integer"),
+        ("cache.batch_size=abc", "cache.batch_size='abc' must be a positive integer"),
+        ("distill=greedy distill.temperature=nan", "distill.temperature=nan must be a finite number >= 0"),
+        ("distill=greedy distill.top_p=0", "distill.top_p=0 must be a finite number > 0 and <= 1"),
+        ("distill=greedy distill.empty_prompts=skip", "distill.empty_prompts='skip' must be one of"),
+        ("adapter.draft_vocab_size=-3", "adapter.draft_vocab_size=-3 must be a positive integer or null"),
+        ("temperature=nan", "temperature=nan must be a finite number > 0"),
+        ("generation.threshold=2", "generation.threshold=2 must be a finite number >= 0 and <= 1"),
+    ],
+)
+def test_every_setting_is_checked_before_any_stage(override, message, tmp_path):
+    """validate_config is the first thing run() does, whatever the stage (stage=data included)."""
+    from kangaroo_train.train import validate_config
+
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "stage=data", *override.split())
+    with pytest.raises(ValueError) as err:
+        validate_config(cfg)
+    assert message in str(err.value), err.value
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_distill_settings_refuse_nan():
+    from kangaroo_train.distill import DistillSettings
+
+    with pytest.raises(ValueError, match="distill.temperature=nan must be a finite number >= 0"):
+        DistillSettings(temperature=float("nan"))
+
+
+def test_multirun_checks_every_job_before_the_first_starts(tmp_path):
+    """The exit code and the absence of a traceback are the point: one subprocess. The bad value is in the second
+    job, so the first would have run its data stage had the check waited for it."""
+    out = run_train(tmp_path, "optim.lr=1e-3,abc", "stage=data", check=False, multirun=True)
+    assert_clean_error(
+        out, "job 1 (", "optim.lr=abc,", "optim.lr='abc' must be a finite number > 0", "No job was started"
+    )
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob("optim.lr=*"))
+
+
+@pytest.mark.parametrize("value", [-3, "12", 0, 2.5])
+def test_adapter_config_fields_are_checked_when_read(tiny_dirs, tmp_path, capsys, value):
+    from kangaroo_infer.adapter import read_adapter_config
+    from kangaroo_infer.cli import main
+
+    root, _, _ = tiny_dirs
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    config = json.loads((adapter / "config.json").read_text())
+    config["draft_vocab_size"] = value
+    (adapter / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"draft_vocab_size=.* must be null or >= 1; the file is damaged"):
+        read_adapter_config(adapter)
+    for args in (["generate", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2"],
+                 ["export-draft", "--adapter", str(adapter), "--out", str(tmp_path / "draft")]):  # fmt: skip
+        try:
+            assert main(args) == 2
+        finally:
+            torch.set_grad_enabled(True)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "draft_vocab_size" in err and "Re-export the adapter" in err, err
+
+
+def test_ctrl_c_ends_bench_with_one_line_and_resume_continues(tiny_dirs, tmp_path, capsys):
+    """A real SIGINT, sent to this process once the first answer is on disk (no mock): main() answers with one line
+    that says how to resume, and --resume then finishes the benchmark."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from kangaroo_infer.cli import main
+    from tests.test_evaluate import write_jsonl
+
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "category": "writing", "turns": [f"Tell me {i}"]}
+                                                   for i in range(6)])  # fmt: skip
+    out = tmp_path / "out"
+    answers = out / "answers.jsonl"
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (answers.is_file() and answers.read_text().count("\n") >= 1):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    args = ["bench", "--adapter", str(root / "adapter"), "--questions", str(questions), "--out", str(out),
+            "--max-new-tokens", "48", "--no-profile", "--warmup", "0"]  # fmt: skip
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    try:
+        code = main(args)
+    finally:
+        torch.set_grad_enabled(True)
+        thread.join()
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert str(answers) in line and "--resume" in line
+    done = answers.read_text().count("\n")
+    assert 1 <= done < 6
+    try:
+        assert main([*args, "--resume"]) == 0
+    finally:
+        torch.set_grad_enabled(True)
+    assert json.loads((out / "results.json").read_text())["config"]["resumed_questions"] == done
+
+
+def test_non_utf8_data_names_file_line_and_fix(tmp_path):
+    from kangaroo_train.data import load_conversations
+
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_bytes(
+        good.encode() + b"\n" + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")
+    )
+    with pytest.raises(ValueError, match=r"data.jsonl, line 2, column 47: byte 0xe9 is not UTF-8.*iconv"):
+        load_conversations(str(jsonl))
+    as_json = tmp_path / "data.json"
+    as_json.write_bytes(b"[\n" + good.encode() + b",\n" + good.replace("hi", "h\u00e9").encode("latin-1") + b"]")
+    with pytest.raises(ValueError, match=r"data.json, line 3, column .*: byte 0xe9 is not UTF-8.*data.source"):
+        load_conversations(str(as_json))
+
+
+def test_eval_adapter_answers_of_another_base_name_the_base(tiny_dirs, tmp_path, capsys):
+    from kangaroo_infer.cli import main
+    from tests.test_evaluate import QUESTIONS, write_jsonl
+
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    text = "purple elephants negotiate quantum bananas seventeen times"  # not what the tiny base says greedily
+    records = [{"question_id": q["question_id"], "category": q["category"], "turns": [text], "identical": True}
+               for q in QUESTIONS]  # fmt: skip
+    answers = write_jsonl(tmp_path / "answers.jsonl", records)
+    try:
+        code = main(["eval-adapter", "--adapter", str(root / "adapter"), "--questions", str(questions),
+                     "--answers", str(answers)])  # fmt: skip
+    finally:
+        torch.set_grad_enabled(True)
+    err = capsys.readouterr().err
+    assert code == 2 and "raise max_new_tokens" not in err, err
+    assert "none of the answers' tokens is the base's own greedy choice" in err and "--base" in err, err
+
+
+def test_distill_report_counts_records_without_a_user_turn(tmp_path):
+    from kangaroo_train.data import load_conversations
+    from kangaroo_train.distill import prompts_from_conversations
+
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = [turn, [{"role": "assistant", "content": "no question"}], [{"role": "user", "content": "no reply"}], turn]
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    dropped: dict[str, int] = {}
+    prompts = prompts_from_conversations(load_conversations(str(source), "openai", None, dropped))
+    assert dropped == {"no_user": 1, "no_reply": 1} and len(prompts.skeletons) == 2
