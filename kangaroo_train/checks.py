@@ -38,14 +38,17 @@ def require_number(
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        bounds = " and ".join(b for b in (lo, hi) if b)
-        what = "an integer" if integer else "a finite number"
-        raise ValueError(
-            f"{key}={value!r} must be {what}{f' {bounds}' if bounds else ''}{' or null' if optional else ''}; "
-            f"set it with {key}=VALUE."
-        )
+        if low is not None and high is not None:
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        if integer:
+            what = f"an integer {bounds}".rstrip()
+        else:
+            what = f"{bounds} (a finite number)" if bounds else "a finite number"
+        raise ValueError(f"{key}={value!r} must be {what}{' or null' if optional else ''}; set it with {key}=VALUE.")
 
 
 def require_choice(key: str, value: Any, choices: tuple) -> None:

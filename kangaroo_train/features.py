@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kangaroo_infer.adapter import base_fingerprint, check_exit_layer
-from kangaroo_infer.base import claim_directory
+from kangaroo_infer.base import check_claimable, claim_directory
 
 from .checks import manifest_has, require_positive_int
 from .data import data_hash as compute_data_hash
@@ -385,6 +385,11 @@ class FeatureCache:
         tmp = self.manifest_path.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, self.manifest_path)
+
+
+def check_cache_dir(directory: Path) -> None:
+    """Refuse a cache directory holding files the cache stage did not write (checked before any stage runs)."""
+    check_claimable(directory, OWNER, legacy=manifest_has(directory, "cache_key"), fix=DIR_FIX)
 
 
 def sample_crc32(sample: dict[str, torch.Tensor]) -> int:

@@ -34,9 +34,9 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from kangaroo_infer.base import check_claimable, kangaroo_home
+from kangaroo_infer.base import kangaroo_home
 
-from .checks import check_values, manifest_has, require_positive_int
+from .checks import check_values, require_positive_int
 
 log = logging.getLogger("kangaroo_train")
 
@@ -99,9 +99,10 @@ def validate_config(cfg: DictConfig) -> None:
 
         check_distill_dir(cfg.distill.dir)
     if cfg.cache.enabled:
-        from .features import DIR_FIX, OWNER
+        from .features import check_cache_dir
 
-        check_claimable(cfg.cache.dir, OWNER, legacy=manifest_has(cfg.cache.dir, "cache_key"), fix=DIR_FIX)
+        for split in ("train", "val"):  # feature_caches: one FeatureCache directory per split
+            check_cache_dir(Path(cfg.cache.dir) / split)
     require_positive_int("model.exit_layer", cfg.model.exit_layer)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
