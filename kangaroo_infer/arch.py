@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import Cache, PretrainedConfig, PreTrainedModel
 
+from .invariance import RowInvariance
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -40,6 +42,7 @@ class Backbone:
     rotary_emb: nn.Module
     lm_head: nn.Linear
     windows: list[int | None]  # sliding-window size of each layer's attention (None = full causal)
+    invariance: RowInvariance | None = None  # set: multi-row passes after the prefill get one-row numerics
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> Backbone:
@@ -97,23 +100,61 @@ class Backbone:
         Without ``tree`` the new tokens continue the cached sequence causally. With it, ``allowed[i, j]`` says
         whether new token i may attend to cache entry j (the cache plus the new tokens), as tree drafting needs.
         """
-        masks: dict[int | None, torch.Tensor | None] = {}
+        q, past = positions.shape[0], cache.get_seq_length(start)
+        if self.invariance is not None and q > 1 and past > 0:  # not the prefill: generate runs that in one pass too
+            with self.invariance.rows(range(start, end), q):
+                return self._run(hidden, start, end, position_embeddings, positions, past, cache, tree, True)
+        return self._run(hidden, start, end, position_embeddings, positions, past, cache, tree, False)
+
+    def _run(self, hidden, start, end, position_embeddings, positions, past, cache, tree, rowwise: bool):
+        masks: dict[int | None, object] = {}
         for idx in range(start, end):
             window = self.windows[idx]
             if window not in masks:
                 if tree is None:
-                    past = cache.get_seq_length(idx)
-                    masks[window] = causal_mask(positions, past + positions.shape[0], window, hidden.dtype, self.eager)
+                    allowed = causal_allowed(positions, past + positions.shape[0], window)
                 else:
-                    masks[window] = tree_mask(positions, *tree, window, hidden.dtype, self.eager)
+                    allowed = tree_allowed(positions, *tree, window)
+                if rowwise:
+                    masks[window] = self.invariance.row_keys(allowed)
+                elif tree is None and not self.eager and allowed_by_kernel(positions, past, window):
+                    masks[window] = None
+                else:
+                    masks[window] = attention_bias(allowed[None, None], hidden.dtype, self.eager)
             hidden = self.layers[idx](
                 hidden, attention_mask=masks[window], position_embeddings=position_embeddings, cache=cache
             )
         return hidden
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [1, q, H] -> [1, q, V]
+        """Final norm and LM head; with ``invariance``, each row of a multi-row pass as a one-row step computes it."""
+        if self.invariance is not None and hidden.shape[1] > 1:
+            with self.invariance.rows(range(0), hidden.shape[1], head=True):
+                return self.lm_head(self.norm(hidden))
+        return self.lm_head(self.norm(hidden))
+
     @property
     def eager(self) -> bool:
         return self.model.config._attn_implementation == "eager"
+
+
+def allowed_by_kernel(positions: torch.Tensor, past: int, window: int | None) -> bool:
+    """Whether sdpa needs no mask: one query over the whole cache, or queries aligned with the keys (is_causal)."""
+    q = positions.shape[0]
+    return (window is None or past + q <= window) and (q == 1 or past == 0)
+
+
+def causal_allowed(
+    positions: torch.Tensor,  # [q] absolute positions of the queries; keys are positions 0..kv_len-1
+    kv_len: int,
+    window: int | None,
+) -> torch.Tensor:  # [q, kv_len] bool
+    """Which keys each query may see: causal, optionally within a sliding window."""
+    keys = torch.arange(kv_len, device=positions.device)
+    allowed = keys[None, :] <= positions[:, None]  # [q, kv]
+    if window is not None:
+        allowed &= positions[:, None] - keys[None, :] < window
+    return allowed
 
 
 def causal_mask(
@@ -124,31 +165,21 @@ def causal_mask(
     eager: bool,
 ) -> torch.Tensor | None:  # [1, 1, q, kv_len] or None when the attention kernel's own causal rule is exact
     """Causal (optionally sliding-window) mask of queries at ``positions`` over a cache holding positions < kv_len."""
-    q = positions.shape[0]
-    if window is None or kv_len <= window:
-        if q == 1 and not eager:
-            return None  # a single query sees the whole cache
-        if q == kv_len and not eager:
-            return None  # sdpa's is_causal is exact when queries and keys are aligned
-    keys = torch.arange(kv_len, device=positions.device)
-    allowed = keys[None, :] <= positions[:, None]  # [q, kv]
-    if window is not None:
-        allowed &= positions[:, None] - keys[None, :] < window
-    return attention_bias(allowed[None, None], dtype, eager)
+    if not eager and allowed_by_kernel(positions, kv_len - positions.shape[0], window):
+        return None
+    return attention_bias(causal_allowed(positions, kv_len, window)[None, None], dtype, eager)
 
 
-def tree_mask(
+def tree_allowed(
     positions: torch.Tensor,  # [q] absolute positions of the queries
     allowed: torch.Tensor,  # [q, kv] bool: which cache entries each query may see (ancestors, itself, the prefix)
     key_positions: torch.Tensor,  # [kv] absolute position of each cache entry
     window: int | None,
-    dtype: torch.dtype,
-    eager: bool,
-) -> torch.Tensor:  # [1, 1, q, kv]
-    """Tree attention mask, with a sliding window applied on positions (not on cache indices)."""
+) -> torch.Tensor:  # [q, kv] bool
+    """Tree attention, with a sliding window applied on positions (not on cache indices)."""
     if window is not None:
         allowed = allowed & (positions[:, None] - key_positions[None, :] < window)
-    return attention_bias(allowed[None, None], dtype, eager)
+    return allowed
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype, eager: bool) -> torch.Tensor:

@@ -26,7 +26,7 @@ def deep_logits(
     hidden = backbone.run_layers(states, exit_layer, backbone.num_layers, pe, positions, cache.base, tree)
     if last_only:
         hidden = hidden[:, -1:]
-    return backbone.lm_head(backbone.norm(hidden))[0], states
+    return backbone.logits(hidden)[0], states
 
 
 class Verifier:

@@ -1,0 +1,145 @@
+"""Batch-invariant verification: every row of a multi-row pass gets the numerics of the one-row decode step.
+
+Vanilla ``generate`` computes each new token in a forward over one row. Kangaroo computes the k + 1 rows of a
+verification (and the copies of a lookup round, the nodes of a tree level) in one forward. In bf16 the kernels round a
+row differently depending on which other rows they compute with it, and a near-tie in the logits then flips the greedy
+choice: output no longer token-identical. Two kinds of op do this (``../shared/tools/rowwise_attention.py`` found them
+on an AMD EPYC with avx512_bf16; ``tests/test_bf16.py`` checks the result on any CPU):
+
+- **Attention.** A multi-row pass gives the kernel a mask and a longer key block than any of its rows would see
+  alone, so the reduction over keys is blocked differently. Here each query row attends alone, over exactly the keys
+  it may see, through the model's own attention function without a mask: the call the one-row step makes.
+- **Some linear layers.** A GEMM may split its reduction by the number of rows (bf16 oneDNN: the 1536→576 down
+  projection of SmolLM2, not its 576-wide layers). Which shapes do is a property of the machine's kernels, so it is
+  probed, not assumed: the first pass of M rows through a weight of a new shape compares an M-row product with M
+  one-row products on random inputs; shapes that differ run one row at a time in multi-row passes, the rest as one GEMM.
+
+Everything else on a decoder's path (norms, rotary, activations, residual adds) works row by row already. The prefill
+is left alone: vanilla ``generate`` computes it as one pass over the prompt too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+ROWWISE = "kangaroo_rowwise"  # the attention implementation name a multi-row pass runs under
+# Output elements a probe compares per (shape, rows). A kernel that sums in another order for M rows than for one
+# differs from the one-row result only where the fp32 sum sits near a bf16 rounding boundary: measured 2e-4 of the
+# elements for SmolLM2's down projection (K = 1536), so 2^17 elements see ~25 differences (a miss: e^-25); shapes
+# that sum in the same order never differ (0 of 3e5 elements for its K = 576 layers).
+PROBE_ELEMENTS = 1 << 17
+MAX_PROBED_ROWS = 64  # passes with more rows run row-dependent shapes one row at a time without probing
+
+
+@dataclass
+class RowKeys:
+    """What each query row of a pass may see, passed to attention in place of a mask: a prefix-contiguous run of cache
+    entries (a slice) or any set of them in cache order (an index tensor, e.g. a tree node's ancestors)."""
+
+    keys: list[slice | torch.Tensor]  # one per query row
+    attention: Callable  # the model's own attention function, as the one-row step calls it
+
+    @classmethod
+    def of(cls, allowed: torch.Tensor, attention: Callable) -> RowKeys:  # allowed: [q, kv] bool
+        keys: list[slice | torch.Tensor] = []
+        for row in allowed:
+            idx = row.nonzero().flatten()
+            first, count = int(idx[0]), idx.numel()
+            contiguous = int(idx[-1]) - first + 1 == count
+            keys.append(slice(first, first + count) if contiguous else idx)
+        return cls(keys, attention)
+
+
+def rowwise_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [B, Hq, q, d]
+    key: torch.Tensor,  # [B, Hkv, kv, d]
+    value: torch.Tensor,  # [B, Hkv, kv, d]
+    attention_mask: RowKeys,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:  # [B, q, Hq, d]
+    """Each query row alone over its own keys, without a mask: bit for bit what a one-row forward computes."""
+    rows = attention_mask
+    outs = []
+    for i, keys in enumerate(rows.keys):
+        if isinstance(keys, slice):
+            k, v = key[:, :, keys], value[:, :, keys]
+        else:
+            k, v = key.index_select(2, keys), value.index_select(2, keys)
+        out, _ = rows.attention(module, query[:, :, i : i + 1], k, v, None, **kwargs)  # [B, 1, Hq, d]
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
+
+
+AttentionInterface.register(ROWWISE, rowwise_attention)
+
+
+def _rowwise_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # [B, q, K] -> [B, q, N]
+    """The layer one row at a time, each row as its own [1, 1, K] call (the one-row step's call)."""
+    rows = x.reshape(-1, 1, 1, x.shape[-1])
+    out = torch.cat([nn.functional.linear(row, linear.weight, linear.bias) for row in rows], dim=0)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+class RowInvariance:
+    """Runs a model's multi-row passes with one-row numerics (see the module docstring); one per loaded model.
+
+    ``probe`` results are kept per (weight shape, dtype, device, bias, rows): the kernels depend on nothing else.
+    """
+
+    def __init__(self, config: PretrainedConfig, layers: nn.ModuleList, lm_head: nn.Linear):
+        self.config = config
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+        self.layer_linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers]
+        self.lm_head = lm_head
+        self._row_dependent: dict[tuple, bool] = {}
+        self._generator = torch.Generator().manual_seed(0)  # probe inputs; the caller's RNG is left alone
+
+    def row_dependent(self, linear: nn.Linear, rows: int) -> bool:
+        """Whether some row of an ``rows``-row product through this layer's kernel differs from its one-row product."""
+        if rows > MAX_PROBED_ROWS:
+            return True
+        weight = linear.weight
+        key = (tuple(weight.shape), weight.dtype, weight.device, linear.bias is None, rows)
+        if key not in self._row_dependent:
+            self._row_dependent[key] = self._probe(linear, rows)
+        return self._row_dependent[key]
+
+    @torch.inference_mode()
+    def _probe(self, linear: nn.Linear, rows: int) -> bool:
+        weight = linear.weight
+        for _ in range(-(-PROBE_ELEMENTS // (rows * weight.shape[0]))):
+            x = torch.randn(1, rows, weight.shape[1], generator=self._generator).to(weight.device, weight.dtype)
+            together = nn.functional.linear(x, weight, linear.bias)  # [1, rows, N]
+            alone = _rowwise_linear(linear, x)
+            if not torch.equal(together, alone):
+                return True
+        return False
+
+    def row_keys(self, allowed: torch.Tensor) -> RowKeys:  # allowed: [q, kv] bool
+        return RowKeys.of(allowed, self.attention)
+
+    @contextmanager
+    def rows(self, layers: range, rows: int, head: bool = False) -> Iterator[None]:
+        """Within: attention under ``ROWWISE`` (the layers must get ``RowKeys`` as their mask), and the linears of
+        ``layers`` (and the LM head with ``head``) that are row-dependent at ``rows`` rows patched to run row by row."""
+        linears = [m for i in layers for m in self.layer_linears[i]] + ([self.lm_head] if head else [])
+        patched = [m for m in linears if self.row_dependent(m, rows)]
+        saved = self.config._attn_implementation_internal
+        self.config._attn_implementation_internal = ROWWISE  # the attribute behind the validating setter
+        for m in patched:
+            m.forward = _rowwise_linear.__get__(m)
+        try:
+            yield
+        finally:
+            self.config._attn_implementation_internal = saved
+            for m in patched:
+                del m.forward

@@ -1,0 +1,123 @@
+"""bf16: verification rows bit-equal to one-row decode steps, and greedy output token-identical to bf16 generate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kangaroo_infer import KangarooModel
+from kangaroo_infer.invariance import RowInvariance
+from kangaroo_infer.scheduler import PolicyConfig
+
+from .conftest import VOCAB, identity_adapter, tiny_model
+
+BF16 = torch.bfloat16
+
+
+def bf16_model(arch: str, seed: int = 0, **kw):
+    """Head dim 64 and an MLP 1536 wide, as SmolLM2's: shapes whose bf16 kernels round rows differently when
+    computed together (attention over a long cache; a GEMM with a long reduction)."""
+    shape = dict(hidden_size=256, intermediate_size=1536, num_attention_heads=4, num_key_value_heads=2)
+    return tiny_model(
+        arch, deep_scale=0.05, exit_layer=2, seed=seed, max_position_embeddings=1024, **shape, **kw
+    ).to(BF16)
+
+
+def one_row_states(model, cache: DynamicCache, tokens: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Hidden states of every layer for each token fed alone, as generate's decode step feeds it."""
+    rows = []
+    for i in range(tokens.shape[1]):
+        out = model(tokens[:, i : i + 1], cache=cache, use_cache=True, output_hidden_states=True)
+        rows.append([h[:, 0] for h in out.hidden_states] + [out.logits[:, 0]])
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_multi_row_verify_equals_one_row_steps_bit_for_bit(arch, attn):
+    """The check that fails without the fix (on the CPUs seen so far, sdpa's multi-row kernel rounds every row
+    differently): 2-9 new tokens in one pass after a long context, every layer's output and the logits compared
+    with one-row forwards through the same model, bit for bit."""
+    model = bf16_model(arch, attn=attn)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    backbone = km.backbone
+    assert isinstance(backbone.invariance, RowInvariance)  # on by default in bf16
+    gen = torch.Generator().manual_seed(1)
+    for context in (37, 300, 611):
+        prompt = torch.randint(3, VOCAB, (1, context), generator=gen)
+        with torch.inference_mode():
+            prefill = model(prompt, use_cache=True).cache
+            for rows in (2, 5, 9):
+                new = torch.randint(3, VOCAB, (1, rows), generator=gen)
+                expected = one_row_states(model, copy.deepcopy(prefill), new)
+                cache = copy.deepcopy(prefill)
+                positions = torch.arange(context, context + rows)
+                hidden = backbone.embed_tokens(new)
+                pe = backbone.rotary_emb(hidden, position_ids=positions[None])
+                states = [hidden]
+                for layer in range(backbone.num_layers):
+                    states.append(backbone.run_layers(states[-1], layer, layer + 1, pe, positions, cache))
+                logits = backbone.logits(states[-1])
+                for r in range(rows):
+                    got = [s[:, r] for s in states[:-1]] + [backbone.norm(states[-1])[:, r], logits[:, r]]
+                    for depth, (a, b) in enumerate(zip(got, expected[r], strict=True)):
+                        assert torch.equal(a, b), f"context {context}, {rows} rows: row {r} differs at state {depth}"
+
+
+def vanilla(model, ids, max_new_tokens):
+    return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_bf16_greedy_identical_chains_trees_lookup(arch):
+    """Chains, trees and lookup copies in bf16, long enough contexts that sdpa's multi-row rounding differs: every
+    output token-identical to bf16 generate, with rounds of every kind (all/partly/none accepted)."""
+    model = bf16_model(arch, seed=4)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    gen = torch.Generator().manual_seed(7)
+    accepted_some = False
+    for prompt_len, repeat in ((150, False), (280, True)):
+        ids = torch.randint(3, VOCAB, (1, prompt_len), generator=gen)
+        if repeat:  # lookup finds n-grams to copy
+            ids = torch.cat([ids[:, :40]] * 7, dim=1)
+        ref = vanilla(model, ids, 60)[0].tolist()
+        for kw in (
+            dict(lookup_tokens=0),
+            dict(lookup_tokens=0, tree=True),
+            dict(max_draft_steps=0),
+            dict(policy="fixed"),
+            dict(policy=PolicyConfig(measure_costs=False), threshold=0.0, max_draft_steps=8),
+        ):
+            out = km.generate(ids, max_new_tokens=60, eos_token_id=None, **kw)
+            assert out.sequences[0].tolist() == ref, f"{arch}, prompt {prompt_len}: mismatch with {kw}"
+            accepted_some |= any(a > 1 for a in out.accept_lengths[1:])
+    assert accepted_some
+
+
+def test_exact_verify_off_and_fp32_default():
+    """exact_verify=False turns the per-row path off in bf16; fp32 models decode without it by default."""
+    model = bf16_model("llama")
+    assert KangarooModel.from_pretrained(model, exit_layer=2, exact_verify=False).backbone.invariance is None
+    fp32 = tiny_model("llama")
+    assert KangarooModel.from_pretrained(fp32, exit_layer=2).backbone.invariance is None
+    assert KangarooModel.from_pretrained(fp32, exit_layer=2, exact_verify=True).backbone.invariance is not None
+
+
+def test_probe_finds_a_row_dependent_kernel():
+    """The probe says "row-dependent" for a layer whose multi-row kernel rounds differently from its one-row kernel
+    (an fp32 GEMM against its one-row product: MKL on every x86 CPU seen so far blocks K by the row count; if a CPU
+    computes every row alike the probe must say so, and the assertion adapts), and is cached per shape and rows."""
+    invariance = RowInvariance(tiny_model("llama").config, torch.nn.ModuleList(), torch.nn.Linear(1, 1))
+    linear = torch.nn.Linear(4096, 64, bias=False)
+    rows = 8
+    x = torch.randn(1, rows, 4096, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        differs = not torch.equal(linear(x), torch.cat([linear(x[:, r : r + 1]) for r in range(rows)], dim=1))
+        verdict = invariance.row_dependent(linear, rows)
+    if differs:
+        assert verdict
+    assert invariance.row_dependent(torch.nn.Linear(4096, 64, bias=False), rows) == verdict  # cached per shape
