@@ -19,10 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .adapter import KangarooAdapter, read_adapter_config
-from .base import atomic_directory, load_base, resolve_base_path
+from .base import atomic_directory, kangaroo_home, load_base, resolve_base_path
+from .dtype import AUTO, DTYPES, auto_dtype
 from .model import resolve_recorded_base
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export_draft(
@@ -142,6 +141,8 @@ def _draft_state(draft: PreTrainedModel, base: PreTrainedModel, adapter: Kangaro
 def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
+    if dtype == AUTO:  # as the machine would decode: bf16 where it is native and faster
+        return auto_dtype("cpu", kangaroo_home())[0]
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:

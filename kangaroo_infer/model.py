@@ -10,10 +10,12 @@ from transformers import PreTrainedModel
 
 from .adapter import INITS, KangarooAdapter, check_exit_layer, read_adapter_config
 from .arch import Backbone
-from .base import load_base
+from .base import kangaroo_home, load_base
 from .batch import decode_batch
 from .cache import KangarooCache
 from .draft import DraftHead
+from .dtype import AUTO, resolve_dtype
+from .invariance import RowInvariance
 from .outputs import GenerateOutput
 from .rounds import decode
 from .scheduler import PolicyConfig
@@ -33,10 +35,21 @@ __all__ = ["DEFAULT_GENERATION", "FROM_GENERATION_CONFIG", "GenerateOutput", "Ka
 class KangarooModel:
     """Double early exiting: draft with layers [0, ℓ) + adapter, verify with layers [ℓ, L) in one pass."""
 
-    def __init__(self, base: PreTrainedModel, adapter: KangarooAdapter):
+    def __init__(self, base: PreTrainedModel, adapter: KangarooAdapter, exact_verify: bool | None = None):
+        """``exact_verify`` (default: on in bf16 and fp16, off in fp32) gives every row of a multi-row pass the
+        numerics of the one-row decode step (``invariance.py``): greedy output token-identical to ``generate`` in
+        that dtype, at the cost of per-row attention and of running row-dependent GEMM shapes one row at a time.
+        In fp32 the rounding differences between those paths are ~1e-7 relative and have not flipped a token in the
+        lossless suites, while every fp32 GEMM shape is row-dependent on MKL, so the price would be most of the gain.
+        """
         self.base = base
+        self.dtype_reason = "the loaded model's own"  # how the base's dtype was chosen (from_pretrained sets it)
         self.adapter = adapter.eval()
         self.backbone = Backbone.of(base)
+        if exact_verify is None:
+            exact_verify = base.dtype in (torch.bfloat16, torch.float16)
+        if exact_verify:
+            self.backbone.invariance = RowInvariance(base.config, self.backbone.layers, self.backbone.lm_head)
         check_exit_layer(adapter.config.exit_layer, self.backbone.num_layers)
         self._draft_head: tuple[tuple, DraftHead] | None = None
 
@@ -60,16 +73,29 @@ class KangarooModel:
         base_model: str | os.PathLike | PreTrainedModel | None,
         adapter: str | os.PathLike | None = None,
         exit_layer: int | None = None,
-        dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = AUTO,
         device: torch.device | str | None = None,
         init: str = "random",
+        exact_verify: bool | None = None,
     ) -> KangarooModel:
         """Load a base model and an adapter checkpoint (or make a fresh adapter when ``adapter`` is None).
 
         ``base_model`` is an HF directory, a hub id, an alias (``smollm2-135m-instruct``) or a loaded model; None
         takes the base recorded in the adapter's config. ``exit_layer`` is required for a fresh adapter and, with a
-        checkpoint, must agree with the checkpoint's.
+        checkpoint, must agree with the checkpoint's. ``dtype`` "auto" (default) loads bf16 where the machine computes
+        it natively and faster, else fp32 (``dtype.py``; a loaded model keeps its own); ``dtype_reason`` says which
+        and why. ``exact_verify``: see ``KangarooModel``.
         """
+        if isinstance(base_model, PreTrainedModel) and dtype == AUTO:
+            dtype, reason = None, "the loaded model's own"
+        else:
+            dtype, reason = resolve_dtype(dtype, device, kangaroo_home())
+        km = cls._load(base_model, adapter, exit_layer, dtype, device, init, exact_verify)
+        km.dtype_reason = reason
+        return km
+
+    @classmethod
+    def _load(cls, base_model, adapter, exit_layer, dtype, device, init, exact_verify) -> KangarooModel:
         if adapter is None:
             if base_model is None:
                 raise ValueError("Name a base model (base_model=...) or an adapter checkpoint (adapter=DIR).")
@@ -80,7 +106,7 @@ class KangarooModel:
             base = load_base(base_model, dtype, device)
             check_exit_layer(exit_layer, base.config.num_hidden_layers)
             name = None if isinstance(base_model, PreTrainedModel) else str(base_model)
-            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name))
+            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), exact_verify)
         config = read_adapter_config(adapter)
         if exit_layer is not None and exit_layer != config.exit_layer:
             raise ValueError(
@@ -92,7 +118,7 @@ class KangarooModel:
                 raise ValueError(f"Adapter {adapter} records no base model; pass base_model=... explicitly.")
             base_model = resolve_recorded_base(config.base_model, Path(adapter))
         base = load_base(base_model, dtype, device)
-        return cls(base, KangarooAdapter.from_pretrained(adapter, base))
+        return cls(base, KangarooAdapter.from_pretrained(adapter, base), exact_verify)
 
     @property
     def limits(self) -> ModelLimits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -121,3 +122,38 @@ def test_probe_finds_a_row_dependent_kernel():
     if differs:
         assert verdict
     assert invariance.row_dependent(torch.nn.Linear(4096, 64, bias=False), rows) == verdict  # cached per shape
+
+
+def test_dtype_auto_explicit_and_fallback(tmp_path):
+    """auto: fp32 on a CPU without bf16 instructions whatever the timing; with them, what the cached timing says
+    (measured on first use, then read from $KANGAROO_HOME/dtype.json); an explicit dtype always wins."""
+    from kangaroo_infer.dtype import auto_dtype, cpu_name, resolve_dtype
+
+    dtype, why = auto_dtype("cpu", tmp_path, flags={"avx2", "fma"})
+    assert dtype == torch.float32 and "without native bf16" in why
+    dtype, why = auto_dtype("cpu", tmp_path, flags={"avx512_bf16"})  # measures once, caches
+    timing = json.loads((tmp_path / "dtype.json").read_text())
+    (key,) = timing
+    assert cpu_name() in key
+    faster = sum(timing[key]["bfloat16"].values()) < sum(timing[key]["float32"].values())
+    assert dtype == (torch.bfloat16 if faster else torch.float32), why
+    timing[key] = {"float32": {"1": 1.0, "4": 1.0}, "bfloat16": {"1": 3.0, "4": 3.0}}  # bf16 emulated: slower
+    (tmp_path / "dtype.json").write_text(json.dumps(timing))
+    dtype, why = auto_dtype("cpu", tmp_path, flags={"amx_bf16"})
+    assert dtype == torch.float32 and "slower" in why
+    assert resolve_dtype("float32", "cpu", tmp_path) == (torch.float32, "explicit")
+    assert resolve_dtype(torch.bfloat16, "cpu", tmp_path) == (torch.bfloat16, "explicit")
+    with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):
+        resolve_dtype("fp8", "cpu", tmp_path)
+
+
+def test_from_pretrained_dtype(tiny_dirs, kangaroo_home):
+    """A path loads in the dtype asked for (explicit wins over auto); a loaded model keeps its own under auto."""
+    root, model, _ = tiny_dirs
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter", dtype="float32")
+    assert km.base.dtype == torch.float32 and km.dtype_reason == "explicit" and km.backbone.invariance is None
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter", dtype="bfloat16")
+    assert km.base.dtype == torch.bfloat16 and km.backbone.invariance is not None
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")  # auto: this machine's choice
+    assert km.dtype_reason and km.base.dtype in (torch.float32, torch.bfloat16)
+    assert KangarooModel.from_pretrained(model, exit_layer=2).base.dtype == model.dtype

@@ -1,0 +1,116 @@
+"""The dtype that fits the machine: bf16 where the hardware computes it natively and it measures faster, else fp32.
+
+Drafting pays only where verifying several tokens costs about what one costs. On CPUs with native bf16 (avx512_bf16,
+AMX) oneDNN's bf16 GEMM is nearly flat from 1 to 8 rows while MKL's fp32 GEMM costs 2-4x one row for 2-8 rows
+(docs/decoding.md), and bf16 moves half the bytes. CUDA GPUs compute bf16 natively. Elsewhere (no bf16 instructions)
+bf16 is emulated and slower than fp32. The flags say whether bf16 can be fast; a one-off timing on the first use says
+whether it is (an emulated or throttled path loses), and is cached per CPU model and torch version in
+``$KANGAROO_HOME/dtype.json``. ``dtype="auto"`` is the default of every command; an explicit dtype always wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+AUTO = "auto"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+TIMING_SHAPE = (2048, 2048)  # out x in features of the timed linear: a small model's MLP, ~1 ms a pass
+TIMING_ROWS = (1, 4)  # a decode step and a typical verification
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which then means fp32)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time_linear(dtype: torch.dtype, rows: int, repeats: int = 20) -> float:
+    weight = torch.randn(*TIMING_SHAPE).to(dtype)
+    x = torch.randn(rows, TIMING_SHAPE[1]).to(dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_cpu_bf16() -> dict:
+    """Median time of a linear layer for 1 and 4 rows in fp32 and bf16 on this CPU (seconds)."""
+    return {
+        str(dtype).removeprefix("torch."): {str(rows): _time_linear(dtype, rows) for rows in TIMING_ROWS}
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+
+
+def auto_dtype(
+    device: torch.device | str | None, home: Path, flags: set[str] | None = None
+) -> tuple[torch.dtype, str]:
+    """The dtype ``auto`` stands for on ``device``, and why (printed and recorded with every result); a CPU's timing
+    is cached in ``home``/dtype.json. ``flags``: the CPU's feature flags (default: this CPU's)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA with native bf16"
+        return torch.float32, "CUDA without bf16"
+    if device.type != "cpu":
+        return torch.float32, f"{device.type}: bf16 speed not measured here"
+    flags = (cpu_flags() if flags is None else flags) & set(CPU_BF16_FLAGS)
+    if not flags:
+        return torch.float32, f"CPU without native bf16 ({' / '.join(CPU_BF16_FLAGS)} absent)"
+    cache_path = home / "dtype.json"
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    try:
+        cached = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict) or key not in cached:
+        cached = cached if isinstance(cached, dict) else {}
+        cached[key] = measure_cpu_bf16()
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=2) + "\n")
+        os.replace(tmp, cache_path)
+    timing = cached[key]
+    fp32, bf16 = (sum(timing[name].values()) for name in ("float32", "bfloat16"))
+    native = "+".join(sorted(flags))
+    if bf16 < fp32:
+        return torch.bfloat16, f"CPU with {native}, bf16 measured {fp32 / bf16:.1f}x faster than fp32"
+    return torch.float32, f"CPU with {native}, but bf16 measured slower than fp32 ({bf16 / fp32:.1f}x the time)"
+
+
+def resolve_dtype(
+    dtype: torch.dtype | str | None, device: torch.device | str | None, home: Path
+) -> tuple[torch.dtype | None, str]:
+    """An explicit dtype as given; ``"auto"`` as ``auto_dtype`` decides; None stays None (keep a model's dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype, "explicit" if dtype is not None else "the model's own"
+    if dtype == AUTO:
+        return auto_dtype(device, home)
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {[AUTO, *DTYPES]}.")
+    return DTYPES[dtype], "explicit"
