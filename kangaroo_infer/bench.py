@@ -362,6 +362,8 @@ def check_out_dir(out_dir: str | Path, resume: bool = False, overwrite: bool = F
     check_out_files(out_dir, (SETTINGS, RESULTS, PLOT), overwrite)
     path = out_dir / ANSWERS
     found = _complete_lines(path) if path.is_file() else 0
+    if path.exists() and not found:  # no answer in it: a file of the user's, or an empty one of ours
+        check_file_target(path, OWNER, overwrite=may_replace(out_dir, overwrite), fix="pass --overwrite to replace it")
     if found and not resume and not overwrite:
         raise ValueError(
             f"{out_dir} already holds {found} answers ({ANSWERS}); pass --resume to keep them and run only the "

@@ -135,7 +135,7 @@ def test_distill_dir_holding_user_files_is_refused_before_any_stage(tmp_path):
 # ---- 3. bench --out ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["results.json", "bench_settings.json", "speedup.png"])
+@pytest.mark.parametrize("name", ["results.json", "bench_settings.json", "speedup.png", "answers.jsonl"])
 def test_bench_out_keeps_the_users_files(tmp_path, capsys, name):
     out = tmp_path / "out"
     out.mkdir()
@@ -145,6 +145,9 @@ def test_bench_out_keeps_the_users_files(tmp_path, capsys, name):
     line = error_line(capsys)
     assert f"{name} exists and bench did not write it" in line and "--overwrite" in line, line
     assert (out / name).read_text() == "the user's"
+    if name == "answers.jsonl":  # no answer in it to resume from: --resume must not replace it either
+        assert cli("bench", "--adapter", missing, "--out", str(out), "--resume") == 2
+        assert "answers.jsonl exists and bench did not write it" in error_line(capsys)
     assert cli("bench", "--adapter", missing, "--out", str(out), "--overwrite") == 2  # passes the check, then
     assert "does not exist" in error_line(capsys)  # fails on the adapter, before anything is written
     assert sorted(p.name for p in out.iterdir()) == [name]
