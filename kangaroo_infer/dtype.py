@@ -5,7 +5,8 @@ AMX) oneDNN's bf16 GEMM is nearly flat from 1 to 8 rows while MKL's fp32 GEMM co
 (docs/decoding.md), and bf16 moves half the bytes. CUDA GPUs compute bf16 natively. Elsewhere (no bf16 instructions)
 bf16 is emulated and slower than fp32. The flags say whether bf16 can be fast; a one-off timing on the first use says
 whether it is (an emulated or throttled path loses), and is cached per CPU model and torch version in
-``$KANGAROO_HOME/dtype.json``. ``dtype="auto"`` is the default of every command; an explicit dtype always wins.
+``$KANGAROO_HOME/dtype.json``. ``dtype="auto"`` is the default of every command; an explicit dtype always wins, and
+$KANGAROO_DTYPE pins "auto" (the test suite pins float32, so it runs alike on every CPU; test_bf16.py covers bf16).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 AUTO = "auto"
+ENV = "KANGAROO_DTYPE"  # when set, what "auto" stands for
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 TIMING_SHAPE = (2048, 2048)  # out x in features of the timed linear: a small model's MLP, ~1 ms a pass
@@ -106,10 +108,16 @@ def auto_dtype(
 def resolve_dtype(
     dtype: torch.dtype | str | None, device: torch.device | str | None, home: Path
 ) -> tuple[torch.dtype | None, str]:
-    """An explicit dtype as given; ``"auto"`` as ``auto_dtype`` decides; None stays None (keep a model's dtype)."""
+    """An explicit dtype as given; ``"auto"`` as $KANGAROO_DTYPE names it, else as ``auto_dtype`` decides; None stays
+    None (keep a model's dtype). $KANGAROO_DTYPE pins what "auto" means on a machine or in a test suite."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype, "explicit" if dtype is not None else "the model's own"
     if dtype == AUTO:
+        pinned = os.environ.get(ENV)
+        if pinned:
+            if pinned not in DTYPES:
+                raise ValueError(f"${ENV}={pinned!r} is not a dtype; set it to one of {list(DTYPES)} or unset it.")
+            return DTYPES[pinned], f"${ENV}"
         return auto_dtype(device, home)
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {[AUTO, *DTYPES]}.")

@@ -425,6 +425,7 @@ def run_eval(
         "exit_layer": km.exit_layer,
         "draft_vocab_size": km.adapter.config.draft_vocab_size,
         "dtype": str(km.base.dtype).removeprefix("torch."),
+        "dtype_reason": km.dtype_reason,
         "questions": str(path),
         "num_questions": num_questions,
         **source,

@@ -13,6 +13,7 @@ from kangaroo_infer import KangarooAdapter, load_tokenizer
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("KANGAROO_DTYPE", "float32")  # "auto" the same on every CPU; bf16 is tested explicitly
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and lose a lot when the machine is shared
 

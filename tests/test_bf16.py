@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -145,6 +146,14 @@ def test_dtype_auto_explicit_and_fallback(tmp_path):
     assert resolve_dtype(torch.bfloat16, "cpu", tmp_path) == (torch.bfloat16, "explicit")
     with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):
         resolve_dtype("fp8", "cpu", tmp_path)
+    os.environ["KANGAROO_DTYPE"] = "bfloat16"
+    try:
+        assert resolve_dtype("auto", "cpu", tmp_path) == (torch.bfloat16, "$KANGAROO_DTYPE")
+        os.environ["KANGAROO_DTYPE"] = "fp32"
+        with pytest.raises(ValueError, match="KANGAROO_DTYPE='fp32' is not a dtype"):
+            resolve_dtype("auto", "cpu", tmp_path)
+    finally:
+        os.environ["KANGAROO_DTYPE"] = "float32"
 
 
 def test_from_pretrained_dtype(tiny_dirs, kangaroo_home):
@@ -154,6 +163,6 @@ def test_from_pretrained_dtype(tiny_dirs, kangaroo_home):
     assert km.base.dtype == torch.float32 and km.dtype_reason == "explicit" and km.backbone.invariance is None
     km = KangarooModel.from_pretrained(None, adapter=root / "adapter", dtype="bfloat16")
     assert km.base.dtype == torch.bfloat16 and km.backbone.invariance is not None
-    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")  # auto: this machine's choice
-    assert km.dtype_reason and km.base.dtype in (torch.float32, torch.bfloat16)
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")  # auto, pinned by $KANGAROO_DTYPE here
+    assert km.dtype_reason == "$KANGAROO_DTYPE" and km.base.dtype == torch.float32
     assert KangarooModel.from_pretrained(model, exit_layer=2).base.dtype == model.dtype
