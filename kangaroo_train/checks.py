@@ -71,7 +71,7 @@ def check_values(cfg: Any) -> None:
     """Type and range of every numeric or boolean value of the training config (each group), so a bad one stops
     the run before the first stage, not after hours of data and cache stages."""
     o, d, t = cfg.optim, cfg.data, cfg.trainer
-    require_number("optim.lr", o.lr, 0, low_open=True)
+    require_number("optim.lr", o.lr, 0)  # 0 freezes the weights (tests of init_from use it)
     require_number("optim.eps", o.eps, 0, low_open=True)
     require_number("optim.weight_decay", o.weight_decay, 0)
     require_number("optim.warmup_steps", o.warmup_steps, 0, integer=True)

@@ -293,9 +293,9 @@ def compose_train(*overrides: str):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lr=abc", "optim.lr='abc' must be > 0 (a finite number)"),
-        ("optim.lr=-1", "optim.lr=-1 must be > 0 (a finite number)"),
-        ("optim.lr=nan", "optim.lr=nan must be > 0 (a finite number)"),
+        ("optim.lr=abc", "optim.lr='abc' must be >= 0 (a finite number)"),
+        ("optim.lr=-1", "optim.lr=-1 must be >= 0 (a finite number)"),
+        ("optim.lr=nan", "optim.lr=nan must be >= 0 (a finite number)"),
         ("optim.betas=[0.9,1.5]", "optim.betas[1]=1.5 must be in [0, 1)"),
         ("optim.warmup_steps=1.5", "optim.warmup_steps=1.5 must be an integer >= 0"),
         ("data.val_fraction=1", "data.val_fraction=1 must be in [0, 1)"),
@@ -332,7 +332,7 @@ def test_multirun_checks_every_job_before_the_first_starts(tmp_path):
     job, so the first would have run its data stage had the check waited for it."""
     out = run_train(tmp_path, "optim.lr=1e-3,abc", "stage=data", check=False, multirun=True)
     assert_clean_error(
-        out, "job 1 (", "optim.lr=abc,", "optim.lr='abc' must be > 0 (a finite number)", "No job was started"
+        out, "job 1 (", "optim.lr=abc,", "optim.lr='abc' must be >= 0 (a finite number)", "No job was started"
     )
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob("optim.lr=*"))
 
