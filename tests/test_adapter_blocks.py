@@ -18,7 +18,16 @@ from .conftest import VOCAB, assert_fp32_close, reduction_length, tiny_model
 from .test_batch import check_batch
 from .test_draft_export import draft_logits, kangaroo_draft_logits
 from .test_lossless import check_identical, classify
-from .test_sampling import MAX_NEW, P_MIN, SMALL_VOCAB, exact_joint, joint_p_values
+from .test_sampling import (
+    ADAPTER_KW,
+    CHI_SQUARE_SEEDS,
+    CHI_SQUARE_SEEDS_FAST,
+    P_MIN,
+    SMALL_VOCAB,
+    exact_joint,
+    first_tokens,
+    joint_p_values,
+)
 
 
 def near_identity_blocks(km: KangarooModel, noise: float, seed: int = 0) -> None:
@@ -106,7 +115,11 @@ def test_multi_block_adapter_decodes_losslessly(arch, overrides):
     check_batch(km, prompts, 20, threshold=0.0, max_draft_steps=4, policy="fixed")
 
 
-def test_multi_block_adapter_samples_exactly():
+@pytest.mark.parametrize(
+    "seeds",
+    [pytest.param(CHI_SQUARE_SEEDS_FAST, id="fast"), pytest.param(CHI_SQUARE_SEEDS, id="full", marks=pytest.mark.slow)],
+)
+def test_multi_block_adapter_samples_exactly(seeds):
     """χ² of the first sampled tokens against the base's own distribution, drafts from a random 2-block adapter."""
     model = tiny_model(
         "llama", layers=3, exit_layer=1, seed=4, vocab_size=SMALL_VOCAB, hidden_size=32, intermediate_size=64,
@@ -115,14 +128,8 @@ def test_multi_block_adapter_samples_exactly():
     km = KangarooModel(model, KangarooAdapter.for_base(model, exit_layer=1, init="random", num_layers=2))
     cfg = SamplingConfig(temperature=1.0)
     prompt = [5, 9, 3, 11]
-    samples, rounds = [], Counter()
-    for seed in range(2000):
-        out = km.generate(
-            torch.tensor([prompt]), max_new_tokens=MAX_NEW, eos_token_id=None, threshold=0.0, max_draft_steps=3,
-            policy="fixed", temperature=cfg.temperature, seed=seed,
-        )  # fmt: skip
-        samples.append(tuple(out.sequences[0, 4:7].tolist()))
-        rounds[out.accept_lengths[1] - 1] += 1  # drafts accepted in the first round
+    samples, runs = first_tokens(km, prompt, seeds, **ADAPTER_KW, temperature=cfg.temperature)
+    rounds = Counter(accept_lengths[1] - 1 for _, accept_lengths, _ in runs)  # drafts accepted in the first round
     assert len(rounds) == 3, rounds  # none, one and both drafts accepted all happen
     p12, p23 = joint_p_values(samples, exact_joint(model, prompt, cfg))
     assert p12 > P_MIN and p23 > P_MIN, (p12, p23)

@@ -10,9 +10,6 @@ bonus draws (checked to all occur).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -29,6 +26,11 @@ from .conftest import VOCAB, identity_adapter, tiny_model
 SMALL_VOCAB = 16
 MAX_NEW = 4  # round 1 drafts x2, x3 (remaining 3 -> at most 2 drafts) and may add x4 as a bonus
 P_MIN = 1e-3
+# Sequential χ² tests: the slow set runs every sampling configuration at the full seed count; the default set runs
+# one per path (adapter drafts, lookup copies, multi-block adapter) at CHI_SQUARE_SEEDS_FAST, a count at which the
+# same test still rejects a wrong residual rule (test_fast_chi_square_rejects_a_wrong_residual_rule).
+CHI_SQUARE_SEEDS = 2000
+CHI_SQUARE_SEEDS_FAST = 1000  # at 500 a wrong residual rule on the adapter path still passed (p = 0.039)
 CONFIGS = {
     "temperature": SamplingConfig(temperature=1.0),
     "top-k": SamplingConfig(temperature=0.8, top_k=4),
@@ -84,25 +86,42 @@ def joint_p_values(samples: list[tuple[int, int, int]], joint: torch.Tensor) -> 
     return chi_square_p(first, joint.sum(dim=2)), chi_square_p(second, joint.sum(dim=0))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_chi_square_single_prompt(name):
+def first_tokens(km, prompt: list[int], seeds: int, **kwargs) -> tuple[list[tuple[int, int, int]], list[tuple]]:
+    """The first three generated tokens of ``seeds`` sequential runs (seed 0, 1, ...) and each run's first round:
+    (draft lengths, accept lengths, lookup rounds)."""
+    samples, rounds = [], []
+    for seed in range(seeds):
+        out = km.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, seed=seed, **kwargs)
+        samples.append(tuple(out.sequences[0, len(prompt) : len(prompt) + 3].tolist()))
+        rounds.append((out.draft_lengths, out.accept_lengths, out.lookup_rounds))
+    return samples, rounds
+
+
+def adapter_round_kind(draft_lengths: list[int], accept_lengths: list[int], lookup_rounds: list[int]) -> str:
+    drafted, committed = draft_lengths[0], accept_lengths[1]
+    return "all accepted" if committed == drafted + 1 else "rejected at 1" if committed == 1 else "rejected at 2"
+
+
+def sampling_kwargs(cfg: SamplingConfig) -> dict:
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+
+ADAPTER_KW = dict(eos_token_id=None, threshold=0.0, max_draft_steps=3, policy="fixed")
+
+
+@pytest.mark.parametrize(
+    "name,seeds",
+    [pytest.param("temperature", CHI_SQUARE_SEEDS_FAST, id="temperature-fast")]
+    + [pytest.param(name, CHI_SQUARE_SEEDS, id=name, marks=pytest.mark.slow) for name in CONFIGS],
+)
+def test_chi_square_single_prompt(name, seeds):
     cfg = CONFIGS[name]
     km = small_kangaroo()
     prompt = [5, 9, 3, 11]
     joint = exact_joint(km.base, prompt, cfg)
-    samples, rounds = [], Counter()
-    n = 2000
-    for seed in range(n):
-        out = km.generate(
-            torch.tensor([prompt]), max_new_tokens=MAX_NEW, eos_token_id=None, threshold=0.0, max_draft_steps=3,
-            policy="fixed", temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed,
-        )  # fmt: skip
-        samples.append(tuple(out.sequences[0, 4:7].tolist()))
-        drafted, committed = out.draft_lengths[0], out.accept_lengths[1]
-        rounds[
-            "all accepted" if committed == drafted + 1 else "rejected at 1" if committed == 1 else "rejected at 2"
-        ] += 1
-    assert min(rounds.values()) > n // 50 and len(rounds) == 3, rounds  # both acceptances and rejections happen
+    samples, rounds = first_tokens(km, prompt, seeds, **ADAPTER_KW, **sampling_kwargs(cfg))
+    kinds = Counter(adapter_round_kind(*r) for r in rounds)
+    assert min(kinds.values()) > seeds // 50 and len(kinds) == 3, kinds  # both acceptances and rejections happen
     p12, p23 = joint_p_values(samples, joint)
     assert p12 > P_MIN and p23 > P_MIN, (p12, p23)
 
@@ -249,20 +268,23 @@ def test_sampling_argument_errors(kwargs, message):
         km.generate(torch.tensor([[5, 6]]), max_new_tokens=3, **kwargs)
 
 
-def test_cli_generate_samples_reproducibly(tiny_dirs):
-    """generate --temperature --top-k --top-p --seed prints the text that km.generate gives with the same seed."""
+def test_cli_generate_samples_reproducibly(tiny_dirs, capsys):
+    """generate --temperature --top-k --top-p --seed prints the text that km.generate gives with the same seed (the
+    CLI's main() in this process; test_cli runs it once as a subprocess)."""
+    from kangaroo_infer.cli import main
+
     root, _, tokenizer = tiny_dirs
     args = ["--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "5"]
-    result = subprocess.run(
-        [sys.executable, "-m", "kangaroo_infer", "generate", "--adapter", str(root / "adapter"), "--prompt",
-         "Hello there", "--max-new-tokens", "16", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    capsys.readouterr()
+    code = main(
+        ["generate", "--adapter", str(root / "adapter"), "--prompt", "Hello there", "--max-new-tokens", "16", *args]
+    )
+    result = capsys.readouterr()
+    assert code == 0, result.err
     km = KangarooModel.from_pretrained(None, adapter=root / "adapter")
     ids = tokenizer("Hello there", return_tensors="pt").input_ids
     out = km.generate(ids, max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=5)
-    assert result.stdout.strip() == tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert result.out.strip() == tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_bench_with_temperature_reports_tau_without_identity(tiny_dirs, tmp_path):
@@ -291,26 +313,53 @@ def lookup_round_kinds(draft_lengths: list[int], accept_lengths: list[int], look
     """How the first round ended, when it verified copied tokens."""
     if 0 not in lookup_rounds:
         return None
-    drafted, committed = draft_lengths[0], accept_lengths[1]
-    return "all accepted" if committed == drafted + 1 else "rejected at 1" if committed == 1 else "rejected at 2"
+    return adapter_round_kind(draft_lengths, accept_lengths, lookup_rounds)
 
 
-def test_chi_square_lookup_copies_single_prompt():
+@pytest.mark.parametrize(
+    "seeds",
+    [pytest.param(CHI_SQUARE_SEEDS_FAST, id="fast"), pytest.param(CHI_SQUARE_SEEDS, id="full", marks=pytest.mark.slow)],
+)
+def test_chi_square_lookup_copies_single_prompt(seeds):
     """A copied token is accepted with probability p(x), else the residual p without x is drawn: the first three
     tokens keep the base's exact joint distribution, with copies fully accepted, partly and not at all."""
     cfg = SamplingConfig(temperature=0.7)
     km = small_kangaroo()
     joint = exact_joint(km.base, LOOKUP_PROMPT, cfg)
-    samples, rounds, start = [], Counter(), len(LOOKUP_PROMPT)
-    for seed in range(2000):
-        out = km.generate(
-            torch.tensor([LOOKUP_PROMPT]), max_new_tokens=MAX_NEW, temperature=cfg.temperature, seed=seed, **LOOKUP_KW
-        )
-        samples.append(tuple(out.sequences[0, start : start + 3].tolist()))
-        rounds[lookup_round_kinds(out.draft_lengths, out.accept_lengths, out.lookup_rounds)] += 1
-    assert len(rounds) == 4 and min(rounds.values()) >= 10, rounds  # adapter rounds and all three lookup outcomes
+    samples, rounds = first_tokens(km, LOOKUP_PROMPT, seeds, temperature=cfg.temperature, **LOOKUP_KW)
+    kinds = Counter(lookup_round_kinds(*r) for r in rounds)
+    assert len(kinds) == 4 and min(kinds.values()) >= 10 * seeds // CHI_SQUARE_SEEDS, kinds  # all outcomes occur
     p12, p23 = joint_p_values(samples, joint)
     assert p12 > P_MIN and p23 > P_MIN, (p12, p23)
+
+
+def wrong_residual_rule(real_accept):
+    """The acceptance rule with a classic mistake: after a rejection the token is drawn from p itself instead of
+    norm(max(0, p - q)) (for a copied token: p with the rejected token left in). Acceptances are unchanged."""
+
+    def accept_wrongly(drafts, counted, logits, sampling, q=None, generator=None):
+        accepted, _ = real_accept(drafts, counted, logits, sampling, q, generator)
+        p_next = process(logits, sampling)[torch.arange(drafts.shape[0]), accepted]
+        return accepted, draw(p_next, generator)
+
+    return accept_wrongly
+
+
+@pytest.mark.parametrize("path", ["adapter", "lookup"])
+def test_fast_chi_square_rejects_a_wrong_residual_rule(monkeypatch, path):
+    """The default set's χ² (CHI_SQUARE_SEEDS_FAST seeds) is not too weak to see a wrong rule: with the residual drawn
+    from p, the same samples fail the same test (p-value <= P_MIN), on both drafting paths."""
+    from kangaroo_infer import accept as accept_module
+
+    monkeypatch.setattr(accept_module, "accept", wrong_residual_rule(accept_module.accept))
+    km = small_kangaroo()
+    if path == "adapter":
+        cfg, prompt, kw = CONFIGS["temperature"], [5, 9, 3, 11], ADAPTER_KW
+    else:
+        cfg, prompt, kw = SamplingConfig(temperature=0.7), LOOKUP_PROMPT, LOOKUP_KW
+    samples, _ = first_tokens(km, prompt, CHI_SQUARE_SEEDS_FAST, **kw, **sampling_kwargs(cfg))
+    p12, p23 = joint_p_values(samples, exact_joint(km.base, prompt, cfg))
+    assert min(p12, p23) <= P_MIN, (p12, p23)
 
 
 def test_chi_square_lookup_copies_batch_with_ragged_prompts():
