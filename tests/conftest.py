@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,26 @@ def kangaroo_home(tmp_path, monkeypatch):
     home = tmp_path / "kangaroo_home"
     monkeypatch.setenv("KANGAROO_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The session's one full tiny training (data -> cache -> train -> export, 12 steps) with csv and offline wandb
+    logging, through the real entry point. Tests read its outputs or start from its data, features, checkpoints and
+    adapter (copied when they change them) instead of training again."""
+    from .helpers import run_train
+
+    output_dir = tmp_path_factory.mktemp("tiny_run")
+    run_train(
+        output_dir,
+        "logger=[csv,wandb]",
+        "+callbacks.lr_monitor={_target_: lightning.pytorch.callbacks.LearningRateMonitor, logging_interval: step}",
+        "+trainer.detect_anomaly=false",
+        "generation.threshold=0.5",
+        "generation.max_draft_steps=3",
+        "adapter.draft_vocab_size=64",
+    )
+    return output_dir
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from kangaroo_infer.evaluate import EvalAnswer, depth_counts, greedy_answers, sc
 from kangaroo_infer.questions import chat_prompt_ids, load_questions
 from kangaroo_infer.sample import SamplingConfig
 
+from . import helpers
 from .conftest import identity_adapter, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,16 +158,22 @@ def test_library_errors():
 # ---- the CLI --------------------------------------------------------------------------------------------------------
 
 
-def test_cli_on_generated_answers(tiny_dirs, tmp_path):
+def test_cli_on_generated_answers(tiny_dirs, tmp_path, capsys):
+    """In process (the same main() as the command); test_cli_on_a_bench_answers_file runs it as a subprocess."""
+    from kangaroo_infer.cli import main
+
     root, model, tokenizer = tiny_dirs
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     out = tmp_path / "eval.json"
-    result = run_cli(
-        "--adapter", str(root / "adapter"), "--questions", str(questions), "--num-questions", "2",
-        "--max-new-tokens", "12", "--out", str(out),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "on-policy adapter agreement" in result.stdout and "writing" in result.stdout and "coding" in result.stdout
+    capsys.readouterr()
+    with torch.enable_grad():
+        code = main([
+            "eval-adapter", "--adapter", str(root / "adapter"), "--questions", str(questions), "--num-questions", "2",
+            "--max-new-tokens", "12", "--out", str(out),
+        ])  # fmt: skip
+    result = capsys.readouterr()
+    assert code == 0, result.err
+    assert "on-policy adapter agreement" in result.out and "writing" in result.out and "coding" in result.out
     saved = json.loads(out.read_text())
     assert set(saved["categories"]) == {"writing", "coding"}
     assert saved["categories"]["writing"]["answers"] == 2 and saved["config"]["max_new_tokens"] == 12
@@ -258,17 +265,10 @@ def test_cli_errors(tiny_dirs, tmp_path, capsys, args, content, message):
 
 
 def run_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable, "-m", "kangaroo_train", "experiment=tiny", f"paths.output_dir={output_dir}",
-        "trainer.max_steps=4", "trainer.val_check_interval=2",
-        "callbacks.onpolicy.num_prompts=4", "callbacks.onpolicy.max_new_tokens=16",
-        *overrides,
-    ]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
+    return helpers.run_train(
+        output_dir, "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.onpolicy.num_prompts=4",
+        "callbacks.onpolicy.max_new_tokens=16", *overrides,
+    )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_e2e import REPO, metrics, train_rows
+from tests.helpers import REPO, metrics, train_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # minutes, and root to install slurm-wlm
 

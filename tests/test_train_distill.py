@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +24,8 @@ from kangaroo_train.distill import (
     prompts_from_conversations,
 )
 from kangaroo_train.train import CONFIG_DIR, prepare_base
+from tests import helpers
+from tests.helpers import assert_clean_error
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW = 12
@@ -302,26 +302,11 @@ def run_train(
     """``python -m kangaroo_train experiment=tiny distill=greedy ...`` on ``data`` (default: this file's
     conversations)."""
     data = data or write_openai(output_dir.parent / f"{output_dir.name}-data.jsonl", CONVERSATIONS)
-    command = [
-        sys.executable, "-m", "kangaroo_train", "experiment=tiny", f"paths.output_dir={output_dir}",
+    distilling = [
         f"data.source={data}", "data.format=openai", f"distill={distill}", f"distill.max_new_tokens={MAX_NEW}",
-        "distill.shard_size=4", "distill.batch_size=4", *overrides,
+        "distill.shard_size=4", "distill.batch_size=4",
     ]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    env.setdefault("OMP_NUM_THREADS", "1")  # as conftest: a tiny model gains nothing from threads on a shared machine
-    if popen:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    if check:
-        assert out.returncode == 0, f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
-
-
-def assert_clean_error(out: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    for phrase in phrases:
-        assert phrase in out.stderr, out.stderr[-3000:]
+    return helpers.run_train(output_dir, *distilling, *overrides, env=env, check=check, popen=popen)
 
 
 def shards(directory: Path) -> dict[str, os.stat_result]:

@@ -1,9 +1,11 @@
-"""Two CPU processes under DDP and DeepSpeed ZeRO-2, and resuming a killed run, through the real entry point."""
+"""Two CPU processes under DDP and DeepSpeed ZeRO-2, and resuming a killed run, through the real entry point.
+
+DDP, DeepSpeed (its op build), the 40-step kill/resume and two of the three resume rules are the slow set
+(``-m slow``); resuming after a mid-epoch stop runs by default."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import torch
 
 from kangaroo_infer import KangarooModel
 from kangaroo_train.module import lr_multiplier
-from tests.test_train_e2e import REPO, metrics, run_train, train_rows
+from tests.helpers import REPO, metrics, run_train, train_env, train_rows
 
 LR, WARMUP = 1e-3, 2  # configs/experiment/tiny.yaml
 
@@ -32,6 +34,7 @@ def steps_per_epoch(output_dir, sequences_per_step: int) -> int:
     return manifest["num_samples"] // sequences_per_step
 
 
+@pytest.mark.slow
 def test_resume_from_an_epoch_end_starts_the_next_epoch(tmp_path):
     run_train(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_check_interval=100")
     per_epoch = steps_per_epoch(tmp_path, sequences_per_step=2)
@@ -53,6 +56,7 @@ def test_resume_after_a_mid_epoch_stop_finishes_that_epoch(tmp_path):
     assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == expected
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_from_mid_epoch_validation_finishes_that_epoch(tmp_path):
     """EarlyStopping stops the run from validation, here after step 5 of an epoch longer than that: last.ckpt holds
     the unfinished epoch, so the resumed run (without the callback) trains the rest of it."""
@@ -79,6 +83,7 @@ def test_resume_after_a_stop_from_mid_epoch_validation_finishes_that_epoch(tmp_p
     ]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
     run_train(tmp_path, "trainer.devices=2", "strategy=ddp", "trainer.accumulate_grad_batches=3")
     rows = train_rows(metrics(tmp_path))
@@ -89,6 +94,7 @@ def test_ddp_two_processes(tmp_path):
     KangarooModel.from_pretrained(None, adapter=tmp_path / "adapter")
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_two_processes_with_accumulation(tmp_path):
     """ZeRO-2 on 2 CPU processes, 2 micro-batches per optimizer step: the schedule counts optimizer steps."""
     run_train(tmp_path, "trainer.devices=2", "strategy=deepspeed", "trainer.accumulate_grad_batches=2", timeout=420)
@@ -105,9 +111,10 @@ def test_deepspeed_zero2_two_processes_with_accumulation(tmp_path):
     assert km.exit_layer == 2
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_the_step_count(tmp_path):
     total = 40
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = train_env()
     command = [
         sys.executable,
         "-m",

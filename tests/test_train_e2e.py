@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,45 +10,42 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+# REPO, run_train and assert_clean_error are imported from here by other test files too.
+from tests.helpers import REPO, assert_clean_error, metrics, run_train, train_rows  # noqa: F401
 
 
-def run_train(
-    output_dir: Path, *overrides: str, timeout: int = 300, check: bool = True, multirun: bool = False
-) -> subprocess.CompletedProcess:
-    """``python -m kangaroo_train [-m] experiment=tiny paths.output_dir=... overrides`` in a subprocess."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "kangaroo_train", *(["-m"] if multirun else [])]
-    command += ["experiment=tiny", f"paths.output_dir={output_dir}", *overrides]
-    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    if check:
-        assert out.returncode == 0, f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
+def compose_tiny(output_dir: Path, *overrides: str):
+    """The config ``python -m kangaroo_train experiment=tiny paths.output_dir=... overrides`` runs with."""
+    from hydra import compose, initialize_config_dir
+
+    from kangaroo_train.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=["experiment=tiny", f"paths.output_dir={output_dir}", *overrides])
 
 
-def metrics(output_dir: Path, version: int = 0) -> list[dict[str, str]]:
-    with open(output_dir / "logs" / "csv" / f"version_{version}" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+def refused_by_config(output_dir: Path, *overrides: str) -> str:
+    """validate_config's error for these overrides (what the entry point prints as its one ``error:`` line before
+    loading anything; test_training_again_without_resume_is_refused checks that line and the exit code)."""
+    from kangaroo_train.train import validate_config
+
+    with pytest.raises(ValueError) as err:
+        validate_config(compose_tiny(output_dir, *overrides))
+    return str(err.value)
 
 
-def train_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [r for r in rows if r.get("train/loss")]
+def refused_by_run(output_dir: Path, *overrides: str) -> str:
+    """The stages' error for these overrides, run in this process (kangaroo_train.train.run, what main() calls)."""
+    from kangaroo_train.train import run
+
+    with pytest.raises(ValueError) as err:
+        run(compose_tiny(output_dir, *overrides))
+    return str(err.value)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """One full tiny run (data -> cache -> train -> export) with csv and offline wandb logging."""
-    output_dir = tmp_path_factory.mktemp("tiny_run")
-    run_train(
-        output_dir,
-        "logger=[csv,wandb]",
-        "+callbacks.lr_monitor={_target_: lightning.pytorch.callbacks.LearningRateMonitor, logging_interval: step}",
-        "+trainer.detect_anomaly=false",
-        "generation.threshold=0.5",
-        "generation.max_draft_steps=3",
-        "adapter.draft_vocab_size=64",
-    )
-    return output_dir
+def assert_phrases(message: str, *phrases: str) -> None:
+    for phrase in phrases:
+        assert phrase in message, message
 
 
 def test_all_stages_leave_their_outputs(tiny_run):
@@ -139,24 +134,25 @@ def test_init_from_grows_an_adapter_by_blocks(tiny_run, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not after["blocks.0.self_attn.o_proj.weight"].any() and after["blocks.0.self_attn.q_proj.weight"].any()
     assert json.loads((grown / "adapter" / "config.json").read_text())["num_layers"] == 2
-    out = run_train(
-        tmp_path / "fewer", f"adapter.init_from={grown / 'adapter'}", "adapter.draft_vocab_size=64", check=False
+    message = refused_by_config(
+        tmp_path / "fewer", f"adapter.init_from={grown / 'adapter'}", "adapter.draft_vocab_size=64"
     )
-    assert_clean_error(out, "adapter.num_layers=1 but the adapter has 2")
-    out = run_train(tmp_path / "none", "adapter.num_layers=0", check=False)
-    assert_clean_error(out, "adapter.num_layers=0 must be a positive integer")
+    assert_phrases(message, "adapter.num_layers=1 but the adapter has 2")
+    assert_phrases(
+        refused_by_config(tmp_path / "none", "adapter.num_layers=0"), "adapter.num_layers=0 must be a positive integer"
+    )
 
 
 def test_init_from_that_does_not_fit_is_refused(tiny_run, tmp_path):
     source = tiny_run / "adapter"
-    out = run_train(tmp_path, f"adapter.init_from={source}", "stage=train", check=False)  # draft vocab 64 vs none
-    assert_clean_error(out, "adapter.draft_vocab_size=None but the adapter has 64")
-    out = run_train(
-        tmp_path, f"adapter.init_from={source}", "adapter=attention_mlp", "adapter.draft_vocab_size=64", check=False
+    message = refused_by_config(tmp_path, f"adapter.init_from={source}", "stage=train")  # draft vocab 64 vs none
+    assert_phrases(message, "adapter.draft_vocab_size=None but the adapter has 64")
+    message = refused_by_config(
+        tmp_path, f"adapter.init_from={source}", "adapter=attention_mlp", "adapter.draft_vocab_size=64"
     )
-    assert_clean_error(out, "adapter.mlp=True but the adapter has False")
-    out = run_train(tmp_path, f"adapter.init_from={tmp_path / 'nowhere'}", check=False)
-    assert_clean_error(out, "adapter.init_from=", "does not exist")
+    assert_phrases(message, "adapter.mlp=True but the adapter has False")
+    message = refused_by_config(tmp_path, f"adapter.init_from={tmp_path / 'nowhere'}")
+    assert_phrases(message, "adapter.init_from=", "does not exist")
     other = tmp_path / "other_base"  # the same adapter, recorded for a base with another vocabulary
     import shutil
 
@@ -164,8 +160,8 @@ def test_init_from_that_does_not_fit_is_refused(tiny_run, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["base_fingerprint"]["vocab_size"] += 1
     (other / "config.json").write_text(json.dumps(config))
-    out = run_train(tmp_path, f"adapter.init_from={other}", "adapter.draft_vocab_size=64", check=False)
-    assert_clean_error(out, "adapter.init_from=", "trained for another base model", "vocab_size")
+    message = refused_by_run(tmp_path, f"adapter.init_from={other}", "adapter.draft_vocab_size=64")
+    assert_phrases(message, "adapter.init_from=", "trained for another base model", "vocab_size")
 
 
 def test_multirun_gives_each_job_its_own_output_dir(tmp_path):
@@ -179,24 +175,21 @@ def test_multirun_gives_each_job_its_own_output_dir(tmp_path):
 
 
 def test_training_again_without_resume_is_refused(tiny_run):
+    """The entry point's error path as users meet it (a subprocess): exit code 2, one error line, no traceback. The
+    other bad inputs below are checked in this process, through the same validate_config / run that main() calls."""
     out = run_train(tiny_run, "stage=train", check=False)
-    assert out.returncode == 2 and "resume=true" in out.stderr
+    assert_clean_error(out, "resume=true")
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error: ")]  # one error line
+    assert "resume=true" in line
 
 
 # ---- errors surface cleanly from the entry point -------------------------------------------------------------
 
 
-def assert_clean_error(out: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    for phrase in phrases:
-        assert phrase in out.stderr, out.stderr[-3000:]
-
-
 def test_stale_cache_is_refused(tiny_run, tmp_path):
     # same data, but another exit layer: the cached features belong to ℓ=2
-    out = run_train(tmp_path, f"cache.dir={tiny_run / 'features'}", "model.exit_layer=1", "stage=cache", check=False)
-    assert_clean_error(out, "stale", "exit_layer")
+    message = refused_by_run(tmp_path, f"cache.dir={tiny_run / 'features'}", "model.exit_layer=1", "stage=cache")
+    assert_phrases(message, "stale", "exit_layer")
 
 
 def test_corrupt_shard_is_reported(tiny_run, tmp_path):
@@ -206,15 +199,17 @@ def test_corrupt_shard_is_reported(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "features", features)
     shard = features / "train" / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
-    out = run_train(tmp_path, f"cache.dir={features}", "stage=cache", check=False)
-    assert_clean_error(out, "shard-00001.safetensors", "corrupt or truncated")
+    assert_phrases(
+        refused_by_run(tmp_path, f"cache.dir={features}", "stage=cache"),
+        "shard-00001.safetensors",
+        "corrupt or truncated",
+    )
 
 
 def test_empty_data_is_reported(tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")  # no reply
-    out = run_train(tmp_path, f"data.source={data}", "stage=data", check=False)
-    assert_clean_error(out, "No usable conversation")
+    assert_phrases(refused_by_run(tmp_path, f"data.source={data}", "stage=data"), "No usable conversation")
 
 
 def test_online_features_without_a_cache(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kangaroo_train.progress import ProgressLines, progress_lines_enabled
-from tests.test_train_e2e import REPO
+from tests.helpers import REPO, train_env
 
 LINE = re.compile(
     r"train: step (\d+)/(\d+) \(([\d.]+)%\) \| loss ([\d.]+) \| top1 ([\d.]+) \| ([\d,]+) tokens/s \| "
@@ -31,7 +31,7 @@ def progress_lines(text: str) -> list[re.Match]:
 
 def test_lines_every_n_optimizer_steps_in_a_log_file(tmp_path):
     log = tmp_path / "train.log"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = train_env()
     command = [
         sys.executable,
         "-m",
