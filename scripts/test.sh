@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv on first use, then runs the whole suite (tiny random models, plus the slow
-# end-to-end tests on the real SmolLM2-135M). Extra arguments go to pytest, e.g. `-m "not slow"`.
+# The test command: sets up .venv on first use, runs ruff, then the fast default set (`-m "not slow"`: every module,
+# tiny random models; under 10 minutes on 2 cores). Arguments replace that default and go to pytest as they are:
+#   bash scripts/test.sh -m slow                  # only the slow set (SLURM, DeepSpeed, DDP, full chi-square, SmolLM2)
+#   bash scripts/test.sh -m "slow or not slow"    # everything (what .ci/run runs)
+#   bash scripts/test.sh tests/test_lossless.py   # one file, slow tests included
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m ruff check kangaroo_infer tests $( [ -d kangaroo_train ] && echo kangaroo_train )
+if [ "$#" -eq 0 ]; then
+    set -- -m "not slow"
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
