@@ -6,9 +6,15 @@ row differently depending on which other rows they compute with it, and a near-t
 choice: output no longer token-identical. Two kinds of op do this (``../shared/tools/rowwise_attention.py`` found them
 on an AMD EPYC with avx512_bf16; ``tests/test_bf16.py`` checks the result on any CPU):
 
-- **Attention.** A multi-row pass gives the kernel a mask and a longer key block than any of its rows would see
-  alone, so the reduction over keys is blocked differently. Here each query row attends alone, over exactly the keys
-  it may see, through the model's own attention function without a mask: the call the one-row step makes.
+- **Attention.** A multi-row pass gives the kernel several query rows, a mask and a longer key block than any of its
+  rows would see alone; the kernel's small GEMMs round differently for several rows, and its softmax sums the keys
+  in vector lanes up to the last full vector and then one by one, so where a row's last key falls decides the
+  rounding. Here each query row is computed as a one-row problem over exactly the keys it may see: alone through the
+  model's attention function without a mask (the call the one-row step makes), or, on CPU with sdpa, rows whose key
+  counts share a vector block (n // 8) and a 512-key block are one kernel call with the rows as a batch of one-row
+  problems, each masked to its own keys (identical arithmetic: masked keys add exact zeros after the last full
+  vector). That grouping relies on the kernel's blocking, so it is probed against one call per row on first use and
+  dropped if any row differs.
 - **Some linear layers.** A GEMM may split its reduction by the number of rows (bf16 oneDNN: the 1536→576 down
   projection of SmolLM2, not its 576-wide layers). Which shapes do is a property of the machine's kernels, so it is
   probed, not assumed: the first pass of M rows through a weight of a new shape compares an M-row product with M
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -37,25 +44,67 @@ ROWWISE = "kangaroo_rowwise"  # the attention implementation name a multi-row pa
 # that sum in the same order never differ (0 of 3e5 elements for its K = 576 layers).
 PROBE_ELEMENTS = 1 << 17
 MAX_PROBED_ROWS = 64  # passes with more rows run row-dependent shapes one row at a time without probing
+KEY_VECTOR = 8  # rows batched in one attention call share n // KEY_VECTOR (fp32 vector width 8 on AVX2, 16 on AVX-512)
+KEY_BLOCK = 512  # ... and (n - 1) // KEY_BLOCK (the CPU flash kernel's key block)
 
 
 @dataclass
 class RowKeys:
     """What each query row of a pass may see, passed to attention in place of a mask: a prefix-contiguous run of cache
-    entries (a slice) or any set of them in cache order (an index tensor, e.g. a tree node's ancestors)."""
+    entries (a slice) or any set of them in cache order (an index tensor, e.g. a tree node's ancestors); and which
+    rows one kernel call computes together (``batched``, see ``grouped_rows``)."""
 
     keys: list[slice | torch.Tensor]  # one per query row
     attention: Callable  # the model's own attention function, as the one-row step calls it
+    batched: bool = False  # rows whose prefixes share a key block run as one batch of one-row problems
 
     @classmethod
-    def of(cls, allowed: torch.Tensor, attention: Callable) -> RowKeys:  # allowed: [q, kv] bool
+    def of(cls, allowed: torch.Tensor, attention: Callable, batched: bool = False) -> RowKeys:  # allowed: [q, kv]
         keys: list[slice | torch.Tensor] = []
         for row in allowed:
             idx = row.nonzero().flatten()
             first, count = int(idx[0]), idx.numel()
             contiguous = int(idx[-1]) - first + 1 == count
             keys.append(slice(first, first + count) if contiguous else idx)
-        return cls(keys, attention)
+        return cls(keys, attention, batched)
+
+    def groups(self) -> list[list[int]]:
+        """Rows computed by one call: prefixes [0, n) with equal (n // KEY_VECTOR, (n - 1) // KEY_BLOCK), in order."""
+        groups: list[list[int]] = []
+        last = None
+        for i, keys in enumerate(self.keys):
+            block = (keys.stop // KEY_VECTOR, (keys.stop - 1) // KEY_BLOCK) if self._prefix(keys) else None
+            if self.batched and block is not None and block == last:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+            last = block
+        return groups
+
+    @staticmethod
+    def _prefix(keys: slice | torch.Tensor) -> bool:
+        return isinstance(keys, slice) and keys.start == 0
+
+
+def batched_one_row_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,  # [1, Hq, g, d]: g query rows
+    key: torch.Tensor,  # [1, Hkv, L, d]: the longest row's keys
+    value: torch.Tensor,  # [1, Hkv, L, d]
+    lengths: list[int],  # each row's key count (<= L)
+    scaling: float | None,
+) -> torch.Tensor:  # [1, g, Hq, d]
+    """g one-row attention problems in one sdpa call: the rows as the batch, each masked to its own keys."""
+    rows = len(lengths)
+    queries = query[0].transpose(0, 1)[:, :, None]  # [g, Hq, 1, d]
+    span = torch.arange(key.shape[2], device=key.device)
+    mask = span[None, :] < torch.tensor(lengths, device=key.device)[:, None]  # [g, L]
+    gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
+    out = nn.functional.scaled_dot_product_attention(
+        queries, key.expand(rows, -1, -1, -1), value.expand(rows, -1, -1, -1), attn_mask=mask[:, None, None],
+        scale=scaling, **gqa,
+    )  # fmt: skip  [g, Hq, 1, d]
+    return out[:, :, 0][None]  # [1, g, Hq, d]
 
 
 def rowwise_attention(
@@ -66,10 +115,18 @@ def rowwise_attention(
     attention_mask: RowKeys,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:  # [B, q, Hq, d]
-    """Each query row alone over its own keys, without a mask: bit for bit what a one-row forward computes."""
+    """Each query row as a one-row problem over its own keys: bit for bit what a one-row forward computes."""
     rows = attention_mask
     outs = []
-    for i, keys in enumerate(rows.keys):
+    for group in rows.groups():
+        if len(group) > 1:
+            lengths = [rows.keys[i].stop for i in group]
+            q = query[:, :, group[0] : group[-1] + 1]
+            k, v = key[:, :, : lengths[-1]], value[:, :, : lengths[-1]]
+            outs.append(batched_one_row_sdpa(module, q, k, v, lengths, kwargs.get("scaling")))
+            continue
+        (i,) = group
+        keys = rows.keys[i]
         if isinstance(keys, slice):
             k, v = key[:, :, keys], value[:, :, keys]
         else:
@@ -100,6 +157,8 @@ class RowInvariance:
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
         self.layer_linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers]
         self.lm_head = lm_head
+        self.attention_module = layers[0].self_attn if len(layers) else None
+        self._batched: bool | None = None  # whether batched_one_row_sdpa equals one call per row here (probed)
         self._row_dependent: dict[tuple, bool] = {}
         self._generator = torch.Generator().manual_seed(0)  # probe inputs; the caller's RNG is left alone
 
@@ -125,7 +184,39 @@ class RowInvariance:
         return False
 
     def row_keys(self, allowed: torch.Tensor) -> RowKeys:  # allowed: [q, kv] bool
-        return RowKeys.of(allowed, self.attention)
+        return RowKeys.of(allowed, self.attention, self.batched_attention(allowed.device))
+
+    def batched_attention(self, device: torch.device) -> bool:
+        """Whether rows may share an attention call: CPU, sdpa, and the probe found every row equal to its own call."""
+        if self._batched is None:
+            self._batched = (
+                device.type == "cpu" and self.attention is sdpa_attention_forward and self._probe_batched_attention()
+            )
+        return self._batched
+
+    @torch.inference_mode()
+    def _probe_batched_attention(self) -> bool:
+        """Random queries, keys and values of the model's head shape, prefixes crossing vector and 512-key blocks:
+        each batched group against one call per row through the model's attention function."""
+        module = self.attention_module
+        config = self.config
+        head_dim = getattr(module, "head_dim", config.hidden_size // config.num_attention_heads)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        param = module.q_proj.weight
+        gen = self._generator
+        for past in (5, 37, 250, 503, 509, 1021):
+            rows = 9
+            kv = past + rows
+            shape = (1, kv_heads, kv, head_dim)
+            q = torch.randn(1, heads, rows, head_dim, generator=gen).to(param.device, param.dtype)
+            k, v = (torch.randn(*shape, generator=gen).to(param.device, param.dtype) for _ in range(2))
+            allowed = torch.arange(kv)[None, :] <= torch.arange(past, kv)[:, None]
+            kwargs = {"dropout": 0.0, "scaling": module.scaling}
+            together, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, True), **kwargs)
+            alone, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, False), **kwargs)
+            if not torch.equal(together, alone):
+                return False
+        return True
 
     @contextmanager
     def rows(self, layers: range, rows: int, head: bool = False) -> Iterator[None]:
