@@ -182,6 +182,13 @@ def _lookup_peers(options: dict[str, Any]) -> list[Peer]:
     return [Peer("kangaroo-lookup", settings, run)]
 
 
+def _adapter_peers(options: dict[str, Any]) -> list[Peer]:
+    """Kangaroo's adapter alone: the same policy as the kangaroo run, lookup off."""
+    settings = {"kind": "adapter", "implementation": "kangaroo generate(lookup_tokens=0)"}
+    run = partial(run_kangaroo_peer, lookup_tokens=0, policy=options["policy"])
+    return [Peer("kangaroo-adapter", settings, run)]
+
+
 def check_draft_model(path: str | None, kinds: list[str]) -> None:
     """``--draft-model`` goes with ``--peers assisted`` and names a model directory."""
     if "assisted" in kinds and path is None:
@@ -226,6 +233,7 @@ PEER_KINDS: dict[str, Callable[[dict[str, Any]], list[Peer]]] = {
     # Kangaroo without its adapter: every round a plain step (the loop's own saving over generate), or lookup only.
     "plain": _plain_peers,
     "lookup": _lookup_peers,
+    "adapter": _adapter_peers,
 }
 
 
@@ -247,6 +255,11 @@ def make_peers(
     if pld_tokens is not None and "pld" not in kinds:
         raise ValueError("--pld-tokens sets the pld peer: add --peers pld, or drop --pld-tokens.")
     check_draft_model(draft_model, kinds)
+    if "adapter" in kinds and lookup_tokens == 0:
+        raise ValueError(
+            "--peers adapter is kangaroo with lookup off, and --lookup-tokens 0 already makes the kangaroo run that; "
+            "drop one of them."
+        )
     if "lookup" in kinds and lookup_tokens == 0:
         raise ValueError(
             "--peers lookup drafts by lookup only and --lookup-tokens 0 turns lookup off (that is --peers plain); "

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--peers",
         help="comma-separated peer decoders run beside vanilla and kangaroo on every question, greedy: pld "
         "(transformers' prompt lookup decoding), assisted (transformers' assisted generation with --draft-model), "
-        "plain (kangaroo's loop, no drafting), lookup (kangaroo, lookup drafting only)",
+        "plain (kangaroo's loop, no drafting), lookup (kangaroo, lookup drafting only), adapter (kangaroo, adapter "
+        "drafting only)",
     )
     b.add_argument(
         "--draft-model",

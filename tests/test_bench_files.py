@@ -104,6 +104,7 @@ def error_line(capsys) -> str:
         (["--peers", "pld", "--pld-tokens", "4,x"], "--pld-tokens takes comma-separated integers"),
         (["--peers", "medusa"], "Unknown peers ['medusa']"),
         (["--peers", "lookup", "--lookup-tokens", "0"], "--lookup-tokens 0 turns lookup off (that is --peers plain)"),
+        (["--peers", "adapter", "--lookup-tokens", "0"], "--lookup-tokens 0 already makes the kangaroo run that"),
         (["--context", "0"], "--context must be >= 1"),
         (["--resume", "--overwrite"], "pass one of them"),
         ([], "already holds 3 answers (answers.jsonl); pass --resume"),
@@ -252,18 +253,22 @@ def test_assisted_peer_with_an_exported_draft(tiny_dirs, tmp_path, capsys):
 
 
 def test_kangaroo_without_its_adapter_as_peers(tiny_dirs, tmp_path, capsys):
-    """--peers plain,lookup: kangaroo's own loop with no drafting (one token per forward) and with lookup only,
-    beside the full kangaroo; identical output, settings recorded, so a report shows what the adapter adds."""
+    """--peers plain,lookup,adapter: kangaroo's own loop with no drafting (one token per forward), with lookup only
+    and with the adapter only, beside the full kangaroo; identical output, settings recorded, so a report shows what
+    each drafter adds."""
     root, _, _ = tiny_dirs
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     out = tmp_path / "out"
-    args = ["bench", *bench_args(root / "adapter", questions), "--lookup-tokens", "4", "--peers", "plain,lookup",
-            "--out", str(out)]  # fmt: skip
+    args = ["bench", *bench_args(root / "adapter", questions), "--lookup-tokens", "4", "--peers",
+            "plain,lookup,adapter", "--out", str(out)]  # fmt: skip
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "kangaroo-plain speedup" in printed and "kangaroo-lookup speedup" in printed
     summary = json.loads((out / "results.json").read_text())
     plain, lookup = summary["peers"]["kangaroo-plain"], summary["peers"]["kangaroo-lookup"]
+    adapter = summary["peers"]["kangaroo-adapter"]
+    assert adapter["settings"]["implementation"] == "kangaroo generate(lookup_tokens=0)"
+    assert adapter["overall"]["identical"] and adapter["overall"]["tau"] > 1.0
     assert plain["settings"]["implementation"] == "kangaroo generate(max_draft_steps=0, lookup_tokens=0)"
     assert lookup["settings"]["lookup_tokens"] == 4 == summary["config"]["lookup_tokens"]
     assert plain["overall"]["tau"] == 1.0 and plain["overall"]["identical"] and lookup["overall"]["identical"]
