@@ -345,6 +345,7 @@ def wrong_residual_rule(real_accept):
     return accept_wrongly
 
 
+@pytest.mark.slow  # a test of the default set's test: CI runs it
 @pytest.mark.parametrize("path", ["adapter", "lookup"])
 def test_fast_chi_square_rejects_a_wrong_residual_rule(monkeypatch, path):
     """The default set's χ² (CHI_SQUARE_SEEDS_FAST seeds) is not too weak to see a wrong rule: with the residual drawn

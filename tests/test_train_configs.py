@@ -99,6 +99,7 @@ def test_bad_settings_fail_with_the_fix():
         build_strategy(cfg.strategy, "cpu", 2, 1)
 
 
+@pytest.mark.slow  # a subprocess; the same config is composed and validated in process above
 def test_vicuna7b_cfg_job_from_the_command_line(tmp_path):
     """`--cfg job` composes the 7B experiment and prints it without touching the model or the data."""
     out = subprocess.run(

@@ -1,7 +1,7 @@
 """Two CPU processes under DDP and DeepSpeed ZeRO-2, and resuming a killed run, through the real entry point.
 
-DDP, DeepSpeed (its op build), the 40-step kill/resume and two of the three resume rules are the slow set
-(``-m slow``); resuming after a mid-epoch stop runs by default."""
+All of it is the slow set (``-m slow``): each test trains twice or on two processes (DeepSpeed builds its op).
+By default, test_hostile_input.py resumes from a truncated last.ckpt and refuses a resume with another adapter."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def test_resume_from_an_epoch_end_starts_the_next_epoch(tmp_path):
     assert [(int(r["epoch"]), int(r["step"])) for r in resumed] == [(1, s) for s in range(per_epoch, 2 * per_epoch)]
 
 
+@pytest.mark.slow
 def test_resume_after_a_mid_epoch_stop_finishes_that_epoch(tmp_path):
     """A run that stops mid-epoch (max_steps here, max_time or a callback's should_stop alike) saves the epoch as
     unfinished, so resuming trains the rest of it instead of skipping to the next epoch."""

@@ -164,6 +164,7 @@ def test_init_from_that_does_not_fit_is_refused(tiny_run, tmp_path):
     assert_phrases(message, "adapter.init_from=", "trained for another base model", "vocab_size")
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_output_dir(tmp_path):
     """-m sweeps: every job trains and exports in paths.output_dir/<its overrides>, none overwrites another."""
     run_train(tmp_path, "model.exit_layer=1,2", "trainer.max_steps=2", multirun=True)
@@ -223,6 +224,7 @@ def test_online_features_without_a_cache(tmp_path):
     assert (tmp_path / "adapter" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_max_time_stops_with_a_checkpoint_and_an_export(tmp_path):
     """trainer.max_time caps wall-clock time: the run ends early, saves last.ckpt at the step it reached, and
     exports it (how a time-boxed GPU allocation is used)."""

@@ -268,6 +268,7 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two processes; test_two_ranks_sequentially checks the same split in one
 def test_two_ranks_in_two_processes(tmp_path, base):
     base.save_pretrained(tmp_path / "base")
     dataset = token_dataset(9)
