@@ -25,6 +25,7 @@ round is a plain batched step when drafting does not pay. Acceptance is the same
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
@@ -38,14 +39,12 @@ from .scheduler import PLAIN, Scheduler
 from .settings import GenerationSettings
 
 
-def batch_mask(
+def batch_allowed(
     pad: torch.Tensor,  # [b] left padding slots of each row
     past: int,  # slots already cached; the q queries occupy slots past .. past + q - 1
     q: int,
     window: int | None,
-    dtype: torch.dtype,
-    eager: bool,
-) -> torch.Tensor:  # [b, 1, q, past + q]
+) -> torch.Tensor:  # [b, q, past + q] bool
     """Causal (optionally sliding-window) attention over each row's own slots; padding slots are never attended.
 
     A padding query (only in the prefill) attends to itself, so that no attention row is empty: an empty row would
@@ -57,7 +56,21 @@ def batch_mask(
     if window is not None:
         allowed &= queries[None, :, None] - keys[None, None, :] < window
     allowed |= keys[None, None, :] == queries[None, :, None]
-    return attention_bias(allowed[:, None], dtype, eager)
+    return allowed
+
+
+def batch_mask(
+    pad: torch.Tensor, past: int, q: int, window: int | None, dtype: torch.dtype, eager: bool
+) -> torch.Tensor:  # [b, 1, q, past + q]
+    """``batch_allowed`` as the attention kernel takes it."""
+    return attention_bias(batch_allowed(pad, past, q, window)[:, None], dtype, eager)
+
+
+def left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """Zeros before ``x`` along ``dim`` up to ``width`` (padding slots are never attended)."""
+    shape = list(x.shape)
+    shape[dim] = width - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def slot_positions(pad: torch.Tensor, start: int, q: int) -> torch.Tensor:  # [b, q]
@@ -79,24 +92,33 @@ class BatchDecoder:
         self.pad = pad  # [b]
 
     def run_layers(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:  # [b, q, H] -> [b, q, H]
-        """Decoder layers [start, end) over q new slots appended after each layer's cached slots."""
+        """Decoder layers [start, end) over q new slots appended after each layer's cached slots; with the model's
+        ``invariance``, every row of every pass gets the numerics of its prompt's own one-row decode step."""
         backbone, q = self.backbone, hidden.shape[1]
         past = self.base.get_seq_length(start)
         pe = backbone.rotary_emb(hidden, position_ids=slot_positions(self.pad, past, q))
-        masks: dict[int | None, torch.Tensor] = {}
-        for idx in range(start, end):
-            window = backbone.windows[idx]
-            if window not in masks:
-                masks[window] = batch_mask(self.pad, past, q, window, hidden.dtype, backbone.eager)
-            hidden = backbone.layers[idx](hidden, attention_mask=masks[window], position_embeddings=pe, cache=self.base)
+        invariance = backbone.invariance
+        rows = invariance.rows(range(start, end), hidden.shape[0] * q) if invariance is not None else nullcontext()
+        masks: dict[int | None, object] = {}
+        with rows:
+            for idx in range(start, end):
+                window = backbone.windows[idx]
+                if window not in masks:
+                    allowed = batch_allowed(self.pad, past, q, window)
+                    if invariance is not None:
+                        masks[window] = invariance.row_keys(allowed)
+                    else:
+                        masks[window] = attention_bias(allowed[:, None], hidden.dtype, backbone.eager)
+                hidden = backbone.layers[idx](
+                    hidden, attention_mask=masks[window], position_embeddings=pe, cache=self.base
+                )
         return hidden
 
     def shallow(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, q] -> exit states [b, q, H]
         return self.run_layers(self.backbone.embed_tokens(tokens), 0, self.exit_layer)
 
     def deep_logits(self, states: torch.Tensor) -> torch.Tensor:  # exit states [b, q, H] -> logits [b, q, V]
-        hidden = self.run_layers(states, self.exit_layer, self.backbone.num_layers)
-        return self.backbone.lm_head(self.backbone.norm(hidden))
+        return self.backbone.logits(self.run_layers(states, self.exit_layer, self.backbone.num_layers))
 
     def adapt(self, states: torch.Tensor) -> torch.Tensor:  # exit states [b, q, H] -> adapter output [b, q, H]
         past, q = self.adapter_cache.get_seq_length(0), states.shape[1]
@@ -105,10 +127,35 @@ class BatchDecoder:
         return self.adapter(states, position_embeddings=pe, attention_mask=mask, cache=self.adapter_cache)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:  # [b, T] left-padded -> last logits [b, V]
+        if self.backbone.invariance is not None:
+            return self.prefill_rows(input_ids)
         exit_states = self.shallow(input_ids)  # [b, T, H]
         self.adapt(exit_states)  # the adapter reads the prompt now, so its slots match the base cache's
         hidden = self.run_layers(exit_states, self.exit_layer, self.backbone.num_layers)[:, -1]
         return self.backbone.lm_head(self.backbone.norm(hidden))
+
+    def prefill_rows(self, input_ids: torch.Tensor) -> torch.Tensor:  # [b, T] left-padded -> last logits [b, V]
+        """Each prompt's prefill alone, as its own ``generate`` computes it (a padded batch pass rounds rows
+        differently), then its keys and values left-padded into the batch cache."""
+        backbone, width = self.backbone, input_ids.shape[1]
+        logits, exits, caches = [], [], []
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row : row + 1, int(self.pad[row]) :]  # [1, T_b]
+            cache = DynamicCache()
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            hidden = backbone.embed_tokens(ids)
+            pe = backbone.rotary_emb(hidden, position_ids=positions[None])
+            exit_states = backbone.run_layers(hidden, 0, self.exit_layer, pe, positions, cache)  # [1, T_b, H]
+            final = backbone.run_layers(exit_states, self.exit_layer, backbone.num_layers, pe, positions, cache)
+            logits.append(backbone.logits(final[:, -1:])[:, 0])  # [1, V]
+            exits.append(left_pad(exit_states, width))
+            caches.append(cache)
+        for idx in range(backbone.num_layers):
+            keys = torch.cat([left_pad(c.layers[idx].keys, width, dim=2) for c in caches])  # [b, Hkv, T, d]
+            values = torch.cat([left_pad(c.layers[idx].values, width, dim=2) for c in caches])
+            self.base.update(keys, values, idx)
+        self.adapt(torch.cat(exits))  # the adapter reads the prompts now, so its slots match the base cache's
+        return torch.cat(logits)
 
     def draft(
         self,

@@ -50,30 +50,36 @@ KEY_BLOCK = 512  # ... and (n - 1) // KEY_BLOCK (the CPU flash kernel's key bloc
 
 @dataclass
 class RowKeys:
-    """What each query row of a pass may see, passed to attention in place of a mask: a prefix-contiguous run of cache
-    entries (a slice) or any set of them in cache order (an index tensor, e.g. a tree node's ancestors); and which
-    rows one kernel call computes together (``batched``, see ``grouped_rows``)."""
+    """What each query row of a pass may see, passed to attention in place of a mask: per batch row and query, a
+    contiguous run of cache entries (a slice) or any set of them in cache order (an index tensor, e.g. a tree node's
+    ancestors); and whether rows may share a kernel call (``batched``, see ``groups``)."""
 
-    keys: list[slice | torch.Tensor]  # one per query row
+    keys: list[list[slice | torch.Tensor]]  # [B][q]
     attention: Callable  # the model's own attention function, as the one-row step calls it
-    batched: bool = False  # rows whose prefixes share a key block run as one batch of one-row problems
+    batched: bool = False  # runs of rows whose keys share a start and a key block run as one batch of one-row problems
 
     @classmethod
-    def of(cls, allowed: torch.Tensor, attention: Callable, batched: bool = False) -> RowKeys:  # allowed: [q, kv]
-        keys: list[slice | torch.Tensor] = []
-        for row in allowed:
-            idx = row.nonzero().flatten()
-            first, count = int(idx[0]), idx.numel()
-            contiguous = int(idx[-1]) - first + 1 == count
-            keys.append(slice(first, first + count) if contiguous else idx)
+    def of(cls, allowed: torch.Tensor, attention: Callable, batched: bool = False) -> RowKeys:  # allowed: [B, q, kv]
+        keys: list[list[slice | torch.Tensor]] = []
+        for rows in allowed:
+            keys.append([])
+            for row in rows:
+                idx = row.nonzero().flatten()
+                first, count = int(idx[0]), idx.numel()
+                contiguous = int(idx[-1]) - first + 1 == count
+                keys[-1].append(slice(first, first + count) if contiguous else idx)
         return cls(keys, attention, batched)
 
-    def groups(self) -> list[list[int]]:
-        """Rows computed by one call: prefixes [0, n) with equal (n // KEY_VECTOR, (n - 1) // KEY_BLOCK), in order."""
+    def groups(self, b: int) -> list[list[int]]:
+        """Query rows of batch row b computed by one call: contiguous runs [s, s + n) with equal s, n // KEY_VECTOR
+        and (n - 1) // KEY_BLOCK, in order (the kernel blocks keys from the run's start)."""
         groups: list[list[int]] = []
         last = None
-        for i, keys in enumerate(self.keys):
-            block = (keys.stop // KEY_VECTOR, (keys.stop - 1) // KEY_BLOCK) if self._prefix(keys) else None
+        for i, keys in enumerate(self.keys[b]):
+            block = None
+            if isinstance(keys, slice):
+                n = keys.stop - keys.start
+                block = (keys.start, n // KEY_VECTOR, (n - 1) // KEY_BLOCK)
             if self.batched and block is not None and block == last:
                 groups[-1].append(i)
             else:
@@ -81,17 +87,13 @@ class RowKeys:
             last = block
         return groups
 
-    @staticmethod
-    def _prefix(keys: slice | torch.Tensor) -> bool:
-        return isinstance(keys, slice) and keys.start == 0
-
 
 def batched_one_row_sdpa(
     module: nn.Module,
     query: torch.Tensor,  # [1, Hq, g, d]: g query rows
-    key: torch.Tensor,  # [1, Hkv, L, d]: the longest row's keys
+    key: torch.Tensor,  # [1, Hkv, L, d]: the keys of the row that sees most
     value: torch.Tensor,  # [1, Hkv, L, d]
-    lengths: list[int],  # each row's key count (<= L)
+    lengths: list[int],  # each row's key count (<= L), from the same first key
     scaling: float | None,
 ) -> torch.Tensor:  # [1, g, Hq, d]
     """g one-row attention problems in one sdpa call: the rows as the batch, each masked to its own keys."""
@@ -117,23 +119,28 @@ def rowwise_attention(
 ) -> tuple[torch.Tensor, None]:  # [B, q, Hq, d]
     """Each query row as a one-row problem over its own keys: bit for bit what a one-row forward computes."""
     rows = attention_mask
-    outs = []
-    for group in rows.groups():
-        if len(group) > 1:
-            lengths = [rows.keys[i].stop for i in group]
-            q = query[:, :, group[0] : group[-1] + 1]
-            k, v = key[:, :, : lengths[-1]], value[:, :, : lengths[-1]]
-            outs.append(batched_one_row_sdpa(module, q, k, v, lengths, kwargs.get("scaling")))
-            continue
-        (i,) = group
-        keys = rows.keys[i]
-        if isinstance(keys, slice):
-            k, v = key[:, :, keys], value[:, :, keys]
-        else:
-            k, v = key.index_select(2, keys), value.index_select(2, keys)
-        out, _ = rows.attention(module, query[:, :, i : i + 1], k, v, None, **kwargs)  # [B, 1, Hq, d]
-        outs.append(out)
-    return torch.cat(outs, dim=1), None
+    batch = []
+    for b in range(query.shape[0]):
+        qb, kb, vb = query[b : b + 1], key[b : b + 1], value[b : b + 1]
+        outs = []
+        for group in rows.groups(b):
+            if len(group) > 1:
+                first, last = rows.keys[b][group[0]], rows.keys[b][group[-1]]
+                lengths = [rows.keys[b][i].stop - first.start for i in group]
+                k, v = kb[:, :, first.start : last.stop], vb[:, :, first.start : last.stop]
+                q = qb[:, :, group[0] : group[-1] + 1]
+                outs.append(batched_one_row_sdpa(module, q, k, v, lengths, kwargs.get("scaling")))
+                continue
+            (i,) = group
+            keys = rows.keys[b][i]
+            if isinstance(keys, slice):
+                k, v = kb[:, :, keys], vb[:, :, keys]
+            else:
+                k, v = kb.index_select(2, keys), vb.index_select(2, keys)
+            out, _ = rows.attention(module, qb[:, :, i : i + 1], k, v, None, **kwargs)  # [1, 1, Hq, d]
+            outs.append(out)
+        batch.append(torch.cat(outs, dim=1))
+    return torch.cat(batch, dim=0), None
 
 
 AttentionInterface.register(ROWWISE, rowwise_attention)
@@ -183,7 +190,8 @@ class RowInvariance:
                 return True
         return False
 
-    def row_keys(self, allowed: torch.Tensor) -> RowKeys:  # allowed: [q, kv] bool
+    def row_keys(self, allowed: torch.Tensor) -> RowKeys:  # allowed: [B, q, kv] or [q, kv] bool
+        allowed = allowed if allowed.dim() == 3 else allowed[None]
         return RowKeys.of(allowed, self.attention, self.batched_attention(allowed.device))
 
     def batched_attention(self, device: torch.device) -> bool:
@@ -210,7 +218,7 @@ class RowInvariance:
             shape = (1, kv_heads, kv, head_dim)
             q = torch.randn(1, heads, rows, head_dim, generator=gen).to(param.device, param.dtype)
             k, v = (torch.randn(*shape, generator=gen).to(param.device, param.dtype) for _ in range(2))
-            allowed = torch.arange(kv)[None, :] <= torch.arange(past, kv)[:, None]
+            allowed = (torch.arange(kv)[None, :] <= torch.arange(past, kv)[:, None])[None]
             kwargs = {"dropout": 0.0, "scaling": module.scaling}
             together, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, True), **kwargs)
             alone, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, False), **kwargs)
