@@ -188,3 +188,34 @@ def test_bf16_batch_rows_equal_their_own_generate(arch):
         for row, p in enumerate(prompts):
             ref = vanilla(model, p[None], 40)[0, len(p) :].tolist()
             assert out.sequences[row, width:].tolist() == ref, f"{arch}, row {row}, {kw}"
+
+
+def test_bf16_chi_square_single_prompt():
+    """Exact speculative sampling in bf16 with exact verification: the first tokens' joint distribution matches the
+    bf16 base's own (enumerated), adapter drafts accepted and rejected."""
+    from collections import Counter
+
+    from kangaroo_infer.sample import SamplingConfig
+
+    from .test_sampling import (
+        ADAPTER_KW,
+        CHI_SQUARE_SEEDS_FAST,
+        P_MIN,
+        adapter_round_kind,
+        exact_joint,
+        first_tokens,
+        joint_p_values,
+        sampling_kwargs,
+        small_kangaroo,
+    )
+
+    fp32 = small_kangaroo()
+    km = KangarooModel(fp32.base.to(BF16), fp32.adapter.to(BF16))
+    assert km.backbone.invariance is not None
+    cfg, prompt = SamplingConfig(temperature=1.0), [5, 9, 3, 11]
+    joint = exact_joint(km.base, prompt, cfg)
+    samples, rounds = first_tokens(km, prompt, CHI_SQUARE_SEEDS_FAST, **ADAPTER_KW, **sampling_kwargs(cfg))
+    kinds = Counter(adapter_round_kind(*r) for r in rounds)
+    assert len(kinds) == 3, kinds  # all accepted, rejected at the first and at the second draft
+    p12, p23 = joint_p_values(samples, joint)
+    assert p12 > P_MIN and p23 > P_MIN, (p12, p23)
