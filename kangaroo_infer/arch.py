@@ -111,16 +111,19 @@ class Backbone:
         for idx in range(start, end):
             window = self.windows[idx]
             if window not in masks:
-                if tree is None:
+                if not rowwise and tree is None and not self.eager and allowed_by_kernel(positions, past, window):
+                    masks[window] = None  # e.g. a one-row step: no mask to build
+                    allowed = None
+                elif tree is None:
                     allowed = causal_allowed(positions, past + positions.shape[0], window)
                 else:
                     allowed = tree_allowed(positions, *tree, window)
-                if rowwise:
-                    masks[window] = self.invariance.row_keys(allowed)
-                elif tree is None and not self.eager and allowed_by_kernel(positions, past, window):
-                    masks[window] = None
-                else:
-                    masks[window] = attention_bias(allowed[None, None], hidden.dtype, self.eager)
+                if allowed is not None:
+                    masks[window] = (
+                        self.invariance.row_keys(allowed)
+                        if rowwise
+                        else attention_bias(allowed[None, None], hidden.dtype, self.eager)
+                    )
             hidden = self.layers[idx](
                 hidden, attention_mask=masks[window], position_embeddings=position_embeddings, cache=cache
             )
