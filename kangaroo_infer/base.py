@@ -191,20 +191,36 @@ def check_file_target(
     return path
 
 
-def write_file(path: str | os.PathLike, data: str | bytes, owner: str, *, overwrite: bool = False) -> Path:
-    """Write one file atomically (a temporary beside it, then one rename) under ``check_file_target``'s policy,
-    and record it in its directory's ``WRITTEN_LIST`` as ``owner``'s, so a later run of ``owner`` may replace it."""
-    path = check_file_target(path, owner, overwrite=overwrite)
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` (``.NAME.*.tmp``) that replaces ``path`` in one rename when the block
+    succeeds: readers and resuming writers see the old file or the whole new one, never a half-written one, and an
+    interrupted write leaves no temporary behind. For writers that need a file name (safetensors' ``save_file``);
+    ``atomic_write`` writes bytes or text. No policy: callers check the target first (``write_file`` does)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it private; the result is meant to be shared
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through ``atomic_file``."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_file(path: str | os.PathLike, data: str | bytes, owner: str, *, overwrite: bool = False) -> Path:
+    """Write one file atomically (``atomic_write``) under ``check_file_target``'s policy, and record it in its
+    directory's ``WRITTEN_LIST`` as ``owner``'s, so a later run of ``owner`` may replace it."""
+    path = atomic_write(check_file_target(path, owner, overwrite=overwrite), data)
     _record_written(path.parent, path.name, owner)
     return path
 

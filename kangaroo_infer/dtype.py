@@ -93,10 +93,9 @@ def auto_dtype(
     if not isinstance(cached, dict) or key not in cached:
         cached = cached if isinstance(cached, dict) else {}
         cached[key] = measure_cpu_bf16()
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=2) + "\n")
-        os.replace(tmp, cache_path)
+        from .base import atomic_write  # base imports this module
+
+        atomic_write(cache_path, json.dumps(cached, indent=2) + "\n")  # processes measuring at once: one file wins
     timing = cached[key]
     fp32, bf16 = (sum(timing[name].values()) for name in ("float32", "bfloat16"))
     native = "+".join(sorted(flags))
