@@ -7,21 +7,34 @@ final norm, and the base's embeddings and LM head. Its logits equal Kangaroo's d
 vocabulary: an adapter's draft vocabulary (``draft_vocab``, FR-Spec style) is not carried over, since plain
 architectures have no place for it. Engines that run a separate draft model recompute the shallow layers there and
 never exit early, so this route is expected to be slower than kangaroo's own decoding (docs/serving.md).
+
+``check_engine_rules`` checks a written draft against what vLLM's ``draft_model`` method reads (read in vLLM 0.32's
+``vllm/config/speculative.py`` and ``vllm/v1/spec_decode/draft_model.py``); ``export_draft`` runs it on every export.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .adapter import KangarooAdapter, read_adapter_config
 from .base import atomic_directory, kangaroo_home, load_base, resolve_base_path
 from .dtype import AUTO, DTYPES, auto_dtype
 from .model import resolve_recorded_base
+
+# vLLM picks the speculative method from the draft's path before it looks at "method": a path containing "eagle-" or
+# "eagle3" becomes EAGLE, "dflash" DFlash, "dspark" DSpark (vllm/config/speculative.py, 0.32). "eagle" alone is
+# refused too, since other versions have matched it more loosely.
+ENGINE_MISREAD_SUBSTRINGS = ("eagle", "dflash", "dspark")
+# draft model_types for which vLLM switches the method itself (Medusa, MLP speculator, MTP heads)
+ENGINE_SPECIAL_MODEL_TYPES = ("medusa", "mlp_speculator", "eagle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def export_draft(
@@ -39,6 +52,7 @@ def export_draft(
     adapter_dir = Path(adapter_dir).expanduser()
     out_dir = Path(out_dir).expanduser()
     target_dtype = _check_dtype(dtype)
+    check_engine_path(out_dir)
     _check_target(out_dir)
     config = read_adapter_config(adapter_dir)
     if base is None:
@@ -64,6 +78,7 @@ def export_draft(
     with atomic_directory(out_dir) as tmp:  # appears only when complete; _check_target refused anything there
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        check_engine_rules(tmp, base_model.config)
         for path in tmp.rglob("*"):  # safetensors writes owner-only files; a draft model is meant to be shared
             path.chmod(0o755 if path.is_dir() else 0o644)
     return out_dir
@@ -136,6 +151,84 @@ def _draft_state(draft: PreTrainedModel, base: PreTrainedModel, adapter: Kangaro
     put(f"{dec}.norm", adapter.norm.state_dict())
     put(head, base.get_output_embeddings().state_dict())  # the tied head's name too: it is one tensor in the draft
     return state
+
+
+def check_engine_path(path: str | os.PathLike) -> None:
+    """Refuse a draft path that vLLM would read as the name of an EAGLE / DFlash / DSpark head."""
+    text = str(Path(path).expanduser().absolute()).lower()
+    hits = [s for s in ENGINE_MISREAD_SUBSTRINGS if s in text]
+    if hits:
+        raise ValueError(
+            f"Output path {str(path)!r} contains {' and '.join(repr(h) for h in hits)}: vLLM chooses its "
+            f"speculative method from the draft's path and would load this plain draft model as an EAGLE / DFlash / "
+            f"DSpark head, even with method 'draft_model'. Choose a path without 'eagle', 'dflash' or 'dspark' "
+            f"(for example drafts/smollm2)."
+        )
+
+
+def check_engine_rules(draft_dir: str | os.PathLike, base_config: PretrainedConfig | dict) -> None:
+    """Check a written draft directory against what vLLM's ``draft_model`` method needs; one ValueError if not.
+
+    The rules: a path vLLM does not misread (``check_engine_path``); config.json with the base's model_type and
+    architecture (a Medusa / MLP-speculator / EAGLE model_type would switch the method); the target's vocab_size
+    (``verify_equal_vocab_size_if_draft_model``) and max_position_embeddings (the draft serves the target's context);
+    num_hidden_layers matching the layers in the weights; its own embeddings and LM head in the weights (vLLM shares
+    neither with the target for a draft model): ``lm_head.weight``, or ``tie_word_embeddings`` with the embeddings;
+    and tokenizer files (vLLM uses the target's tokenizer; HF assisted generation and SGLang read the draft's).
+    """
+    draft_dir = Path(draft_dir)
+    base = base_config.to_dict() if isinstance(base_config, PretrainedConfig) else dict(base_config)
+    check_engine_path(draft_dir)
+    config_path = draft_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"Draft {draft_dir} has no config.json; engines read the architecture from it.")
+    config = json.loads(config_path.read_text())
+    model_type = config.get("model_type")
+    if model_type in ENGINE_SPECIAL_MODEL_TYPES or model_type != base.get("model_type"):
+        raise ValueError(
+            f"Draft {draft_dir}: model_type {model_type!r} is not the base's {base.get('model_type')!r}; vLLM would "
+            f"not load it as a plain draft model."
+        )
+    if config.get("architectures") != base.get("architectures"):
+        raise ValueError(
+            f"Draft {draft_dir}: architectures {config.get('architectures')} differ from the base's "
+            f"{base.get('architectures')}."
+        )
+    for key in ("vocab_size", "max_position_embeddings", "hidden_size"):
+        if config.get(key) != base.get(key):
+            raise ValueError(
+                f"Draft {draft_dir}: {key} is {config.get(key)}, the base's is {base.get(key)}; vLLM requires the "
+                f"draft's to equal the target's."
+            )
+    weights = _weight_names(draft_dir)
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in weights if ".layers." in name}
+    if sorted(layers) != list(range(config.get("num_hidden_layers", -1))):
+        raise ValueError(
+            f"Draft {draft_dir}: num_hidden_layers is {config.get('num_hidden_layers')} but the weights hold layers "
+            f"{sorted(layers)}."
+        )
+    embed = [n for n in weights if n.endswith("embed_tokens.weight")]
+    if not embed:
+        raise ValueError(f"Draft {draft_dir}: the weights carry no embeddings (embed_tokens.weight).")
+    if "lm_head.weight" not in weights and not config.get("tie_word_embeddings", False):
+        raise ValueError(
+            f"Draft {draft_dir}: the weights carry no lm_head.weight and tie_word_embeddings is false, so the draft "
+            f"has no LM head; vLLM does not lend it the target's."
+        )
+    if not any((draft_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"Draft {draft_dir} carries no tokenizer file (one of {list(TOKENIZER_FILES)}).")
+
+
+def _weight_names(draft_dir: Path) -> set[str]:
+    """The tensor names in the draft's safetensors files."""
+    files = sorted(draft_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"Draft {draft_dir} holds no *.safetensors weights.")
+    names: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
 
 
 def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

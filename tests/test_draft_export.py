@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from kangaroo_infer import SMOLLM2_ALIAS, KangarooAdapter, KangarooModel, export
 from kangaroo_infer.cache import KangarooCache
 from kangaroo_infer.cli import main
 from kangaroo_infer.draft import DraftHead, adapter_logits, shallow_step
+from kangaroo_infer.draft_export import TOKENIZER_FILES, _weight_names, check_engine_path, check_engine_rules
 
 from .conftest import assert_fp32_close, reduction_length, tiny_model
 
@@ -257,3 +259,55 @@ def test_shipped_smollm2_adapter(tmp_path):
             plain = km.base.generate(ids, do_sample=False, max_new_tokens=32)
             assisted = km.base.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=32)
         assert assisted[0].tolist() == plain[0].tolist()
+
+
+@pytest.mark.parametrize("name", ["my-eagle3-draft", "EAGLE-smollm2", "x/dflash", "drafts/dspark_1"])
+def test_paths_vllm_would_misread_are_refused(tmp_path, tokenizer, capsys, name):
+    """vLLM 0.32 switches to EAGLE / DFlash / DSpark when the draft's path holds these words, whatever the method."""
+    base, base_dir = save_base(tmp_path, tokenizer, "llama", True)
+    adapter_dir = save_adapter(tmp_path, base, base_dir, mlp=False)
+    err = run_cli(capsys, "--adapter", str(adapter_dir), "--out", str(tmp_path / name))
+    assert "vLLM chooses its speculative method from the draft's path" in err
+    assert "Choose a path without 'eagle', 'dflash' or 'dspark'" in err
+    assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="speculative method"):
+        check_engine_path(tmp_path / name)
+
+
+def rewrite_config(draft: Path, **changes) -> None:
+    config = json.loads((draft / "config.json").read_text())
+    config.update(changes)
+    (draft / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", False), ("mistral", True)])
+def test_written_draft_follows_vllm_draft_model_rules(tmp_path, tokenizer, arch, tied):
+    """What vLLM's draft_model method reads: own embeddings and head, the target's vocab, a plain model_type."""
+    base, base_dir = save_base(tmp_path, tokenizer, arch, tied)
+    draft = export_draft(save_adapter(tmp_path, base, base_dir, mlp=True), tmp_path / "draft")
+    check_engine_rules(draft, base.config)  # export_draft ran it too; the written directory passes as it is
+    config = json.loads((draft / "config.json").read_text())
+    assert config["vocab_size"] == base.config.vocab_size == len(tokenizer)
+    assert config["model_type"] == arch and config["tie_word_embeddings"] is tied
+    weights = _weight_names(draft)
+    assert "model.embed_tokens.weight" in weights and ("lm_head.weight" in weights) is not tied
+
+    def refused(match: str, **changes) -> None:
+        bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(draft, bad)
+        rewrite_config(bad, **changes)
+        with pytest.raises(ValueError, match=match):
+            check_engine_rules(bad, base.config)
+
+    refused("vocab_size is 50000", vocab_size=50000)
+    refused("max_position_embeddings is 64", max_position_embeddings=64)
+    refused("model_type 'medusa'", model_type="medusa")
+    refused("num_hidden_layers is 4", num_hidden_layers=4)
+    if tied:
+        refused("no lm_head.weight", tie_word_embeddings=False)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(draft, no_tokenizer)
+    for name in TOKENIZER_FILES:
+        (no_tokenizer / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no tokenizer file"):
+        check_engine_rules(no_tokenizer, base.config)
