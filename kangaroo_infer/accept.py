@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .draft import Proposal
+from .proposal import Proposal
 from .sample import SamplingConfig, draw, process
 
 

@@ -91,43 +91,48 @@ class Backbone:
         start: int,
         end: int,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,  # [q] absolute positions of the q new tokens
+        positions: torch.Tensor,  # [q] cache slots of the q new tokens (one sequence: their absolute positions)
         cache: Cache,
-        tree: tuple[torch.Tensor, torch.Tensor] | None = None,  # allowed [q, kv] and key positions [kv]
+        mask: Mask | None = None,  # which keys each query sees; default CAUSAL
     ) -> torch.Tensor:  # [B, q, H]
         """Run decoder layers [start, end) on new tokens, appending their keys/values to ``cache``.
 
-        Without ``tree`` the new tokens continue the cached sequence causally. With it, ``allowed[i, j]`` says
-        whether new token i may attend to cache entry j (the cache plus the new tokens), as tree drafting needs.
+        The one layer runner of every pass: a chain or a copy (``CAUSAL``), a tree level or a verified tree
+        (``TreeAttention``), the rows of a padded batch (``PaddedRows``). With ``invariance``, a pass of several rows
+        after the prefill gives every row the numerics of its own one-row decode step.
         """
-        q, past = positions.shape[0], cache.get_seq_length(start)
-        if self.invariance is not None and q > 1 and past > 0:  # not the prefill: generate runs that in one pass too
-            with self.invariance.rows(range(start, end), q):
-                return self._run(hidden, start, end, position_embeddings, positions, past, cache, tree, True)
-        return self._run(hidden, start, end, position_embeddings, positions, past, cache, tree, False)
+        mask = CAUSAL if mask is None else mask
+        past, rows = cache.get_seq_length(start), hidden.shape[0] * positions.shape[0]
+        if self.invariance is not None and rows > 1 and past > 0:  # not the prefill: generate runs it in one pass too
+            with self.invariance.rows(range(start, end), rows):
+                return self._run(hidden, start, end, position_embeddings, positions, past, cache, mask, True)
+        return self._run(hidden, start, end, position_embeddings, positions, past, cache, mask, False)
 
-    def _run(self, hidden, start, end, position_embeddings, positions, past, cache, tree, rowwise: bool):
+    def _run(self, hidden, start, end, position_embeddings, positions, past, cache, mask: Mask, rowwise: bool):
         masks: dict[int | None, object] = {}
         for idx in range(start, end):
             window = self.windows[idx]
             if window not in masks:
-                if not rowwise and tree is None and not self.eager and allowed_by_kernel(positions, past, window):
-                    masks[window] = None  # e.g. a one-row step: no mask to build
-                    allowed = None
-                elif tree is None:
-                    allowed = causal_allowed(positions, past + positions.shape[0], window)
+                if rowwise:
+                    masks[window] = self.invariance.row_keys(mask.allowed(positions, past, window))
                 else:
-                    allowed = tree_allowed(positions, *tree, window)
-                if allowed is not None:
-                    masks[window] = (
-                        self.invariance.row_keys(allowed)
-                        if rowwise
-                        else attention_bias(allowed[None, None], hidden.dtype, self.eager)
-                    )
+                    masks[window] = mask.bias(positions, past, window, hidden.dtype, self.eager)
             hidden = self.layers[idx](
                 hidden, attention_mask=masks[window], position_embeddings=position_embeddings, cache=cache
             )
         return hidden
+
+    def prefill(
+        self, input_ids: torch.Tensor, exit_layer: int, cache: Cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [1, T] -> logits [1, V], exit states [1, T, H]
+        """Every layer over a prompt into an empty ``cache``, as ``generate``'s first forward computes it; the logits
+        after its last token, and its exit states (the adapter reads them)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.embed_tokens(input_ids)  # [1, T, H]
+        pe = self.rotary_emb(hidden, position_ids=positions[None])
+        exit_states = self.run_layers(hidden, 0, exit_layer, pe, positions, cache)
+        final = self.run_layers(exit_states, exit_layer, self.num_layers, pe, positions, cache)
+        return self.logits(final[:, -1:])[:, 0], exit_states
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [1, q, H] -> [1, q, V]
         """Final norm and LM head; with ``invariance``, each row of a multi-row pass as a one-row step computes it."""
@@ -141,48 +146,75 @@ class Backbone:
         return self.model.config._attn_implementation == "eager"
 
 
-def allowed_by_kernel(positions: torch.Tensor, past: int, window: int | None) -> bool:
-    """Whether sdpa needs no mask: one query over the whole cache, or queries aligned with the keys (is_causal)."""
-    q = positions.shape[0]
-    return (window is None or past + q <= window) and (q == 1 or past == 0)
+class Mask:
+    """Which cache entries each query of a pass may attend to. ``allowed`` gives the rule as a boolean tensor
+    [B, q, kv] (B = 1 unless rows differ); ``bias`` gives it as the attention kernel takes it, or None where the
+    kernel's own rule is exact (no mask to build)."""
+
+    def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel_exact(self, positions: torch.Tensor, past: int, window: int | None) -> bool:
+        return False
+
+    def bias(
+        self, positions: torch.Tensor, past: int, window: int | None, dtype: torch.dtype, eager: bool
+    ) -> torch.Tensor | None:  # [B, 1, q, kv] or None
+        if not eager and self.kernel_exact(positions, past, window):
+            return None
+        return attention_bias(self.allowed(positions, past, window)[:, None], dtype, eager)
 
 
-def causal_allowed(
-    positions: torch.Tensor,  # [q] absolute positions of the queries; keys are positions 0..kv_len-1
-    kv_len: int,
-    window: int | None,
-) -> torch.Tensor:  # [q, kv_len] bool
-    """Which keys each query may see: causal, optionally within a sliding window."""
-    keys = torch.arange(kv_len, device=positions.device)
-    allowed = keys[None, :] <= positions[:, None]  # [q, kv]
-    if window is not None:
-        allowed &= positions[:, None] - keys[None, :] < window
-    return allowed
+class Causal(Mask):
+    """A chain: the queries continue the cached sequence (positions = cache slots), optionally in a sliding window."""
+
+    def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:  # [1, q, kv]
+        keys = torch.arange(past + positions.shape[0], device=positions.device)
+        allowed = keys[None, :] <= positions[:, None]  # [q, kv]
+        if window is not None:
+            allowed &= positions[:, None] - keys[None, :] < window
+        return allowed[None]
+
+    def kernel_exact(self, positions: torch.Tensor, past: int, window: int | None) -> bool:
+        """sdpa needs no mask for one query over the whole cache, or queries aligned with the keys (is_causal)."""
+        q = positions.shape[0]
+        return (window is None or past + q <= window) and (q == 1 or past == 0)
 
 
-def causal_mask(
-    positions: torch.Tensor,  # [q] absolute positions of the queries; keys are positions 0..kv_len-1
-    kv_len: int,
-    window: int | None,
-    dtype: torch.dtype,
-    eager: bool,
-) -> torch.Tensor | None:  # [1, 1, q, kv_len] or None when the attention kernel's own causal rule is exact
-    """Causal (optionally sliding-window) mask of queries at ``positions`` over a cache holding positions < kv_len."""
-    if not eager and allowed_by_kernel(positions, kv_len - positions.shape[0], window):
-        return None
-    return attention_bias(causal_allowed(positions, kv_len, window)[None, None], dtype, eager)
+CAUSAL = Causal()
 
 
-def tree_allowed(
-    positions: torch.Tensor,  # [q] absolute positions of the queries
-    allowed: torch.Tensor,  # [q, kv] bool: which cache entries each query may see (ancestors, itself, the prefix)
-    key_positions: torch.Tensor,  # [kv] absolute position of each cache entry
-    window: int | None,
-) -> torch.Tensor:  # [q, kv] bool
-    """Tree attention, with a sliding window applied on positions (not on cache indices)."""
-    if window is not None:
-        allowed = allowed & (positions[:, None] - key_positions[None, :] < window)
-    return allowed
+@dataclass
+class TreeAttention(Mask):
+    """Tree nodes: each sees the committed prefix, its ancestors and itself; the window applies to positions."""
+
+    tree_allowed: torch.Tensor  # [q, kv] bool: which cache entries each query may see
+    key_positions: torch.Tensor  # [kv] absolute position of each cache entry
+
+    def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:  # [1, q, kv]
+        allowed = self.tree_allowed
+        if window is not None:
+            allowed = allowed & (positions[:, None] - self.key_positions[None, :] < window)
+        return allowed[None]
+
+
+@dataclass
+class PaddedRows(Mask):
+    """The rows of a left-padded batch: causal over each row's own slots; padding slots are never attended.
+
+    A padding query attends to itself, so that no attention row is empty: an empty row would give NaN states whose
+    keys and values, even masked, poison later attention (0 × NaN).
+    """
+
+    pad: torch.Tensor  # [B] left padding slots of each row
+
+    def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:  # [B, q, kv]
+        keys = torch.arange(past + positions.shape[0], device=positions.device)  # [kv]
+        queries = positions[None, :, None]  # [1, q, 1] slots
+        allowed = (keys[None, None, :] >= self.pad[:, None, None]) & (keys[None, None, :] <= queries)
+        if window is not None:
+            allowed &= queries - keys[None, None, :] < window
+        return allowed | (keys[None, None, :] == queries)
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype, eager: bool) -> torch.Tensor:

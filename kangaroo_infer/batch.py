@@ -25,45 +25,18 @@ round is a plain batched step when drafting does not pay. Acceptance is the same
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
 
 from .accept import accept, cut_at_eos
-from .arch import Backbone, attention_bias
-from .lookup import NgramLookup
+from .arch import Backbone, PaddedRows
+from .lookup import Lookup
 from .outputs import GenerateOutput
+from .proposal import ADAPTER, LOOKUP
 from .sample import SamplingConfig, draw, full_vocab_logits, make_generator, process
 from .scheduler import PLAIN, Scheduler
 from .settings import GenerationSettings
-
-
-def batch_allowed(
-    pad: torch.Tensor,  # [b] left padding slots of each row
-    past: int,  # slots already cached; the q queries occupy slots past .. past + q - 1
-    q: int,
-    window: int | None,
-) -> torch.Tensor:  # [b, q, past + q] bool
-    """Causal (optionally sliding-window) attention over each row's own slots; padding slots are never attended.
-
-    A padding query (only in the prefill) attends to itself, so that no attention row is empty: an empty row would
-    give NaN states whose keys and values, even masked, poison later attention (0 × NaN).
-    """
-    keys = torch.arange(past + q, device=pad.device)  # [kv]
-    queries = past + torch.arange(q, device=pad.device)  # [q]
-    allowed = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= queries[None, :, None])
-    if window is not None:
-        allowed &= queries[None, :, None] - keys[None, None, :] < window
-    allowed |= keys[None, None, :] == queries[None, :, None]
-    return allowed
-
-
-def batch_mask(
-    pad: torch.Tensor, past: int, q: int, window: int | None, dtype: torch.dtype, eager: bool
-) -> torch.Tensor:  # [b, 1, q, past + q]
-    """``batch_allowed`` as the attention kernel takes it."""
-    return attention_bias(batch_allowed(pad, past, q, window)[:, None], dtype, eager)
 
 
 def left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
@@ -92,27 +65,11 @@ class BatchDecoder:
         self.pad = pad  # [b]
 
     def run_layers(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:  # [b, q, H] -> [b, q, H]
-        """Decoder layers [start, end) over q new slots appended after each layer's cached slots; with the model's
-        ``invariance``, every row of every pass gets the numerics of its prompt's own one-row decode step."""
-        backbone, q = self.backbone, hidden.shape[1]
-        past = self.base.get_seq_length(start)
-        pe = backbone.rotary_emb(hidden, position_ids=slot_positions(self.pad, past, q))
-        invariance = backbone.invariance
-        rows = invariance.rows(range(start, end), hidden.shape[0] * q) if invariance is not None else nullcontext()
-        masks: dict[int | None, object] = {}
-        with rows:
-            for idx in range(start, end):
-                window = backbone.windows[idx]
-                if window not in masks:
-                    allowed = batch_allowed(self.pad, past, q, window)
-                    if invariance is not None:
-                        masks[window] = invariance.row_keys(allowed)
-                    else:
-                        masks[window] = attention_bias(allowed[:, None], hidden.dtype, backbone.eager)
-                hidden = backbone.layers[idx](
-                    hidden, attention_mask=masks[window], position_embeddings=pe, cache=self.base
-                )
-        return hidden
+        """Decoder layers [start, end) over q new slots appended after each layer's cached slots."""
+        past, q = self.base.get_seq_length(start), hidden.shape[1]
+        pe = self.backbone.rotary_emb(hidden, position_ids=slot_positions(self.pad, past, q))
+        slots = torch.arange(past, past + q, device=hidden.device)
+        return self.backbone.run_layers(hidden, start, end, pe, slots, self.base, PaddedRows(self.pad))
 
     def shallow(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, q] -> exit states [b, q, H]
         return self.run_layers(self.backbone.embed_tokens(tokens), 0, self.exit_layer)
@@ -123,38 +80,28 @@ class BatchDecoder:
     def adapt(self, states: torch.Tensor) -> torch.Tensor:  # exit states [b, q, H] -> adapter output [b, q, H]
         past, q = self.adapter_cache.get_seq_length(0), states.shape[1]
         pe = self.backbone.rotary_emb(states, position_ids=slot_positions(self.pad, past, q))
-        mask = batch_mask(self.pad, past, q, None, states.dtype, self.backbone.eager)
+        slots = torch.arange(past, past + q, device=states.device)
+        mask = PaddedRows(self.pad).bias(slots, past, None, states.dtype, self.backbone.eager)
         return self.adapter(states, position_embeddings=pe, attention_mask=mask, cache=self.adapter_cache)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:  # [b, T] left-padded -> last logits [b, V]
-        if self.backbone.invariance is not None:
-            return self.prefill_rows(input_ids)
-        exit_states = self.shallow(input_ids)  # [b, T, H]
-        self.adapt(exit_states)  # the adapter reads the prompt now, so its slots match the base cache's
-        hidden = self.run_layers(exit_states, self.exit_layer, self.backbone.num_layers)[:, -1]
-        return self.backbone.lm_head(self.backbone.norm(hidden))
-
-    def prefill_rows(self, input_ids: torch.Tensor) -> torch.Tensor:  # [b, T] left-padded -> last logits [b, V]
-        """Each prompt's prefill alone, as its own ``generate`` computes it (a padded batch pass rounds rows
-        differently), then its keys and values left-padded into the batch cache."""
+        """Each prompt's prefill alone (``Backbone.prefill``, as its own ``generate`` computes it: a padded batch
+        pass would round rows differently, and computes the padding), then its keys and values left-padded into
+        the batch cache; the adapter reads the prompts' exit states now, so its slots match the base cache's."""
         backbone, width = self.backbone, input_ids.shape[1]
         logits, exits, caches = [], [], []
         for row in range(input_ids.shape[0]):
-            ids = input_ids[row : row + 1, int(self.pad[row]) :]  # [1, T_b]
             cache = DynamicCache()
-            positions = torch.arange(ids.shape[1], device=ids.device)
-            hidden = backbone.embed_tokens(ids)
-            pe = backbone.rotary_emb(hidden, position_ids=positions[None])
-            exit_states = backbone.run_layers(hidden, 0, self.exit_layer, pe, positions, cache)  # [1, T_b, H]
-            final = backbone.run_layers(exit_states, self.exit_layer, backbone.num_layers, pe, positions, cache)
-            logits.append(backbone.logits(final[:, -1:])[:, 0])  # [1, V]
-            exits.append(left_pad(exit_states, width))
+            prompt = input_ids[row : row + 1, int(self.pad[row]) :]  # [1, T_b]
+            row_logits, exit_states = backbone.prefill(prompt, self.exit_layer, cache)
+            logits.append(row_logits)  # [1, V]
+            exits.append(left_pad(exit_states, width))  # [1, T, H]
             caches.append(cache)
         for idx in range(backbone.num_layers):
             keys = torch.cat([left_pad(c.layers[idx].keys, width, dim=2) for c in caches])  # [b, Hkv, T, d]
             values = torch.cat([left_pad(c.layers[idx].values, width, dim=2) for c in caches])
             self.base.update(keys, values, idx)
-        self.adapt(torch.cat(exits))  # the adapter reads the prompts now, so its slots match the base cache's
+        self.adapt(torch.cat(exits))
         return torch.cat(logits)
 
     def draft(
@@ -262,13 +209,13 @@ def decode_batch(
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     batch = input_ids.shape[0]
     timed = cfg.greedy  # sampling: a timing-free schedule keeps seeds reproducible
-    scheduler = Scheduler.create(s.policy, {"adapter": False, "lookup": True}, timed=timed)
+    scheduler = Scheduler.create(s.policy, {ADAPTER: False, LOOKUP: True}, timed=timed)
     generator = None if cfg.greedy else make_generator(s.seed, device)
     decoder = BatchDecoder(km, pad)
-    copiers = None
+    lookups = None
     if s.lookup_tokens:
         rows = [input_ids[row, int(pad[row]) :].tolist() for row in range(batch)]
-        copiers = [NgramLookup(tokens, s.lookup_min_ngram, s.lookup_max_ngram) for tokens in rows]
+        lookups = [Lookup(tokens, s.lookup_tokens, s.lookup_min_ngram, s.lookup_max_ngram) for tokens in rows]
 
     t0 = time.perf_counter()
     logits = decoder.prefill(input_ids)  # [B, V]
@@ -278,9 +225,9 @@ def decode_batch(
     accept_lengths: list[list[int]] = [[1] for _ in range(batch)]
     draft_lengths: list[list[int]] = [[] for _ in range(batch)]
     lookup_rounds: list[list[int]] = [[] for _ in range(batch)]
-    if copiers is not None:
+    if lookups is not None:
         for row, tokens in enumerate(new_tokens):
-            copiers[row].extend(tokens)
+            lookups[row].observe(tokens)
 
     def running(row: int) -> bool:
         return new_tokens[row][-1] not in eos_ids and len(new_tokens[row]) < s.max_new_tokens
@@ -293,17 +240,16 @@ def decode_batch(
     while active:
         length = decoder.base.get_seq_length(0)  # S: slots of every row before this round
         limits = [s.max_new_tokens - len(new_tokens[row]) - 1 for row in active]  # most drafts each row may count
-        offers = {"adapter": min(s.max_draft_steps, max(limits))}
-        copies: list[list[int]] = []
-        if copiers is not None:
-            copies = [copiers[row].propose(min(s.lookup_tokens, limits[i])) for i, row in enumerate(active)]
-            offers["lookup"] = max(len(c) for c in copies)
+        offers = {ADAPTER: min(s.max_draft_steps, max(limits))}
+        if lookups is not None:
+            offers[LOOKUP] = max(lookups[row].offer(limits[i]) for i, row in enumerate(active))
         start = time.perf_counter()
         drafter, k = scheduler.choose(offers)
         caps = torch.tensor([min(k, limit) for limit in limits], device=device)  # [b]
         q = None
-        if drafter == "lookup":
-            counted = torch.tensor([min(len(c), k) for c in copies], device=device)
+        if drafter == LOOKUP:
+            copies = [lookups[row].propose(int(last[i]), k).tokens for i, row in enumerate(active)]
+            counted = torch.tensor([len(c) for c in copies], device=device)
             drafts = torch.tensor([(c[:k] + [0] * k)[:k] for c in copies], dtype=torch.long, device=device)  # [b, k]
             drafted_at = time.perf_counter()
             logits = decoder.verify_copies(last, drafts)  # [b, k + 1, V]
@@ -324,9 +270,9 @@ def decode_batch(
             n, drafted = outcomes[i][1], outcomes[i][0]
             committed = cut_at_eos(drafts[i, :n].tolist() + [int(next_tokens[i])], eos_ids)
             new_tokens[row].extend(committed)
-            if copiers is not None:
-                copiers[row].extend(committed)
-            if drafter == "lookup" and drafted:
+            if lookups is not None:
+                lookups[row].observe(committed)
+            if drafter == LOOKUP and drafted:
                 lookup_rounds[row].append(len(draft_lengths[row]))
             accept_lengths[row].append(len(committed))
             draft_lengths[row].append(drafted)

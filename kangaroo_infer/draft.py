@@ -7,27 +7,14 @@ processed q (kept, as the acceptance rule needs it). Whatever proposes tokens re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .adapter import KangarooAdapter
-from .arch import Backbone, causal_mask
+from .arch import CAUSAL, Backbone
 from .cache import KangarooCache
+from .proposal import ADAPTER, Proposal
 from .sample import SamplingConfig, draw, full_vocab_logits, process
-
-if TYPE_CHECKING:
-    from .tree import Tree
-
-
-@dataclass
-class Proposal:
-    """The tokens a drafter proposes for one round, after the last committed token."""
-
-    tokens: list[int]  # d_1..d_k
-    q: torch.Tensor | None = None  # [k, V] the distributions they were drawn from (sampled drafts); None: point masses
-    copied: bool = False  # lookup copies: no model pass has seen them yet
-    tree: Tree | None = None  # tree drafts: tokens are its nodes 1..n, each with the path above it as context
 
 
 @dataclass
@@ -72,7 +59,7 @@ def adapter_logits(
     start = cache.adapter_len
     positions = torch.arange(start, start + states.shape[1], device=states.device)
     pe = backbone.rotary_emb(states, position_ids=positions[None])
-    mask = causal_mask(positions, start + states.shape[1], None, states.dtype, backbone.eager)
+    mask = CAUSAL.bias(positions, start, None, states.dtype, backbone.eager)
     out = adapter(states, position_embeddings=pe, attention_mask=mask, cache=cache.adapter)  # [1, a, H]
     return head.logits(out[0, -1])
 
@@ -128,3 +115,30 @@ def draft_proposal(
     if pick.sampling.greedy:
         return Proposal(tokens)
     return Proposal(tokens, torch.stack(qs) if qs else torch.zeros(0, pick.vocab_size, device=device))
+
+
+@dataclass
+class AdapterChain:
+    """The paper's drafter: up to γ adapter steps in a chain, each on the one before (``draft_proposal``)."""
+
+    backbone: Backbone
+    adapter: KangarooAdapter
+    pick: DraftPick
+    cache: KangarooCache
+    max_steps: int  # γ
+    threshold: float  # η
+    eos_ids: frozenset[int]
+    name: str = ADAPTER
+    free: bool = False
+    fanout: tuple[int, int] | None = None
+
+    def offer(self, limit: int) -> int:
+        return min(self.max_steps, limit)
+
+    def propose(self, last_token: int, steps: int) -> Proposal:
+        return draft_proposal(
+            self.backbone, self.adapter, self.pick, self.cache, last_token, steps, self.threshold, self.eos_ids
+        )
+
+    def observe(self, committed: list[int]) -> None:
+        pass  # the verifier's rollback keeps the adapter's cache in step

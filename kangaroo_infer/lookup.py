@@ -10,6 +10,8 @@ token is a point-mass draft (``accept.py``), so copying keeps outputs exactly di
 
 from __future__ import annotations
 
+from .proposal import LOOKUP, Proposal
+
 
 class NgramLookup:
     """An index from every n-gram of the sequence to the position right after its latest occurrence.
@@ -50,3 +52,24 @@ class NgramLookup:
                     out.append(tokens[j] if j < len(tokens) else out[j - len(tokens)])
                 return out
         return []
+
+
+class Lookup:
+    """Lookup as a drafter: ``offer`` makes the copy (free), ``propose`` hands out its first k tokens."""
+
+    name, free, fanout = LOOKUP, True, None
+
+    def __init__(self, prompt: list[int], max_tokens: int, min_ngram: int = 2, max_ngram: int = 3):
+        self.index = NgramLookup(prompt, min_ngram, max_ngram)
+        self.max_tokens = max_tokens
+        self._copy: list[int] = []
+
+    def offer(self, limit: int) -> int:
+        self._copy = self.index.propose(min(self.max_tokens, limit))
+        return len(self._copy)
+
+    def propose(self, last_token: int, steps: int) -> Proposal:
+        return Proposal(self._copy[:steps], copied=True)
+
+    def observe(self, committed: list[int]) -> None:
+        self.index.extend(committed)

@@ -14,65 +14,15 @@ not recomputed). Drafting lives here; the verification pass is ``verify.Verifier
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .adapter import KangarooAdapter
-from .arch import Backbone, attention_bias
+from .arch import Backbone, TreeAttention
 from .cache import KangarooCache
-from .draft import DraftHead, Proposal, adapter_logits, shallow_step
-
-
-@dataclass
-class Tree:
-    """Draft nodes; node 0 is the root (the last committed token)."""
-
-    tokens: list[int]
-    parents: list[int]
-    depths: list[int]
-    scores: list[float]  # cumulative draft log-probability
-    ancestors: torch.Tensor  # [capacity, capacity] bool: ancestors[i, j] = j is i or an ancestor of i
-    children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
-    shallow_order: list[int] = field(default_factory=list)  # nodes in the order of their shallow-cache entries
-    adapter_slot: dict[int, int] = field(default_factory=dict)  # node -> index in the adapter cache
-
-    @classmethod
-    def rooted_at(cls, token: int, capacity: int) -> Tree:
-        ancestors = torch.zeros(capacity, capacity, dtype=torch.bool)
-        ancestors[0, 0] = True
-        return cls([token], [-1], [0], [0.0], ancestors)
-
-    def add(self, parent: int, token: int, score: float) -> int:
-        node = len(self.tokens)
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.depths.append(self.depths[parent] + 1)
-        self.scores.append(score)
-        self.ancestors[node] = self.ancestors[parent]
-        self.ancestors[node, node] = True
-        self.children[(parent, token)] = node
-        return node
-
-    @property
-    def num_drafts(self) -> int:
-        return len(self.tokens) - 1
-
-    def attention(
-        self, queries: list[int], columns: list[int], prefix: int, root_pos: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mask pieces for ``queries`` over a cache of ``prefix`` committed entries followed by the nodes ``columns``.
-
-        A node sits at position root_pos + depth. Returns query positions [q], allowed [q, prefix + len(columns)]
-        (every committed entry, plus the node's ancestors and itself) and key positions [prefix + len(columns)].
-        """
-        q_idx = torch.tensor(queries, dtype=torch.long)
-        c_idx = torch.tensor(columns, dtype=torch.long)
-        depths = torch.tensor(self.depths)
-        allowed = torch.ones(len(queries), prefix + len(columns), dtype=torch.bool)
-        allowed[:, prefix:] = self.ancestors[q_idx][:, c_idx]
-        key_positions = torch.cat([torch.arange(prefix), root_pos + depths[c_idx]])
-        return (root_pos + depths[q_idx]).to(device), allowed.to(device), key_positions.to(device)
+from .draft import DraftHead, adapter_logits, shallow_step
+from .proposal import ADAPTER, Proposal, Tree
 
 
 def _shallow_level(backbone: Backbone, exit_layer: int, cache: KangarooCache, tree: Tree, nodes: list[int], root_pos):
@@ -81,7 +31,8 @@ def _shallow_level(backbone: Backbone, exit_layer: int, cache: KangarooCache, tr
     positions, allowed, key_positions = tree.attention(nodes, tree.shallow_order + nodes, root_pos, root_pos, device)
     hidden = backbone.embed_tokens(torch.tensor([[tree.tokens[n] for n in nodes]], device=device))  # [1, q, H]
     pe = backbone.rotary_emb(hidden, position_ids=positions[None])
-    exit_states = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base, (allowed, key_positions))
+    mask = TreeAttention(allowed, key_positions)
+    exit_states = backbone.run_layers(hidden, 0, exit_layer, pe, positions, cache.base, mask)
     cache.deep_pending.append(exit_states)
     tree.shallow_order.extend(nodes)
     return exit_states  # [1, q, H]
@@ -135,9 +86,10 @@ def draft_tree(
         # Expand the new level: shallow layers + adapter on all its nodes at once.
         exit_states = _shallow_level(backbone, exit_layer, cache, tree, new_level, root_pos)
         expanded_before = [n for n in tree.adapter_slot if n != 0]  # in adapter-cache order
-        positions, allowed, _ = tree.attention(new_level, expanded_before + new_level, adapter_prefix, root_pos, device)
+        columns = expanded_before + new_level
+        positions, allowed, key_pos = tree.attention(new_level, columns, adapter_prefix, root_pos, device)
         pe = backbone.rotary_emb(exit_states, position_ids=positions[None])
-        mask = attention_bias(allowed[None, None], exit_states.dtype, backbone.eager)
+        mask = TreeAttention(allowed, key_pos).bias(positions, adapter_prefix, None, exit_states.dtype, backbone.eager)
         start = cache.adapter_len
         out = adapter(exit_states, position_embeddings=pe, attention_mask=mask, cache=cache.adapter)  # [1, q, H]
         for i, node in enumerate(new_level):
@@ -148,3 +100,36 @@ def draft_tree(
     if leaves:
         _shallow_level(backbone, exit_layer, cache, tree, leaves, root_pos)
     return Proposal(tree.tokens[1:], tree=tree)
+
+
+@dataclass
+class AdapterTree:
+    """The adapter's drafts as a tree (``draft_tree``): up to K children per level, N nodes, depth γ."""
+
+    backbone: Backbone
+    adapter: KangarooAdapter
+    head: DraftHead
+    cache: KangarooCache
+    max_steps: int  # γ
+    top_k: int  # K
+    max_nodes: int  # N
+    threshold: float  # η
+    eos_ids: frozenset[int]
+    name: str = ADAPTER
+    free: bool = False
+
+    @property
+    def fanout(self) -> tuple[int, int]:
+        return self.top_k, self.max_nodes
+
+    def offer(self, limit: int) -> int:
+        return min(self.max_steps, limit)
+
+    def propose(self, last_token: int, steps: int) -> Proposal:
+        return draft_tree(
+            self.backbone, self.adapter, self.head, self.cache, last_token, steps, self.top_k, self.max_nodes,
+            self.threshold, self.eos_ids,
+        )  # fmt: skip
+
+    def observe(self, committed: list[int]) -> None:
+        pass  # the verifier gathers the accepted path in every cache

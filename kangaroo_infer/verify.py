@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from .arch import Backbone
+from .arch import Backbone, Mask, TreeAttention
 from .cache import KangarooCache
-from .draft import Proposal, shallow_step
+from .draft import shallow_step
+from .proposal import Proposal
 
 
 def deep_logits(
     backbone: Backbone,
     exit_layer: int,
     cache: KangarooCache,
-    last_only: bool = False,
     positions: torch.Tensor | None = None,  # [m]; default: the m pending tokens continue the sequence
-    tree: tuple[torch.Tensor, torch.Tensor] | None = None,  # tree attention (see Backbone.run_layers)
+    mask: Mask | None = None,  # default: the pending tokens continue the sequence causally
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finish the forward pass of every pending token; return logits [m, V] (or [1, V]) and exit states [1, m, H]."""
+    """Finish the forward pass of every pending token; return logits [m, V] and exit states [1, m, H]."""
     states = cache.take_deep_pending()  # [1, m, H]
     if positions is None:
         start = cache.deep_len
         positions = torch.arange(start, start + states.shape[1], device=states.device)
     pe = backbone.rotary_emb(states, position_ids=positions[None])
-    hidden = backbone.run_layers(states, exit_layer, backbone.num_layers, pe, positions, cache.base, tree)
-    if last_only:
-        hidden = hidden[:, -1:]
+    hidden = backbone.run_layers(states, exit_layer, backbone.num_layers, pe, positions, cache.base, mask)
     return backbone.logits(hidden)[0], states
 
 
@@ -59,7 +57,7 @@ class Verifier:
         order = tree.shallow_order  # the nodes in the order of their cache entries
         positions, allowed, key_positions = tree.attention(order, order, self._start, self._start, device)
         logits, states = deep_logits(
-            self.backbone, self.exit_layer, self.cache, positions=positions, tree=(allowed, key_positions)
+            self.backbone, self.exit_layer, self.cache, positions=positions, mask=TreeAttention(allowed, key_positions)
         )
         rows = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)  # node i -> its row
         self._states = states[:, rows]

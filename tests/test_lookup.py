@@ -12,8 +12,9 @@ from transformers import DynamicCache
 from kangaroo_infer import KangarooAdapter, KangarooModel
 from kangaroo_infer.accept import accept_proposal
 from kangaroo_infer.cache import KangarooCache
-from kangaroo_infer.draft import Proposal, adapter_logits, shallow_step
+from kangaroo_infer.draft import adapter_logits, shallow_step
 from kangaroo_infer.lookup import NgramLookup
+from kangaroo_infer.proposal import Proposal
 from kangaroo_infer.sample import SamplingConfig
 from kangaroo_infer.scheduler import PolicyConfig, Scheduler
 from kangaroo_infer.verify import Verifier

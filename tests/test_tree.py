@@ -11,10 +11,12 @@ from transformers import DynamicCache
 
 from kangaroo_infer import KangarooModel
 from kangaroo_infer.accept import accept_proposal
+from kangaroo_infer.arch import TreeAttention
 from kangaroo_infer.cache import KangarooCache
+from kangaroo_infer.proposal import Tree
 from kangaroo_infer.sample import SamplingConfig
 from kangaroo_infer.scheduler import PolicyConfig
-from kangaroo_infer.tree import Tree, draft_tree
+from kangaroo_infer.tree import draft_tree
 from kangaroo_infer.verify import Verifier
 
 from .conftest import VOCAB, identity_adapter, tiny_model
@@ -79,7 +81,7 @@ def test_every_tree_node_sees_exactly_its_path(arch):
     pending = list(cache.deep_pending)
     root_pos = cache.deep_len
     positions, allowed, key_positions = tree.attention(order, order, root_pos, root_pos, torch.device("cpu"))
-    logits, _ = deep_logits(km.backbone, 2, cache, positions=positions, tree=(allowed, key_positions))
+    logits, _ = deep_logits(km.backbone, 2, cache, positions=positions, mask=TreeAttention(allowed, key_positions))
     for row, node in enumerate(order):
         path = []
         n = node
