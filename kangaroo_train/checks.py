@@ -3,9 +3,7 @@ config checked at once, before any stage runs."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 
@@ -55,16 +53,6 @@ def require_choice(key: str, value: Any, choices: tuple) -> None:
     """Refuse ``value`` unless it is one of ``choices``."""
     if isinstance(value, bool) != any(isinstance(c, bool) for c in choices) or value not in choices:
         raise ValueError(f"{key}={value!r} must be one of {list(choices)}.")
-
-
-def manifest_has(directory: Any, field: str) -> bool:
-    """Whether ``directory``/manifest.json is a JSON object holding ``field``: how distill and the feature cache
-    recognise the directories they wrote before they marked them (kangaroo_infer.base.claim_directory)."""
-    try:
-        manifest = json.loads((Path(str(directory)).expanduser() / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and field in manifest
 
 
 def check_values(cfg: Any) -> None:

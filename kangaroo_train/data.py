@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from kangaroo_infer.base import package_file
 
 from .checks import require_positive_int
+from .shards import sha256_json
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -294,7 +295,7 @@ def tokenize_conversation(
     ending a header merged into the first word of the reply) is masked. The result is cut to ``max_len`` tokens.
     """
     require_positive_int("max_len", max_len, hint=" (data.max_len)")
-    text = _render(tokenizer, messages, generation_prompt=False)
+    text = render(tokenizer, messages, generation_prompt=False)
     fast = bool(getattr(tokenizer, "is_fast", False))
     encoding = tokenizer(
         text, add_special_tokens=False, truncation=True, max_length=max_len, return_offsets_mapping=fast
@@ -324,7 +325,9 @@ def tokenize_conversation(
     return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, generation_prompt: bool) -> str:
+def render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, generation_prompt: bool) -> str:
+    """``messages`` as the base's chat template writes them (tokenization and distillation render alike), with one
+    error naming the conversation when the template has none or rejects it."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"The tokenizer of {tokenizer.name_or_path!r} has no chat template; train on a chat/instruct base model "
@@ -343,7 +346,7 @@ def _rendered_prefix(
     tokenizer: PreTrainedTokenizerBase, messages: Conversation, count: int, full: str, generation_prompt: bool
 ) -> str:
     """The template's rendering of the first ``count`` messages, which must be a prefix of the full rendering."""
-    prefix = _render(tokenizer, messages[:count], generation_prompt)
+    prefix = render(tokenizer, messages[:count], generation_prompt)
     if not full.startswith(prefix):
         raise ValueError(
             f"The chat template of {tokenizer.name_or_path!r} renders the first {count} messages differently from "
@@ -395,10 +398,10 @@ def build_datasets(
         raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1).")
 
     conversations = load_conversations(str(source), fmt, limit)
-    key = _sha256_json(
+    key = sha256_json(
         {
             "version": _TOKENIZE_VERSION,
-            "tokenizer": _tokenizer_identity(tokenizer),
+            "tokenizer": tokenizer_identity(tokenizer),
             "max_len": max_len,
             "conversations": conversations,
         }
@@ -448,7 +451,7 @@ def _optional(cfg: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """What decides the tokens of a conversation: vocabulary/merges, special tokens and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -464,10 +467,6 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         "specials": sorted(_special_strings(tokenizer)),
         "chat_template": tokenizer.chat_template,
     }
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def data_hash(dataset: datasets.Dataset) -> str:

@@ -16,10 +16,8 @@ Layout of a cache directory::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import zlib
 from bisect import bisect_right
 from collections import OrderedDict
@@ -36,15 +34,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kangaroo_infer.adapter import base_fingerprint, check_exit_layer
-from kangaroo_infer.base import check_claimable, claim_directory
+from kangaroo_infer.base import atomic_file
 
-from .checks import manifest_has, require_positive_int
 from .data import data_hash as compute_data_hash
+from .shards import ShardedDirectory
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-MANIFEST_NAME = "manifest.json"
 OWNER = "feature cache"  # the writer named in cache.dir's written list (kangaroo_infer.base.claim_directory)
-DIR_FIX = "Set cache.dir to a new or empty directory, or to one the cache stage wrote."
 CACHE_FORMAT = "kangaroo-feature-cache"
 CACHE_FORMAT_VERSION = 2  # 2: a CRC-32 of every sample's data in its shard's header
 IDENTITY_FIELDS = ("format", "format_version", "base_fingerprint", "exit_layer", "dtype", "data_hash", "shard_size")
@@ -139,8 +135,20 @@ def collate_features(batch: list[dict]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class FeatureCache:
+class FeatureCache(ShardedDirectory):
     """A directory of feature shards for one (base model, exit layer, dtype, dataset) combination."""
+
+    LABEL = "Feature cache"
+    GROUP = "cache"
+    OWNER = OWNER
+    KEY_FIELD = "cache_key"  # in the manifest and in every shard's header metadata
+    SUFFIX = ".safetensors"
+    OTHER = "another cache (base, exit layer, dtype or data)"
+    ON_DISK = "cache"
+    STALE = (
+        "Feature cache {directory} is stale: its {fields} {differ} ({detail}). Delete the directory {directory} or "
+        "point cache.dir elsewhere, then rerun the cache stage."
+    )
 
     def __init__(
         self,
@@ -154,13 +162,7 @@ class FeatureCache:
     ) -> None:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"Feature cache dtype {dtype!r} is not supported; use one of {list(STORAGE_DTYPES)}.")
-        require_positive_int("shard_size", shard_size, hint=" (cache.shard_size)")
-        self.directory = Path(directory).expanduser()
-        self.exit_layer = exit_layer
-        self.dtype = dtype
-        self.data_hash = data_hash
-        self.shard_size = shard_size
-        self.identity: dict[str, Any] = {
+        identity: dict[str, Any] = {
             "format": CACHE_FORMAT,
             "format_version": CACHE_FORMAT_VERSION,
             "base_fingerprint": json.loads(json.dumps(fingerprint)),  # as it reads back from JSON
@@ -169,67 +171,25 @@ class FeatureCache:
             "data_hash": data_hash,
             "shard_size": shard_size,
         }
-        # Stamped into every shard, so a shard left over from another cache is recognised even without a manifest.
-        self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+        super().__init__(directory, identity, shard_size)
+        self.exit_layer = exit_layer
+        self.dtype = dtype
+        self.data_hash = data_hash
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / MANIFEST_NAME
+    def complete_files(self, manifest: dict[str, Any]) -> list[Path]:
+        return [self.directory / shard["file"] for shard in manifest["shards"]]
 
-    def shard_path(self, index: int) -> Path:
-        return self.directory / f"shard-{index:05d}.safetensors"
-
-    # -- state on disk ------------------------------------------------------------------------------------------
-
-    def _read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest_path.is_file():
-            return None
+    def shard_key(self, path: Path) -> str | None:
         try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(
-                f"Feature cache manifest {self.manifest_path} is unreadable ({err}); delete the directory "
-                f"{self.directory} (or point cache.dir elsewhere) and rerun the cache stage."
-            ) from None
-        if not isinstance(manifest, dict):
-            raise ValueError(
-                f"Feature cache manifest {self.manifest_path} is not a JSON object; delete {self.directory}."
-            )
-        return manifest
-
-    def check(self) -> None:
-        """Refuse a cache on disk that was built for another base, exit layer, dtype, dataset or shard size."""
-        manifest = self._read_manifest()
-        if manifest is None:
-            return  # nothing built yet: nothing stale
-        for field in IDENTITY_FIELDS:
-            theirs, ours = manifest.get(field), self.identity[field]
-            if theirs != ours:
-                if isinstance(theirs, dict) and isinstance(ours, dict):
-                    keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-                    detail = "; ".join(f"{k}: cache {theirs.get(k)!r} vs run {ours.get(k)!r}" for k in keys)
-                else:
-                    detail = f"cache {theirs!r} vs run {ours!r}"
-                raise ValueError(
-                    f"Feature cache {self.directory} is stale: its {field} differs ({detail}). Delete the directory "
-                    f"{self.directory} or point cache.dir elsewhere, then rerun the cache stage."
-                )
-
-    def is_complete(self) -> bool:
-        """True when the cache on disk matches this run and every shard has been written."""
-        try:
-            self.check()
-            manifest = self._read_manifest()
-        except ValueError:
-            return False
-        if manifest is None or not manifest.get("complete"):
-            return False
-        return all((self.directory / shard["file"]).is_file() for shard in manifest["shards"])
+            with safe_open(str(path), framework="pt") as handle:
+                return (handle.metadata() or {}).get(self.KEY_FIELD, "")
+        except SafetensorError:
+            return None  # truncated or corrupt: rebuild it
 
     def dataset(self) -> CachedFeatureDataset:
         """The cached samples, in dataset order."""
         self.check()
-        manifest = self._read_manifest()
+        manifest = self.read_manifest()
         if manifest is None or not self.is_complete():
             done = 0 if manifest is None else sum((self.directory / s["file"]).is_file() for s in manifest["shards"])
             total = "?" if manifest is None else len(manifest["shards"])
@@ -238,8 +198,6 @@ class FeatureCache:
                 f"(FeatureCache.build on every rank) first."
             )
         return CachedFeatureDataset(self.directory, manifest["shards"], self.key)
-
-    # -- building -----------------------------------------------------------------------------------------------
 
     def build(
         self,
@@ -252,8 +210,6 @@ class FeatureCache:
     ) -> None:
         """Write this rank's missing shards (shard i belongs to rank i % world_size); whichever rank finds all
         shards present afterwards writes the complete manifest, so no barrier is needed inside."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
         if len(dataset) == 0:
             raise ValueError("Cannot build a feature cache from an empty dataset.")
         if base_fingerprint(base.config) != self.identity["base_fingerprint"]:
@@ -266,24 +222,16 @@ class FeatureCache:
                 "The dataset passed to FeatureCache.build does not match the cache's data_hash; create the cache with "
                 "data_hash(dataset) of the same dataset you build it from."
             )
-        claim_directory(self.directory, OWNER, legacy=manifest_has(self.directory, "cache_key"), fix=DIR_FIX)
-        self.check()
         num_shards = math.ceil(len(dataset) / self.shard_size)
-        if self._read_manifest() is None:  # every rank may write it: the content is identical, the write atomic
-            self._write_manifest(self._manifest(len(dataset), num_shards, counts=None))
-
-        mine = [i for i in range(num_shards) if i % world_size == rank]
-        for index in mine:  # leftovers of an interrupted write by this rank
-            for tmp in self.directory.glob(f"{self.shard_path(index).name}.tmp-*"):
-                tmp.unlink(missing_ok=True)
-        todo = [i for i in mine if not self._shard_is_valid(i)]
+        todo = self.start(num_shards, rank, world_size, self._manifest(len(dataset), num_shards, counts=None))
         lengths = _sample_lengths(dataset)
-        tokens = sum(sum(lengths[slice(*self._bounds(i, len(dataset)))]) for i in todo)
+        tokens = sum(sum(lengths[slice(*self.bounds(i, len(dataset)))]) for i in todo)
+        mine = len(range(rank, num_shards, world_size))
         with tqdm(
             total=tokens,
             unit="tok",
             unit_scale=True,
-            desc=f"Feature cache (rank {rank}, {len(todo)} of {len(mine)} shards to build)",
+            desc=f"Feature cache (rank {rank}, {len(todo)} of {mine} shards to build)",
             position=rank,
             disable=not progress,
         ) as bar:
@@ -292,32 +240,12 @@ class FeatureCache:
 
         counts = self._shard_counts(num_shards)
         if counts is not None:
-            self._write_manifest(self._manifest(len(dataset), num_shards, counts))
-
-    def _bounds(self, index: int, num_samples: int) -> tuple[int, int]:
-        return index * self.shard_size, min(num_samples, (index + 1) * self.shard_size)
-
-    def _shard_is_valid(self, index: int) -> bool:
-        """A finished shard of this cache (rebuilt when missing or unreadable; refused when it belongs elsewhere)."""
-        path = self.shard_path(index)
-        if not path.is_file():
-            return False
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except SafetensorError:
-            return False  # truncated or corrupt: rebuild it
-        if metadata.get("cache_key") != self.key:
-            raise ValueError(
-                f"Feature cache shard {path} was written for another cache (base, exit layer, dtype or data); delete "
-                f"the directory {self.directory} or point cache.dir elsewhere."
-            )
-        return True
+            self.write_manifest(self._manifest(len(dataset), num_shards, counts))
 
     def _build_shard(
         self, base: PreTrainedModel, dataset: datasets.Dataset, index: int, batch_size: int, bar: tqdm
     ) -> None:
-        lo, hi = self._bounds(index, len(dataset))
+        lo, hi = self.bounds(index, len(dataset))
         rows = dataset.with_format(None)[lo:hi]  # plain lists, whatever format the caller set
         ids, masks = rows["input_ids"], rows["loss_mask"]
         storage = STORAGE_DTYPES[self.dtype]
@@ -339,17 +267,14 @@ class FeatureCache:
             bar.update(sum(len(ids[j]) for j in group))
         metadata = {f"{j}.crc32": str(sample_crc32({n: tensors[f"{j}.{n}"] for n in FIELDS})) for j in range(hi - lo)}
         metadata |= {
-            "cache_key": self.key,
+            self.KEY_FIELD: self.key,
             "first_sample": str(lo),
             "num_samples": str(hi - lo),
             "num_tokens": str(sum(len(x) for x in ids)),
             "num_loss_tokens": str(sum(sum(m) for m in masks)),
         }
-        path = self.shard_path(index)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_file(self.shard_path(index)) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def _shard_counts(self, num_shards: int) -> list[dict[str, int]] | None:
         """Per-shard sample/token counts from the shard headers, or None while any shard is missing."""
@@ -369,27 +294,15 @@ class FeatureCache:
     def _manifest(self, num_samples: int, num_shards: int, counts: list[dict[str, int]] | None) -> dict[str, Any]:
         shards = []
         for index in range(num_shards):
-            lo, hi = self._bounds(index, num_samples)
+            lo, hi = self.bounds(index, num_samples)
             shard = {"file": self.shard_path(index).name, "num_samples": hi - lo}
             if counts is not None:
                 shard.update(counts[index])
             shards.append(shard)
-        manifest = {**self.identity, "cache_key": self.key, "num_samples": num_samples, "complete": counts is not None}
+        totals = {}
         if counts is not None:
-            manifest["num_tokens"] = sum(c["num_tokens"] for c in counts)
-            manifest["num_loss_tokens"] = sum(c["num_loss_tokens"] for c in counts)
-        manifest["shards"] = shards
-        return manifest
-
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        tmp = self.manifest_path.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, self.manifest_path)
-
-
-def check_cache_dir(directory: Path) -> None:
-    """Refuse a cache directory holding files the cache stage did not write (checked before any stage runs)."""
-    check_claimable(directory, OWNER, legacy=manifest_has(directory, "cache_key"), fix=DIR_FIX)
+            totals = {name: sum(c[name] for c in counts) for name in ("num_tokens", "num_loss_tokens")}
+        return self.manifest(num_samples=num_samples, complete=counts is not None, **totals, shards=shards)
 
 
 def sample_crc32(sample: dict[str, torch.Tensor]) -> int:

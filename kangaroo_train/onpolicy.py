@@ -22,7 +22,6 @@ turns the evaluation off). ZeRO-3 partitions the adapter's weights across ranks,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -35,6 +34,7 @@ from kangaroo_infer.base import load_base, write_file
 from kangaroo_infer.evaluate import EvalAnswer, greedy_answers, score_answers
 
 from .checks import require_positive_int
+from .shards import read_json_object, sha256_json
 
 log = logging.getLogger("kangaroo_train")
 
@@ -54,7 +54,10 @@ def held_out_prompts(val_set, num_prompts: int) -> list[list[int]]:
 
 
 class AnswerCache:
-    """The base's greedy answers to a list of prompts, on disk under a key of everything that decides them."""
+    """The base's greedy answers to a list of prompts, on disk: one file per identity (base, prompts, settings),
+    named by its key (``shards.sha256_json``) and holding the identity, so a file for anything else is refused."""
+
+    OWNER = "on-policy evaluation"  # the writer named in the directory's written list
 
     def __init__(self, directory: str | Path, base_name: str, fingerprint: dict, dtype: str, max_new_tokens: int):
         self.directory = Path(directory)
@@ -66,24 +69,20 @@ class AnswerCache:
         }
 
     def path(self, prompts: list[list[int]]) -> Path:
-        material = json.dumps({**self.identity, "prompts": prompts}, sort_keys=True)
-        return self.directory / f"answers-{hashlib.sha256(material.encode()).hexdigest()[:16]}.json"
+        return self.directory / f"answers-{sha256_json({**self.identity, 'prompts': prompts})[:16]}.json"
 
     def load(self, prompts: list[list[int]]) -> list[list[int]] | None:
         path = self.path(prompts)
-        if not path.is_file():
+        saved = read_json_object(path, "On-policy answer cache", "delete it and it is generated again.")
+        if saved is None:
             return None
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} is not valid JSON; delete it and it is generated again.") from None
         if saved.get("identity") != self.identity or saved.get("prompts") != prompts:
             raise ValueError(f"{path} holds answers for other prompts or another base; delete it.")
         return saved["answers"]
 
     def save(self, prompts: list[list[int]], answers: list[list[int]]) -> Path:
         value = {"identity": self.identity, "prompts": prompts, "answers": answers}
-        return write_file(self.path(prompts), json.dumps(value) + "\n", "on-policy evaluation")  # atomic
+        return write_file(self.path(prompts), json.dumps(value) + "\n", self.OWNER)  # atomic
 
 
 class OnPolicyEval(L.Callback):

@@ -95,14 +95,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGE_CHOICES)}.")
     check_values(cfg)  # every group's numbers, whatever the stage: a bad optim.lr must not wait for stage=train
     if cfg.distill.enabled and cfg.distill.dir is not None:
-        from .distill import check_distill_dir
+        from .distill import DistilledData
 
-        check_distill_dir(cfg.distill.dir)
+        DistilledData.check_directory(cfg.distill.dir)
     if cfg.cache.enabled:
-        from .features import check_cache_dir
+        from .features import FeatureCache
 
         for split in ("train", "val"):  # feature_caches: one FeatureCache directory per split
-            check_cache_dir(Path(cfg.cache.dir) / split)
+            FeatureCache.check_directory(Path(cfg.cache.dir) / split)
     require_positive_int("model.exit_layer", cfg.model.exit_layer)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")

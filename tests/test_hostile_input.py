@@ -321,7 +321,7 @@ def test_every_setting_is_checked_before_any_stage(override, message, tmp_path):
 
 
 def test_distill_settings_refuse_nan():
-    from kangaroo_train.distill import DistillSettings
+    from kangaroo_train.regenerate import DistillSettings
 
     with pytest.raises(ValueError, match="distill.temperature=nan must be >= 0"):
         DistillSettings(temperature=float("nan"))
@@ -443,7 +443,7 @@ def test_eval_adapter_answers_of_another_base_name_the_base(tiny_dirs, tmp_path,
 
 def test_distill_report_counts_records_without_a_user_turn(tmp_path):
     from kangaroo_train.data import load_conversations
-    from kangaroo_train.distill import prompts_from_conversations
+    from kangaroo_train.regenerate import prompts_from_conversations
 
     turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     rows = [turn, [{"role": "assistant", "content": "no question"}], [{"role": "user", "content": "no reply"}], turn]

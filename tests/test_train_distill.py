@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from kangaroo_infer.base import load_base, load_tokenizer
-from kangaroo_train.distill import (
+from kangaroo_train.regenerate import (
     DistillSettings,
     distill_conversations,
     generate_answers,

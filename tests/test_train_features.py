@@ -18,12 +18,12 @@ import torch
 from kangaroo_infer import base_fingerprint
 from kangaroo_train.data import data_hash
 from kangaroo_train.features import (
-    MANIFEST_NAME,
     FeatureCache,
     collate_features,
     collate_tokens,
     compute_features,
 )
+from kangaroo_train.shards import MANIFEST_NAME
 
 from .conftest import VOCAB, tiny_model
 
