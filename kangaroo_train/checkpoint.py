@@ -15,6 +15,7 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,62 @@ def checkpoint_header(ckpt: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise ValueError(f"{path} is not a kangaroo_train checkpoint (it has no hyper_parameters).")
     return {"hyper_parameters": checkpoint["hyper_parameters"], "global_step": checkpoint.get("global_step")}
+
+
+def last_checkpoint(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path | None:
+    """The newest of ``last.ckpt``, the ``step-*.ckpt`` ones and Lightning's SLURM-requeue ``hpc_ckpt_*.ckpt``
+    (files, or directories under DeepSpeed), or None before the first checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    candidates = [
+        ckpt_dir / "last.ckpt",
+        *ckpt_dir.glob("step-*.ckpt"),
+        *Path(output_dir).glob("hpc_ckpt_*.ckpt"),
+    ]
+    existing = [path for path in candidates if path.exists()]
+    return max(existing, key=lambda path: (path.stat().st_mtime, path.name == "last.ckpt")) if existing else None
+
+
+def check_resumable(ckpt_path: Path, hparams: dict[str, Any]) -> None:
+    """Before Lightning loads ``ckpt_path``: it must be intact, and trained with this run's adapter and batch layout
+    (a resumed run would otherwise fail deep inside Lightning, or silently follow another step schedule)."""
+    from kangaroo_infer.adapter import AdapterConfig
+
+    try:
+        saved = checkpoint_header(ckpt_path)["hyper_parameters"]
+    except ValueError as err:
+        intact = None
+        for other in sorted(ckpt_path.parent.glob("step-*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                step = checkpoint_header(other)["global_step"]
+            except ValueError:
+                continue
+            if other != ckpt_path:
+                intact = f"The newest intact checkpoint is {other} (step {step}): delete {ckpt_path} and rerun with "
+                intact += "resume=true to continue from there."
+                break
+        raise ValueError(
+            f"Cannot resume: {err} {intact or 'No intact step-*.ckpt is left: start over in another paths.output_dir.'}"
+        ) from None
+    adapter, now = saved.get("adapter_config") or {}, hparams["adapter_config"]
+    keys = ("exit_layer", "mlp", "num_layers", "init", "draft_vocab_size", "base_fingerprint")
+    # fields newer than the checkpoint take their defaults, as they do when its exported config.json is read
+    saved_config = {f.name: f.default for f in fields(AdapterConfig) if f.default is not MISSING} | adapter
+    diffs = [
+        f"{k}: checkpoint {saved_config.get(k)!r} vs now {now[k]!r}" for k in keys if saved_config.get(k) != now[k]
+    ]
+    if diffs:
+        raise ValueError(
+            f"Cannot resume from {ckpt_path}: it was trained with another adapter config ({'; '.join(diffs)}). "
+            f"Resume with the settings it was trained with, or start a new run in another paths.output_dir."
+        )
+    batch, now = saved.get("batch"), hparams["batch"]
+    if batch is not None and batch != now:
+        diffs = [f"{k}: checkpoint {batch.get(k)!r} vs now {now[k]!r}" for k in now if batch.get(k) != now[k]]
+        raise ValueError(
+            f"Cannot resume from {ckpt_path} with another batch layout ({'; '.join(diffs)}): its step count, epoch "
+            f"boundaries and LR schedule were planned for the old one. Resume with the old trainer settings, or start "
+            f"a new run in another paths.output_dir."
+        )
 
 
 class Checkpoints(ModelCheckpoint):

@@ -23,7 +23,8 @@ from kangaroo_train.regenerate import (
     generate_answers,
     prompts_from_conversations,
 )
-from kangaroo_train.train import CONFIG_DIR, prepare_base
+from kangaroo_train.stages import prepare_base
+from kangaroo_train.train import CONFIG_DIR
 from tests import helpers
 from tests.helpers import assert_clean_error
 

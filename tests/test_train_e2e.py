@@ -36,7 +36,7 @@ def refused_by_config(output_dir: Path, *overrides: str) -> str:
 
 def refused_by_run(output_dir: Path, *overrides: str) -> str:
     """The stages' error for these overrides, run in this process (kangaroo_train.train.run, what main() calls)."""
-    from kangaroo_train.train import run
+    from kangaroo_train.stages import run
 
     with pytest.raises(ValueError) as err:
         run(compose_tiny(output_dir, *overrides))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from kangaroo_train.launch import Launch, external_launch
 from kangaroo_train.loggers import wandb_api_key_available
-from kangaroo_train.train import Launch, external_launch
 
 
 def test_wandb_goes_offline_without_an_api_key(tmp_path, monkeypatch):

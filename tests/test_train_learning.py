@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from kangaroo_infer.adapter import KangarooAdapter
 from kangaroo_train.features import FeatureCache, collate_features
 from kangaroo_train.module import kangaroo_loss
-from kangaroo_train.train import CONFIG_DIR, run
+from kangaroo_train.stages import run
+from kangaroo_train.train import CONFIG_DIR
 
 
 def held_out_top1(adapter: KangarooAdapter, head: torch.nn.Module, cache: FeatureCache) -> float:
