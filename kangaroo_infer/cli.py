@@ -184,21 +184,18 @@ def load_model(args: argparse.Namespace):
 
 
 def _check_generate_cli(args: argparse.Namespace) -> None:
-    """The numeric arguments of ``generate``, checked before the model loads (minutes for a large one)."""
-    ints = (("--max-new-tokens", args.max_new_tokens, 1), ("--steps", args.steps, 0), ("--top-k", args.top_k, 0),
-            ("--tree-top-k", args.tree_top_k, 1), ("--tree-max-nodes", args.tree_max_nodes, 1),
-            ("--lookup-tokens", args.lookup_tokens, 0), ("--exit-layer", args.exit_layer, 1))  # fmt: skip
-    for flag, value, low in ints:
-        if value is not None and value < low:
-            raise ValueError(f"{flag} must be an integer >= {low}; got {value}.")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold (η) must lie in [0, 1]; got {args.threshold}.")
-    if not 0.0 <= args.temperature < float("inf"):
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}.")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must lie in (0, 1] (1 = off); got {args.top_p}.")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be an integer in [0, 2**63 - 1] (a torch seed); got {args.seed}.")
+    """``generate``'s settings, checked by GenerationSettings before the model loads (minutes for a large one); the
+    exit layer's upper bound and the prompt's length wait for the model."""
+    from .settings import GenerationSettings, check_int
+
+    GenerationSettings.check(
+        flags=True, max_new_tokens=args.max_new_tokens, threshold=args.threshold, max_draft_steps=args.steps,
+        policy=args.policy, tree=args.tree, tree_top_k=args.tree_top_k, tree_max_nodes=args.tree_max_nodes,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        lookup_tokens=args.lookup_tokens,
+    )  # fmt: skip
+    if args.exit_layer is not None:
+        check_int("--exit-layer", args.exit_layer, 1)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -266,6 +263,7 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
     """Every bench argument that can be checked without the model, before it loads (minutes for a large one) and
     before --out is touched."""
     from . import bench
+    from .settings import check_int, check_real
 
     question_only = {  # flag: what it does to the question benchmark
         "--resume": (args.resume, "continues"),
@@ -291,24 +289,24 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
         peers=peers, pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
         draft_model=args.draft_model, resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
-    if args.context < 1:
-        raise ValueError(f"--context must be >= 1 token; got {args.context}.")
-    if args.tau is not None and not (args.tau >= 1.0 and args.tau != float("inf")):
-        raise ValueError(f"--tau is tokens per full forward, a finite number >= 1; got {args.tau}.")
-    if args.drafts_per_round is not None and not (0.0 <= args.drafts_per_round < float("inf")):
-        raise ValueError(f"--drafts-per-round must be a finite number >= 0; got {args.drafts_per_round}.")
-    if args.batch_size is not None and any(b < 1 for b in _ints(args.batch_size, "--batch-size")):
-        raise ValueError(f"--batch-size needs positive batch sizes, e.g. 1,4,8; got {args.batch_size!r}.")
+    check_int("--context", args.context, 1, rule="be >= 1 token")
+    if args.tau is not None:
+        check_real("--tau", args.tau, 1.0, rule="be tokens per full forward, a finite number >= 1")
+    if args.drafts_per_round is not None:
+        check_real("--drafts-per-round", args.drafts_per_round, 0.0, rule="be a finite number >= 0")
+    if args.batch_size is not None:
+        for b in _ints(args.batch_size, "--batch-size"):
+            check_int("--batch-size", b, 1, rule="name positive batch sizes, e.g. 1,4,8")
     if args.sweep:
         if args.tree:
             for flag, text in (("--sweep-top-k", args.sweep_top_k), ("--sweep-max-nodes", args.sweep_max_nodes)):
-                if any(v < 1 for v in _ints(text, flag)):
-                    raise ValueError(f"{flag} takes integers >= 1; got {text!r}.")
+                for value in _ints(text, flag):
+                    check_int(flag, value, 1)
         else:
-            if any(not 0.0 <= t <= 1.0 for t in _floats(args.sweep_thresholds, "--sweep-thresholds")):
-                raise ValueError(f"--sweep-thresholds takes values in [0, 1]; got {args.sweep_thresholds!r}.")
-            if any(g < 1 for g in _ints(args.sweep_steps, "--sweep-steps")):
-                raise ValueError(f"--sweep-steps takes integers >= 1; got {args.sweep_steps!r}.")
+            for t in _floats(args.sweep_thresholds, "--sweep-thresholds"):
+                check_real("--sweep-thresholds", t, 0.0, 1.0, rule="lie in [0, 1]")
+            for g in _ints(args.sweep_steps, "--sweep-steps"):
+                check_int("--sweep-steps", g, 1)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; name a directory (a new one, or one bench wrote).")
     if args.cost_profile_only or args.batch_size or args.sweep:
@@ -411,9 +409,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in summary["config"].get("spec_bench_files", []):
         print(f"spec-bench answers: {os.path.join(args.spec_bench_dir, name)}")
     print(f"results: {args.out}/results.json")
-    differs = [p for p, r in summary.get("peers", {}).items() if not r["overall"]["identical"]]
+    decoders = summary["decoders"].items()
+    differs = [name for name, r in decoders if name != "kangaroo" and r["overall"]["identical"] is False]
     if differs:
-        print(f"peers whose output differs from vanilla: {', '.join(differs)}", file=sys.stderr)
+        print(f"decoders whose output differs from vanilla: {', '.join(differs)}", file=sys.stderr)
     return 1 if summary["overall"]["identical"] is False else 0  # None: sampled, identity not checked
 
 

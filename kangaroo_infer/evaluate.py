@@ -40,8 +40,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .adapter import KangarooAdapter
-from .arch import Backbone, causal_mask
+from .arch import CAUSAL, Backbone
 from .base import check_file_target, write_file
+from .bench.records import upgrade_record
 from .draft import DraftHead
 from .questions import Question, chat_prompt_ids, default_questions, jsonl_records, load_questions
 
@@ -141,7 +142,7 @@ def score_answer(
         return AnswerScore([], [], [], mismatches, kept)
 
     param = next(adapter.parameters())
-    mask = causal_mask(positions, total, None, param.dtype, backbone.eager)
+    mask = CAUSAL.bias(positions, 0, None, param.dtype, backbone.eager)
     out = adapter(exit_states.to(param.dtype), position_embeddings=pe, attention_mask=mask)  # [1, T, H]
     rows = slice(start + 1, start + kept)  # positions holding answer tokens 0 .. kept-2
     draft_logits = head.logits(out[0, rows].to(head.weight.dtype)).float()  # [n, V_draft]
@@ -271,9 +272,10 @@ def answers_from_bench(
 ) -> tuple[list, dict]:
     """The base's greedy answers recorded by ``bench`` (``answers.jsonl``), as token ids, and what was kept.
 
-    A greedy bench (``identical`` true or false; None means it sampled) records vanilla ``generate``'s own answer as
-    ``vanilla_turns``, which is the base's greedy answer; records without that field (older bench versions) hold it
-    only where ``identical`` is true (Kangaroo's output, ``turns``, equalled vanilla's). The text (decoded without
+    A greedy bench (``identical`` true or false; None means it sampled) records vanilla ``generate``'s own answer,
+    the base's greedy answer, under ``decoders.vanilla.turns``. Records of bench's earlier schema are converted
+    (``bench.records.upgrade_record``); the oldest of them hold vanilla's answer only where ``identical`` is true
+    (Kangaroo's output equalled vanilla's). The text (decoded without
     special tokens) is tokenized again and matched to its question by (category, question_id). When the record's
     token count says one token more than the text gives, the answer ended with the end-of-sequence token, which is
     appended. Tokenizing decoded text need not give the original ids:
@@ -284,23 +286,20 @@ def answers_from_bench(
         raise ValueError(f"Answers file {str(path)!r} does not exist; pass the answers.jsonl written by bench --out.")
     by_key = {(q.category, q.question_id): q for q in questions}
     answers, counts = [], {"records": 0, "not_greedy": 0, "no_question": 0, "text_round_trip_differs": 0}
-    for lineno, record in jsonl_records(path):
-        turns = record.get("turns") if isinstance(record, dict) else None
-        if not isinstance(record, dict) or "category" not in record or not turns or not isinstance(turns[0], str):
+    for lineno, line in jsonl_records(path):
+        try:
+            record = upgrade_record(line)
+        except ValueError:
             raise ValueError(
                 f"{path}, line {lineno}: not a bench answer record (needs question_id, category, turns, identical)."
-            )
+            ) from None
         counts["records"] += 1
-        if record.get("identical") is None:  # a sampled run (or not a bench record): no greedy answer
+        vanilla = record["decoders"].get("vanilla", {})
+        turns = vanilla.get("turns")
+        if vanilla.get("identical") is None or not turns or not isinstance(turns[0], str):  # sampled, or no answer
             counts["not_greedy"] += 1
             continue
-        if isinstance(record.get("vanilla_turns"), list) and record["vanilla_turns"]:
-            text, new_tokens = record["vanilla_turns"][0], record.get("vanilla_new_tokens")
-        elif record["identical"] is True:
-            text, new_tokens = turns[0], record.get("new_tokens")
-        else:
-            counts["not_greedy"] += 1
-            continue
+        text, new_tokens = turns[0], vanilla.get("new_tokens")
         question = by_key.get((record["category"], record.get("question_id")))
         if question is None:
             counts["no_question"] += 1

@@ -13,7 +13,7 @@ from .arch import Backbone
 from .base import kangaroo_home, load_base
 from .batch import decode_batch
 from .cache import KangarooCache
-from .draft import DraftHead
+from .draft import DraftHead, adapter_logits, shallow_step
 from .dtype import AUTO, resolve_dtype
 from .invariance import RowInvariance
 from .outputs import GenerateOutput
@@ -201,15 +201,27 @@ class KangarooModel:
     def prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [1, T] -> [V]
         """All layers over the prompt into ``cache``; the adapter will read the prompt's exit states with its first
         draft step. Returns the logits after the prompt's last token."""
-        backbone, ell = self.backbone, self.exit_layer
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = backbone.embed_tokens(input_ids)  # [1, T, H]
-        pe = backbone.rotary_emb(hidden, position_ids=positions[None])
-        exit_states = backbone.run_layers(hidden, 0, ell, pe, positions, cache.base)  # [1, T, H]
-        cache.deep_pending.append(exit_states)
-        logits, _ = deep_logits(backbone, ell, cache, last_only=True)  # [1, V]
-        cache.adapter_pending.append(exit_states)  # the adapter reads them with its first draft step
-        return logits[-1]
+        logits, exit_states = self.backbone.prefill(input_ids, self.exit_layer, cache.base)  # [1, V], [1, T, H]
+        cache.adapter_pending.append(exit_states)
+        return logits[0]
+
+    # ---- the pieces of a round, for measuring them (bench's cost profile) -------------------------------------------
+
+    def new_cache(self) -> KangarooCache:
+        """An empty cache for ``prefill`` and the round pieces below."""
+        return KangarooCache(self.exit_layer, self.backbone.num_layers)
+
+    def shallow_pass(self, tokens: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [1, k] -> [1, k, H]
+        """Layers [0, ℓ) over new tokens: their exit states, which also wait in ``cache`` for ``deep_pass``."""
+        return shallow_step(self.backbone, self.exit_layer, cache, tokens)
+
+    def draft_logits(self, exit_states: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [1, q, H] -> [V_draft]
+        """A draft step's adapter and draft head over the newest exit state (after ``shallow_pass``)."""
+        return adapter_logits(self.backbone, self.adapter, self.draft_head, cache, exit_states)
+
+    def deep_pass(self, cache: KangarooCache) -> torch.Tensor:  # [m, V]
+        """Verification's pass: layers [ℓ, L) and the LM head over every pending token."""
+        return deep_logits(self.backbone, self.exit_layer, cache)[0]
 
 
 def resolve_recorded_base(recorded: str, adapter_dir: Path) -> str:

@@ -64,6 +64,12 @@ class PolicyConfig:
                 raise ValueError(f"PolicyConfig({name}={getattr(self, name)!r}): must be {allowed}.")
 
 
+def check_policy(policy: str | PolicyConfig) -> None:
+    """generate's ``policy``: a name from POLICIES or a PolicyConfig (whose own fields it checks itself)."""
+    if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
+        raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
+
+
 @dataclass
 class DrafterStats:
     """What the scheduler knows about one drafter."""
@@ -103,8 +109,7 @@ class Scheduler:
         config = policy if isinstance(policy, PolicyConfig) else PolicyConfig()
         if not timed and config.measure_costs:
             config = PolicyConfig(**{**config.__dict__, "measure_costs": False})
-        if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
-            raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
+        check_policy(policy)
         stats = {name: DrafterStats(free, *(fanout or {}).get(name, (1, None))) for name, free in drafters.items()}
         return cls(stats, adaptive=policy != "fixed", config=config)
 

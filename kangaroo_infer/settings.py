@@ -7,12 +7,14 @@ names the problem and the fix. The decoding loop then reads a frozen ``Generatio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .sample import SamplingConfig
-from .scheduler import POLICIES, PolicyConfig
+from .scheduler import PolicyConfig, check_policy
 
 DEFAULT_GENERATION = {
     "threshold": 0.6,
@@ -23,6 +25,13 @@ DEFAULT_GENERATION = {
     "lookup_min_ngram": 2,
     "lookup_max_ngram": 3,
 }
+FLAGS = {  # generate's keyword -> the command line's flag, as check(flags=True) names it
+    "max_new_tokens": "--max-new-tokens", "threshold": "--threshold (η)", "max_draft_steps": "--steps",
+    "tree": "--tree", "tree_top_k": "--tree-top-k", "tree_max_nodes": "--tree-max-nodes",
+    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
+    "lookup_tokens": "--lookup-tokens", "lookup_min_ngram": "--lookup-min-ngram",
+    "lookup_max_ngram": "--lookup-max-ngram", "policy": "--policy",
+}  # fmt: skip
 FROM_GENERATION_CONFIG = "from_generation_config"  # eos_token_id default: as base.generate without the argument
 
 
@@ -86,32 +95,74 @@ class GenerationSettings:
         lookup = [pick(name, value) for name, value in (
             ("lookup_tokens", lookup_tokens), ("lookup_min_ngram", lookup_min_ngram),
             ("lookup_max_ngram", lookup_max_ngram))]  # fmt: skip
+        cls.check(
+            max_new_tokens=max_new_tokens, threshold=threshold, max_draft_steps=steps, policy=policy, tree=tree,
+            tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, lookup_tokens=lookup[0], lookup_min_ngram=lookup[1], lookup_max_ngram=lookup[2], batched=batched,
+        )  # fmt: skip
         sampling = SamplingConfig(temperature, top_p, top_k)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1]; got {threshold!r}.")
-        _check_int("max_draft_steps", steps, 0)
-        if not isinstance(tree, bool):
-            raise ValueError(f"tree must be True or False; got {tree!r}.")
-        _check_int("tree_top_k", tree_top_k, 1)
-        _check_int("tree_max_nodes", tree_max_nodes, 1)
-        if tree and (batched or not sampling.greedy):
-            raise ValueError("tree=True drafts for one prompt, greedily; drop tree for batches or temperature > 0.")
-        names = ("lookup_tokens", "lookup_min_ngram", "lookup_max_ngram")
-        for name, value, low in zip(names, lookup, (0, 1, 1), strict=True):
-            _check_int(name, value, low)
-        if lookup[1] > lookup[2]:
-            raise ValueError(f"lookup_min_ngram ({lookup[1]}) must not exceed lookup_max_ngram ({lookup[2]}).")
-        if not isinstance(policy, PolicyConfig) and policy not in POLICIES:
-            raise ValueError(f"Unknown policy {policy!r}; choose one of {list(POLICIES)} or pass a PolicyConfig.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None; got {seed!r}.")
         eos_ids = resolve_eos(eos_token_id, limits)
         return cls(
             max_new_tokens, float(threshold), steps, eos_ids, policy, sampling, seed, tree, tree_top_k,
             tree_max_nodes, *lookup, batched,
         )  # fmt: skip
+
+    @staticmethod
+    def check(
+        *,
+        flags: bool = False,
+        batched: bool = False,
+        max_new_tokens: int = 128,
+        threshold: float | None = None,
+        max_draft_steps: int | None = None,
+        policy: str | PolicyConfig = "adaptive",
+        tree: bool = False,
+        tree_top_k: int | None = None,
+        tree_max_nodes: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        lookup_tokens: int | None = None,
+        lookup_min_ngram: int | None = None,
+        lookup_max_ngram: int | None = None,
+    ) -> None:
+        """Every setting that can be checked without a model (None: the adapter's default, checked once filled in),
+        so the CLI refuses a bad value before a model loads for minutes. ``flags`` names values by their
+        command-line flags (``--steps``) instead of ``generate``'s keywords."""
+
+        def name(key: str) -> str:
+            return FLAGS[key] if flags else key
+
+        check_int(name("max_new_tokens"), max_new_tokens, 1, rule=None if flags else "be a positive integer")
+        if threshold is not None:
+            check_real(name("threshold"), threshold, 0.0, 1.0, rule="lie in [0, 1]")
+        optional = (("max_draft_steps", max_draft_steps, 0), ("tree_top_k", tree_top_k, 1),
+                    ("tree_max_nodes", tree_max_nodes, 1), ("lookup_tokens", lookup_tokens, 0),
+                    ("lookup_min_ngram", lookup_min_ngram, 1), ("lookup_max_ngram", lookup_max_ngram, 1))  # fmt: skip
+        for key, value, low in optional:
+            if value is not None:
+                check_int(name(key), value, low)
+        if None not in (lookup_min_ngram, lookup_max_ngram) and lookup_min_ngram > lookup_max_ngram:
+            raise ValueError(
+                f"{name('lookup_min_ngram')} ({lookup_min_ngram}) must not exceed {name('lookup_max_ngram')} "
+                f"({lookup_max_ngram})."
+            )
+        if not isinstance(tree, bool):
+            raise ValueError(f"{name('tree')} must be True or False; got {tree!r}.")
+        check_real(name("temperature"), temperature, 0.0, rule="be a finite number >= 0 (0 = greedy)")
+        check_real(name("top_p"), top_p, 0.0, 1.0, low_open=True, rule="lie in (0, 1] (1 = no nucleus cut)")
+        check_int(name("top_k"), top_k, 0, rule="be an integer >= 0 (0 = no top-k cut)")
+        if seed is not None:
+            rule = "be an integer in [0, 2**63 - 1] (a torch seed)" if flags else "be a non-negative integer or None"
+            check_int(name("seed"), seed, 0, 2**63 - 1, rule=rule)
+        if tree and (batched or temperature > 0):
+            drop, hot = (name("tree"), name("temperature")) if flags else ("tree", "temperature")
+            raise ValueError(
+                f"{'--tree' if flags else 'tree=True'} drafts for one prompt, greedily; drop {drop} for batches or "
+                f"{hot} > 0."
+            )
+        check_policy(policy)
 
     def check_prompt(self, input_ids: torch.Tensor, limits: ModelLimits) -> None:
         """One prompt ([1, T], no padding): integer ids inside the vocabulary, and room for max_new_tokens."""
@@ -198,6 +249,30 @@ def prompt_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
     return input_ids.shape[1] - lengths
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, rule: str | None = None) -> None:
+    """The package's one integer check (a bool is not an integer here): ``name must <rule>; got <value>.``"""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if (low is None or value >= low) and (high is None or value <= high):
+            return
+    if rule is None:
+        rule = f"be an integer in [{low}, {high}]" if high is not None else f"be an integer >= {low}"
+    raise ValueError(f"{name} must {rule}; got {value!r}.")
+
+
+def check_real(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    rule: str | None = None,
+    low_open: bool = False,
+) -> None:
+    """The package's one real-number check: a finite int or float (not a bool, not NaN) within [low, high]
+    (``low_open``: (low, high])."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        above = low is None or (value > low if low_open else value >= low)
+        if above and (high is None or value <= high):
+            return
+    if rule is None:
+        rule = f"be a finite number {'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
+    raise ValueError(f"{name} must {rule}; got {value!r}.")

@@ -15,7 +15,7 @@ import torch
 from kangaroo_infer import cli
 from kangaroo_infer.questions import load_questions
 
-KEYS = {"speedup", "tau", "vanilla_tokens_per_s", "kangaroo_tokens_per_s", "identical", "questions"}
+KEYS = {"speedup", "tau", "tokens_per_s", "vanilla_tokens_per_s", "identical", "questions"}
 SPEC_BENCH = [
     {"question_id": 81, "category": "writing", "turns": ["Write a poem about the sea.", "Shorter."]},
     {"question_id": 82, "category": "coding", "turns": ["Write hello world in C."]},
@@ -71,9 +71,14 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 5
     for a in answers:
-        assert {"question_id", "turns", "new_tokens", "wall_time", "accept_lengths", "lookup_rounds"} <= set(a)
-        assert sum(a["accept_lengths"]) == a["new_tokens"] and a["identical"]
-        assert all(0 <= i < len(a["draft_lengths"]) for i in a["lookup_rounds"])
+        assert {"question_id", "category", "prompt_sha256", "tstamp", "decoders"} <= set(a)
+        assert list(a["decoders"]) == ["vanilla", "kangaroo"]
+        run = a["decoders"]["kangaroo"]
+        assert {"turns", "new_tokens", "wall_time", "accept_lengths", "lookup_rounds"} <= set(run)
+        assert sum(run["accept_lengths"]) == run["new_tokens"] and run["identical"]
+        assert all(0 <= i < len(run["draft_lengths"]) for i in run["lookup_rounds"])
+        assert a["decoders"]["vanilla"]["accept_lengths"] == [1] * a["decoders"]["vanilla"]["new_tokens"]
+    assert summary["decoders"]["kangaroo"]["overall"] == summary["overall"]  # the headline is kangaroo's
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "overall" in result.stdout and "speedup limit" in result.stdout
 
@@ -107,12 +112,13 @@ def test_bench_tree_beside_chain_and_tree_sweep(tiny_dirs, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "results.json").read_text())
-    tree = summary["tree"]
+    tree = summary["decoders"]["kangaroo-tree"]
     assert set(tree["overall"]) == KEYS and tree["overall"]["identical"] is True
     assert set(tree["categories"]) == set(summary["categories"])
-    assert tree["tree_top_k"] == 3 and tree["tree_max_nodes"] == 9
+    assert tree["settings"]["tree_top_k"] == 3 and tree["settings"]["tree_max_nodes"] == 9
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert all(a["tree"]["identical"] and max(a["tree"]["draft_lengths"], default=0) <= 9 for a in answers)
+    trees = [a["decoders"]["kangaroo-tree"] for a in answers]
+    assert all(t["identical"] and max(t["draft_lengths"], default=0) <= 9 for t in trees)
     assert "overall (tree)" in result.stdout
     result = run_bench(
         "--adapter", str(root / "adapter"), "--questions", str(questions), "--num-questions", "1",

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -239,14 +240,14 @@ def test_assisted_peer_with_an_exported_draft(tiny_dirs, tmp_path, capsys):
     assert cli.main(args) == 0
     assert "assisted speedup" in capsys.readouterr().out
     summary = json.loads((out / "results.json").read_text())
-    peer = summary["peers"]["assisted"]
+    peer = summary["decoders"]["assisted"]
     assert peer["settings"] == {
         "kind": "assisted", "implementation": "transformers generate(assistant_model)", "draft_model": "draft"
     }  # fmt: skip
     assert peer["overall"]["identical"] is True and peer["overall"]["questions"] == 3 and peer["overall"]["tau"] >= 1
     assert summary["config"]["draft_model"] == "draft"
     for a in (json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()):
-        run = a["peers"]["assisted"]
+        run = a["decoders"]["assisted"]
         assert run["identical"] and sum(run["accept_lengths"]) == run["new_tokens"]
         assert len(run["accept_lengths"]) == run["decoding_steps"]
     assert str(tmp_path) not in (out / "results.json").read_text()
@@ -265,8 +266,8 @@ def test_kangaroo_without_its_adapter_as_peers(tiny_dirs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kangaroo-plain speedup" in printed and "kangaroo-lookup speedup" in printed
     summary = json.loads((out / "results.json").read_text())
-    plain, lookup = summary["peers"]["kangaroo-plain"], summary["peers"]["kangaroo-lookup"]
-    adapter = summary["peers"]["kangaroo-adapter"]
+    plain, lookup = summary["decoders"]["kangaroo-plain"], summary["decoders"]["kangaroo-lookup"]
+    adapter = summary["decoders"]["kangaroo-adapter"]
     assert adapter["settings"]["implementation"] == "kangaroo generate(lookup_tokens=0)"
     assert adapter["overall"]["identical"] and adapter["overall"]["tau"] > 1.0
     assert plain["settings"]["implementation"] == "kangaroo generate(max_draft_steps=0, lookup_tokens=0)"
@@ -274,9 +275,9 @@ def test_kangaroo_without_its_adapter_as_peers(tiny_dirs, tmp_path, capsys):
     assert plain["overall"]["tau"] == 1.0 and plain["overall"]["identical"] and lookup["overall"]["identical"]
     assert summary["overall"]["tau"] > 1.0  # the adapter's drafts are accepted when it is on
     for a in (json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()):
-        assert set(a["peers"]["kangaroo-plain"]["accept_lengths"]) == {1}
-        run = a["peers"]["kangaroo-lookup"]
-        assert sum(run["accept_lengths"]) == run["new_tokens"] == a["vanilla_new_tokens"]
+        assert set(a["decoders"]["kangaroo-plain"]["accept_lengths"]) == {1}
+        run = a["decoders"]["kangaroo-lookup"]
+        assert sum(run["accept_lengths"]) == run["new_tokens"] == a["decoders"]["vanilla"]["new_tokens"]
         assert len(run["accept_lengths"]) == run["decoding_steps"]
 
 
@@ -333,9 +334,10 @@ def test_peers_and_spec_bench_answer_files(tiny_dirs, tmp_path, capsys):
     assert "pld-2 speedup" in printed and "pld-4 speedup" in printed
 
     summary = json.loads((out / "results.json").read_text())
-    assert list(summary["peers"]) == ["pld-2", "pld-4"] and summary["config"]["peers"] == ["pld-2", "pld-4"]
+    assert list(summary["decoders"]) == ["kangaroo", "kangaroo-tree", "pld-2", "pld-4"]
+    assert summary["config"]["peers"] == ["pld-2", "pld-4"]
     for name, n in (("pld-2", 2), ("pld-4", 4)):
-        peer = summary["peers"][name]
+        peer = summary["decoders"][name]
         assert peer["settings"]["num_tokens"] == n
         assert set(peer["categories"]) == {"mt_bench", "translation", "qa"}
         for row in [peer["overall"], *peer["categories"].values()]:
@@ -344,7 +346,7 @@ def test_peers_and_spec_bench_answer_files(tiny_dirs, tmp_path, capsys):
     assert summary["config"]["base_model"] == "base" and summary["config"]["adapter"] == "adapter"
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     for a in answers:
-        for run in a["peers"].values():
+        for run in a["decoders"].values():
             assert run["identical"] and sum(run["accept_lengths"]) == run["new_tokens"]
             assert len(run["accept_lengths"]) == run["decoding_steps"]  # streamer commits vs hook-counted forwards
     spec_files = sorted(p for p in spec.iterdir() if p.name != ".kangaroo-written")  # bench's list of its files
@@ -377,7 +379,7 @@ def test_peers_and_spec_bench_answer_files(tiny_dirs, tmp_path, capsys):
     by_id = {a["question_id"]: a for a in answers}
     pld4 = [json.loads(line) for line in (spec / f"{ids['pld-4']}.jsonl").read_text().splitlines()]
     assert [r["choices"][0]["accept_lengths"] for r in pld4] == [
-        by_id[r["question_id"]]["peers"]["pld-4"]["accept_lengths"] for r in pld4
+        by_id[r["question_id"]]["decoders"]["pld-4"]["accept_lengths"] for r in pld4
     ]
 
     capsys.readouterr()
@@ -406,3 +408,69 @@ def test_prompt_lookup_peer_records_what_each_forward_committed():
     assert sum(run.accept_lengths) == 40 and len(run.accept_lengths) == run.decoding_steps
     assert max(run.accept_lengths) == 5  # 4 copied tokens accepted + the verifier's own next token
     assert run.decoding_steps < 40 and run.wall_time > 0
+
+
+# ---- answers of bench's earlier schema (kangaroo at the top level, tree and peers under keys, vanilla_* fields) ------
+
+EARLIER = Path(__file__).resolve().parents[1] / "benchmarks" / "spec_bench_60_peers"
+
+
+def earlier_schema(record: dict) -> dict:
+    """A record as bench wrote it before every decoder was one: written out by hand, field by field."""
+    decoders = record["decoders"]
+    old = {k: record[k] for k in ("question_id", "category", "source_category", "prompt_sha256")}
+    old.update(decoders["kangaroo"])
+    if "kangaroo-tree" in decoders:
+        old["tree"] = decoders["kangaroo-tree"]
+    peers = {k: v for k, v in decoders.items() if k not in ("vanilla", "kangaroo", "kangaroo-tree")}
+    if peers:
+        old["peers"] = peers
+    vanilla = decoders["vanilla"]
+    old.update(vanilla_turns=vanilla["turns"], vanilla_new_tokens=vanilla["new_tokens"])
+    old.update(vanilla_wall_time=vanilla["wall_time"], tstamp=record["tstamp"])
+    return old
+
+
+def test_a_results_directory_of_the_earlier_schema_reads_as_it_was_summarized():
+    """benchmarks/spec_bench_60_peers was written by the earlier bench: its answers, converted, give back the
+    speedups, τ and identity its results.json holds, for kangaroo and for each peer."""
+    from kangaroo_infer.bench import summarize, upgrade_record
+
+    lines = (EARLIER / "answers.jsonl").read_text().splitlines()
+    records = [upgrade_record(json.loads(line)) for line in lines]
+    saved = json.loads((EARLIER / "results.json").read_text())
+    assert "decoders" not in json.loads(lines[0]) and len(records) == saved["overall"]["questions"]
+    assert set(records[0]["decoders"]) == {"vanilla", "kangaroo", *saved["peers"]}
+    for name, table in [("kangaroo", saved), *saved["peers"].items()]:
+        now = summarize(records, name)
+        for key in ("speedup", "tau", "vanilla_tokens_per_s", "identical", "questions"):
+            assert now[key] == pytest.approx(table["overall"][key]), (name, key)
+    vanilla = records[0]["decoders"]["vanilla"]
+    assert vanilla["accept_lengths"] == [1] * vanilla["new_tokens"] == [1] * vanilla["decoding_steps"]
+    assert vanilla["turns"] == json.loads(lines[0])["vanilla_turns"] and vanilla["identical"] is True
+
+
+def test_records_that_are_not_bench_answers_are_refused_not_guessed_at():
+    from kangaroo_infer.bench import upgrade_record
+
+    for bad in ([1, 2], {"question_id": 1, "category": "qa"}, {"turns": ["x"]}, {"category": "qa", "turns": "x"}):
+        with pytest.raises(ValueError, match="not a bench answer record"):
+            upgrade_record(bad)
+    oldest = {"question_id": 1, "category": "qa", "turns": ["x"], "new_tokens": 2, "identical": True}
+    assert upgrade_record(oldest)["decoders"]["vanilla"] == {"turns": ["x"], "new_tokens": 2, "identical": True}
+    sampled = upgrade_record({**oldest, "identical": None})["decoders"]["vanilla"]
+    assert sampled == {"identical": None}  # no greedy answer of the base in a sampled record
+
+
+def test_resume_keeps_answers_of_the_earlier_schema(finished):
+    """An --out directory whose answers.jsonl the earlier bench wrote: --resume keeps them (converted, nothing
+    decoded again) and decodes only the missing questions."""
+    out, base, _ = finished
+    records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    write_jsonl(out / "answers.jsonl", [earlier_schema(r) for r in records[:2]])
+    assert cli.main(["bench", *base, "--num-questions", "1", "--resume", "--out", str(out)]) == 0
+    now = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert now[:2] == records[:2]  # converted back to exactly what was decoded (wall times included)
+    assert now[2]["question_id"] == records[2]["question_id"] and now[2]["tstamp"] != records[2]["tstamp"]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["config"]["resumed_questions"] == 2 and summary["overall"]["questions"] == 3

@@ -202,10 +202,12 @@ def test_cli_on_a_bench_answers_file(tiny_dirs, tmp_path):
     questions = load_questions(questions_file)
     bench.bench(km, tokenizer, questions, tmp_path / "b", max_new_tokens=12, warmup=0, profile=False, progress=False)
     records = [json.loads(line) for line in (tmp_path / "b" / "answers.jsonl").read_text().splitlines()]
-    assert all(r["identical"] for r in records)
-    records[0]["identical"] = None  # as a sampled run writes
-    del records[1]["vanilla_turns"]  # as an older bench wrote: only identical records hold the greedy answer
-    records[1]["identical"] = False
+    assert all(run["identical"] for r in records for run in r["decoders"].values())
+    for run in records[0]["decoders"].values():
+        run["identical"] = None  # as a sampled run writes
+    kangaroo = records[1]["decoders"]["kangaroo"]  # as an older bench wrote: kangaroo's run at the top level, and
+    records[1] = {"question_id": records[1]["question_id"], "category": records[1]["category"], **kangaroo}
+    records[1]["identical"] = False  # no vanilla_turns: only identical records hold the greedy answer
     answers_file = write_jsonl(tmp_path / "answers.jsonl", records)
     out = tmp_path / "eval.json"
     result = run_cli(
