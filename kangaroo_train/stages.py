@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -28,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from .adapter_setup import training_adapter
 from .checkpoint import check_resumable, last_checkpoint
 from .launch import Launch, external_launch, is_main_process, wait_for
+from .shards import sha256_json
 from .train import container, generation_defaults, instantiate, instantiate_group, stages_to_run, validate_config
 
 log = logging.getLogger("kangaroo_train")
@@ -71,34 +70,6 @@ def prepare_base(cfg: DictConfig) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def stage_data(cfg: DictConfig, base_name: str, launch: Launch):
-    """Tokenized (train, val) datasets; rank 0 builds them first under an external launcher."""
-    from kangaroo_infer.base import load_tokenizer
-
-    from .data import build_datasets
-
-    data_dir = Path(cfg.paths.data_dir)
-    marker = data_dir / f".ready-{_short_hash([container(cfg.data), base_name])}"
-    if launch.rank != 0 and not marker.exists():
-        wait_for(marker.exists, f"rank 0 to tokenize the data into {data_dir}", cfg.wait_timeout_minutes)
-    tokenizer = load_tokenizer(base_name)
-    train_set, val_set = build_datasets(cfg.data, tokenizer, data_dir)
-    if len(train_set) == 0:
-        raise ValueError(
-            f"The training split of data.source={cfg.data.source!r} is empty; use more conversations "
-            f"(data.num_conversations) or a smaller data.val_fraction."
-        )
-    if len(val_set) == 0:
-        raise ValueError(
-            f"The held-out split of data.source={cfg.data.source!r} is empty; raise data.val_fraction or "
-            f"data.num_conversations."
-        )
-    if launch.rank == 0:
-        marker.touch()
-    log.info("data: %d training / %d held-out sequences (%s)", len(train_set), len(val_set), data_dir)
-    return train_set, val_set, tokenizer
-
-
 def stage_distill(cfg: DictConfig, base_name: str, launch: Launch) -> DictConfig:
     """Regenerate the training conversations' answers with the frozen base (this rank's shards, then wait for the
     others); returns the config whose data stage tokenizes them (``cfg`` itself with distill=none)."""
@@ -120,8 +91,32 @@ def stage_distill(cfg: DictConfig, base_name: str, launch: Launch) -> DictConfig
     return distilled_data_config(cfg, distilled)
 
 
-def _short_hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+def stage_data(cfg: DictConfig, base_name: str, launch: Launch):
+    """Tokenized (train, val) datasets; rank 0 builds them first under an external launcher."""
+    from kangaroo_infer.base import load_tokenizer
+
+    from .data import build_datasets
+
+    data_dir = Path(cfg.paths.data_dir)
+    marker = data_dir / f".ready-{sha256_json([container(cfg.data), base_name])[:16]}"
+    if launch.rank != 0 and not marker.exists():
+        wait_for(marker.exists, f"rank 0 to tokenize the data into {data_dir}", cfg.wait_timeout_minutes)
+    tokenizer = load_tokenizer(base_name)
+    train_set, val_set = build_datasets(cfg.data, tokenizer, data_dir)
+    if len(train_set) == 0:
+        raise ValueError(
+            f"The training split of data.source={cfg.data.source!r} is empty; use more conversations "
+            f"(data.num_conversations) or a smaller data.val_fraction."
+        )
+    if len(val_set) == 0:
+        raise ValueError(
+            f"The held-out split of data.source={cfg.data.source!r} is empty; raise data.val_fraction or "
+            f"data.num_conversations."
+        )
+    if launch.rank == 0:
+        marker.touch()
+    log.info("data: %d training / %d held-out sequences (%s)", len(train_set), len(val_set), data_dir)
+    return train_set, val_set, tokenizer
 
 
 def feature_caches(cfg: DictConfig, base_name: str, train_set, val_set) -> dict[str, Any]:
