@@ -43,7 +43,6 @@ STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32
 OWNER = "feature cache"  # the writer named in cache.dir's written list (kangaroo_infer.base.claim_directory)
 CACHE_FORMAT = "kangaroo-feature-cache"
 CACHE_FORMAT_VERSION = 2  # 2: a CRC-32 of every sample's data in its shard's header
-IDENTITY_FIELDS = ("format", "format_version", "base_fingerprint", "exit_layer", "dtype", "data_hash", "shard_size")
 FIELDS = ("input_ids", "loss_mask", "exit_states", "final_states")
 
 
@@ -143,7 +142,7 @@ class FeatureCache(ShardedDirectory):
     OWNER = OWNER
     KEY_FIELD = "cache_key"  # in the manifest and in every shard's header metadata
     SUFFIX = ".safetensors"
-    OTHER = "another cache (base, exit layer, dtype or data)"
+    OTHER = "another cache (base, exit layer, dtypes or data)"
     ON_DISK = "cache"
     STALE = (
         "Feature cache {directory} is stale: its {fields} {differ} ({detail}). Delete the directory {directory} or "
@@ -159,15 +158,18 @@ class FeatureCache(ShardedDirectory):
         dtype: str = "bfloat16",
         data_hash: str,
         shard_size: int = 256,
+        base_dtype: str = "float32",
     ) -> None:
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"Feature cache dtype {dtype!r} is not supported; use one of {list(STORAGE_DTYPES)}.")
+        for name, value in (("dtype", dtype), ("base dtype", base_dtype)):
+            if value not in STORAGE_DTYPES:
+                raise ValueError(f"Feature cache {name} {value!r} is not supported; use one of {list(STORAGE_DTYPES)}.")
         identity: dict[str, Any] = {
             "format": CACHE_FORMAT,
             "format_version": CACHE_FORMAT_VERSION,
             "base_fingerprint": json.loads(json.dumps(fingerprint)),  # as it reads back from JSON
             "exit_layer": exit_layer,
             "dtype": dtype,
+            "base_dtype": base_dtype,  # the dtype the frozen base computes in: fp32 and bf16 features differ
             "data_hash": data_hash,
             "shard_size": shard_size,
         }
@@ -216,6 +218,12 @@ class FeatureCache(ShardedDirectory):
             raise ValueError(
                 "The base model passed to FeatureCache.build is not the one whose fingerprint the cache was created "
                 "with; pass kangaroo_infer.base_fingerprint(base.config) of the same base."
+            )
+        if base.dtype != STORAGE_DTYPES[self.identity["base_dtype"]]:
+            raise ValueError(
+                f"The base passed to FeatureCache.build computes in {str(base.dtype).removeprefix('torch.')}, but the "
+                f"cache is for features computed in {self.identity['base_dtype']}; load the base in that dtype "
+                f"(model.dtype) or create the cache with base_dtype={str(base.dtype).removeprefix('torch.')!r}."
             )
         if compute_data_hash(dataset) != self.data_hash:
             raise ValueError(

@@ -120,7 +120,8 @@ def stage_data(cfg: DictConfig, base_name: str, launch: Launch):
 
 
 def feature_caches(cfg: DictConfig, base_name: str, train_set, val_set) -> dict[str, Any]:
-    """The FeatureCache of each split, identified by base fingerprint, exit layer, dtype and data."""
+    """The FeatureCache of each split, identified by base fingerprint, exit layer, dtypes (stored, and the base's
+    compute dtype) and data."""
     from transformers import AutoConfig
 
     from kangaroo_infer.adapter import base_fingerprint
@@ -136,6 +137,7 @@ def feature_caches(cfg: DictConfig, base_name: str, train_set, val_set) -> dict[
             fingerprint=fingerprint,
             exit_layer=cfg.model.exit_layer,
             dtype=cfg.cache.dtype,
+            base_dtype=cfg.model.dtype,
             data_hash=data_hash(dataset),
             shard_size=cfg.cache.shard_size,
         )

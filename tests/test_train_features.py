@@ -3,6 +3,7 @@ trip, resume, staleness, corruption, several ranks) and collation."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -191,6 +192,7 @@ def test_stale_cache_names_the_field(tmp_path, base):
         ({"fingerprint": other_fingerprint}, r"base_fingerprint differs \(hidden_size: cache 64 vs run 128\)"),
         ({"exit_layer": 1}, r"exit_layer differs \(cache 2 vs run 1\)"),
         ({"dtype": "bfloat16"}, r"dtype differs \(cache 'float32' vs run 'bfloat16'\)"),
+        ({"base_dtype": "bfloat16"}, r"base_dtype differs \(cache 'float32' vs run 'bfloat16'\)"),
         ({"data_hash": "0" * 64}, r"data_hash differs"),
     ]:
         stale = make_cache(tmp_path, base, dataset, **overrides)
@@ -212,6 +214,8 @@ def test_build_refuses_another_base_or_dataset(tmp_path, base):
         cache.build(base, token_dataset(4, seed=1), progress=False)
     with pytest.raises(ValueError, match="not the one whose fingerprint"):
         cache.build(tiny_model("llama", layers=3), dataset, progress=False)
+    with pytest.raises(ValueError, match=r"computes in bfloat16, but the cache is for features computed in float32"):
+        cache.build(copy.deepcopy(base).to(torch.bfloat16), dataset, progress=False)
 
 
 def test_corrupt_shard_names_the_file_and_is_rebuilt(tmp_path, base):
