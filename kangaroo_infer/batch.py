@@ -14,7 +14,8 @@ finished leave the batch in the same gather. When every row kept the same number
 gather is a plain slice. The adapter's cache uses the same slots as the base cache: at verification the adapter also
 reads the newest token's exit state (its output is not needed), so the same gather applies to every cache.
 
-Rounds. One scheduler (``scheduler.py``) decides for the whole batch, from the batch round's measured cost and every
+Rounds. The loop is the one of a single prompt (``rounds.decode``); ``BatchRows`` is the engine it drives for a
+batch. One scheduler (``scheduler.py``) decides for the whole batch, from the batch round's measured cost and every
 row's acceptance: the adapter drafts k tokens in lockstep (a row stops counting its drafts after a draft below η or
 an end-of-sequence draft; its later drafts are computed alongside the others but never verified), or every row
 proposes its own lookup copy (``lookup.py``, one index per row; a row without a match proposes nothing), or the
@@ -24,18 +25,15 @@ round is a plain batched step when drafting does not pay. Acceptance is the same
 
 from __future__ import annotations
 
-import time
-
 import torch
 from transformers import DynamicCache
 
-from .accept import accept, cut_at_eos
+from .accept import accept
 from .arch import Backbone, PaddedRows
 from .lookup import Lookup
-from .outputs import GenerateOutput
 from .proposal import ADAPTER, LOOKUP
-from .sample import SamplingConfig, draw, full_vocab_logits, make_generator, process
-from .scheduler import PLAIN, Scheduler
+from .rounds import RoundResult
+from .sample import SamplingConfig, draw, full_vocab_logits, process
 from .settings import GenerationSettings
 
 
@@ -51,18 +49,91 @@ def slot_positions(pad: torch.Tensor, start: int, q: int) -> torch.Tensor:  # [b
     return ((start + torch.arange(q, device=pad.device))[None, :] - pad[:, None]).clamp_min(0)
 
 
-class BatchDecoder:
-    """The caches of a batch and the batched forward pieces; rows are the batch's still-active rows."""
+class BatchRows:
+    """A batch under the round loop (``rounds.Rows``): its caches, the batched forward pieces, a lookup index per
+    row. Rows are the batch's still-active rows, in order."""
 
-    def __init__(self, km, pad: torch.Tensor):
+    def __init__(
+        self,
+        km,
+        input_ids: torch.Tensor,  # [B, T] left-padded, validated
+        pad: torch.Tensor,  # [B] left padding of each row
+        settings: GenerationSettings,
+        generator: torch.Generator | None,
+    ):
         self.backbone: Backbone = km.backbone
         self.adapter = km.adapter
         self.head = km.draft_head
         self.exit_layer: int = km.exit_layer
         self.vocab_size: int = km.backbone.lm_head.weight.shape[0]
+        self.settings, self.generator = settings, generator
+        device = km.backbone.embed_tokens.weight.device
+        self.input_ids = input_ids.to(device=device, dtype=torch.long)
+        self.pad = pad.to(device)  # [b]
+        self.pad_id = pad_token_id(km)
+        self.eos = torch.tensor(sorted(settings.eos_ids), dtype=torch.long, device=device)  # [e]
         self.base = DynamicCache()
         self.adapter_cache = DynamicCache()
-        self.pad = pad  # [b]
+        self.lookups: list[Lookup] | None = None
+        if settings.lookup_tokens:
+            s = settings
+            prompts = [self.input_ids[row, int(self.pad[row]) :].tolist() for row in range(input_ids.shape[0])]
+            self.lookups = [Lookup(p, s.lookup_tokens, s.lookup_min_ngram, s.lookup_max_ngram) for p in prompts]
+        self.active = list(range(input_ids.shape[0]))  # original index of each row in the caches
+        self._round: tuple | None = None  # what propose left for verify
+        self._length = 0  # slots of every row before the round
+        self._accepted = torch.zeros(0)  # [b] accepted drafts of each row in the last round
+
+    @property
+    def scheduler_drafters(self) -> tuple[dict[str, bool], None]:
+        return {ADAPTER: False, LOOKUP: True}, None
+
+    def offer(self, limits: list[int]) -> dict[str, int]:
+        offers = {ADAPTER: min(self.settings.max_draft_steps, max(limits))}
+        if self.lookups is not None:
+            offers[LOOKUP] = max(self.lookups[row].offer(limit) for row, limit in zip(self.active, limits, strict=True))
+        return offers
+
+    def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None:
+        s, device = self.settings, self.input_ids.device
+        self._length = self.base.get_seq_length(0)  # slots of every row before the round
+        last_t = torch.tensor(last, dtype=torch.long, device=device)  # [b]
+        if name == LOOKUP:
+            copies = [self.lookups[row].propose(token, k).tokens for row, token in zip(self.active, last, strict=True)]
+            counted = torch.tensor([len(c) for c in copies], device=device)
+            drafts = torch.tensor([(c + [0] * k)[:k] for c in copies], dtype=torch.long, device=device)  # [b, k]
+            self._round = (name, last_t, drafts, counted, None, None)
+        else:
+            caps = torch.tensor([min(k, limit) for limit in limits], device=device)  # [b]
+            drafts, counted, q, exits = self.draft(last_t, caps, s.threshold, self.eos, s.sampling, self.generator)
+            self._round = (name, last_t, drafts, counted, q, exits)
+
+    def verify(self) -> RoundResult:
+        name, last, drafts, counted, q, exits = self._round
+        if name == LOOKUP:
+            logits = self.verify_copies(last, drafts)  # [b, k + 1, V]
+        else:
+            logits = self.verify_drafts(last, drafts, exits)  # [b, k + 1, V]
+        accepted, next_tokens = accept(drafts, counted, logits, self.settings.sampling, q, self.generator)
+        self._accepted = accepted  # [b]
+        width, counted_l, accepted_l = drafts.shape[1], counted.tolist(), accepted.tolist()
+        tokens = [drafts[i, :n].tolist() + [int(next_tokens[i])] for i, n in enumerate(accepted_l)]
+        return RoundResult(width, width, list(zip(counted_l, accepted_l, strict=True)), counted_l, tokens)
+
+    def observe(self, row: int, committed: list[int]) -> None:
+        if self.lookups is not None:
+            self.lookups[self.active[row]].observe(committed)
+
+    def keep(self, still: list[int], result: RoundResult | None) -> None:
+        """Keep the active rows ``still``: after a round, each with its last committed token and accepted drafts;
+        right after the prefill (``result`` None), as prefilled."""
+        keep = torch.tensor(still, device=self.input_ids.device)
+        if result is None:
+            ends = torch.full((len(still),), self.base.get_seq_length(0), device=keep.device)
+        else:
+            ends = (self._length + self._accepted + 1)[keep]  # the last committed token + the accepted drafts
+        self.realign(keep, ends)
+        self.active = [self.active[i] for i in still]
 
     def run_layers(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:  # [b, q, H] -> [b, q, H]
         """Decoder layers [start, end) over q new slots appended after each layer's cached slots."""
@@ -84,11 +155,12 @@ class BatchDecoder:
         mask = PaddedRows(self.pad).bias(slots, past, None, states.dtype, self.backbone.eager)
         return self.adapter(states, position_embeddings=pe, attention_mask=mask, cache=self.adapter_cache)
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:  # [b, T] left-padded -> last logits [b, V]
+    def prefill(self) -> torch.Tensor:  # last logits of each left-padded prompt [B, V]
         """Each prompt's prefill alone (``Backbone.prefill``, as its own ``generate`` computes it: a padded batch
         pass would round rows differently, and computes the padding), then its keys and values left-padded into
         the batch cache; the adapter reads the prompts' exit states now, so its slots match the base cache's."""
-        backbone, width = self.backbone, input_ids.shape[1]
+        backbone, input_ids = self.backbone, self.input_ids
+        width = input_ids.shape[1]
         logits, exits, caches = [], [], []
         for row in range(input_ids.shape[0]):
             cache = DynamicCache()
@@ -144,7 +216,7 @@ class BatchDecoder:
             q_all = torch.stack(qs, dim=1) if qs else torch.zeros(b, 0, self.vocab_size, device=last.device)
         return draft_tokens, counted, q_all, exits
 
-    def verify(self, last: torch.Tensor, drafts: torch.Tensor, exits: list[torch.Tensor]) -> torch.Tensor:
+    def verify_drafts(self, last: torch.Tensor, drafts: torch.Tensor, exits: list[torch.Tensor]) -> torch.Tensor:
         """Shallow pass of the newest token, then the deep layers over all k + 1 round slots: logits [b, k + 1, V]."""
         newest = drafts[:, -1] if drafts.shape[1] else last
         exit_state = self.shallow(newest[:, None])  # [b, 1, H]
@@ -191,102 +263,3 @@ def pad_token_id(km) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-@torch.inference_mode()
-def decode_batch(
-    km,  # KangarooModel
-    input_ids: torch.Tensor,  # [B, T], left-padded, validated
-    pad: torch.Tensor,  # [B] left padding of each row
-    settings: GenerationSettings,
-) -> GenerateOutput:
-    """Decode a batch; rows finish independently. Returns ``GenerateOutput`` with sequences [B, T + n_max] (rows
-    padded with the pad token after they finish) and per-row lists of accept and draft lengths and lookup rounds."""
-    s, cfg = settings, settings.sampling
-    eos_ids = s.eos_ids
-    device = km.backbone.embed_tokens.weight.device
-    input_ids, pad = input_ids.to(device=device, dtype=torch.long), pad.to(device)
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-    batch = input_ids.shape[0]
-    timed = cfg.greedy  # sampling: a timing-free schedule keeps seeds reproducible
-    scheduler = Scheduler.create(s.policy, {ADAPTER: False, LOOKUP: True}, timed=timed)
-    generator = None if cfg.greedy else make_generator(s.seed, device)
-    decoder = BatchDecoder(km, pad)
-    lookups = None
-    if s.lookup_tokens:
-        rows = [input_ids[row, int(pad[row]) :].tolist() for row in range(batch)]
-        lookups = [Lookup(tokens, s.lookup_tokens, s.lookup_min_ngram, s.lookup_max_ngram) for tokens in rows]
-
-    t0 = time.perf_counter()
-    logits = decoder.prefill(input_ids)  # [B, V]
-    last = logits.argmax(dim=-1) if cfg.greedy else draw(process(logits, cfg), generator)  # [B]
-    t1 = time.perf_counter()
-    new_tokens = [[token] for token in last.tolist()]
-    accept_lengths: list[list[int]] = [[1] for _ in range(batch)]
-    draft_lengths: list[list[int]] = [[] for _ in range(batch)]
-    lookup_rounds: list[list[int]] = [[] for _ in range(batch)]
-    if lookups is not None:
-        for row, tokens in enumerate(new_tokens):
-            lookups[row].observe(tokens)
-
-    def running(row: int) -> bool:
-        return new_tokens[row][-1] not in eos_ids and len(new_tokens[row]) < s.max_new_tokens
-
-    active = [row for row in range(batch) if running(row)]  # original index of each row still in the caches
-    if 0 < len(active) < batch:
-        keep = torch.tensor(active, device=device)
-        decoder.realign(keep, torch.full((len(active),), input_ids.shape[1], device=device))
-        last = last[keep]
-    while active:
-        length = decoder.base.get_seq_length(0)  # S: slots of every row before this round
-        limits = [s.max_new_tokens - len(new_tokens[row]) - 1 for row in active]  # most drafts each row may count
-        offers = {ADAPTER: min(s.max_draft_steps, max(limits))}
-        if lookups is not None:
-            offers[LOOKUP] = max(lookups[row].offer(limits[i]) for i, row in enumerate(active))
-        start = time.perf_counter()
-        drafter, k = scheduler.choose(offers)
-        caps = torch.tensor([min(k, limit) for limit in limits], device=device)  # [b]
-        q = None
-        if drafter == LOOKUP:
-            copies = [lookups[row].propose(int(last[i]), k).tokens for i, row in enumerate(active)]
-            counted = torch.tensor([len(c) for c in copies], device=device)
-            drafts = torch.tensor([(c[:k] + [0] * k)[:k] for c in copies], dtype=torch.long, device=device)  # [b, k]
-            drafted_at = time.perf_counter()
-            logits = decoder.verify_copies(last, drafts)  # [b, k + 1, V]
-        else:
-            drafts, counted, q, exits = decoder.draft(last, caps, s.threshold, eos, cfg, generator)  # [b, k], [b]
-            drafted_at = time.perf_counter()
-            logits = decoder.verify(last, drafts, exits)  # [b, k + 1, V]
-        accepted, next_tokens = accept(drafts, counted, logits, cfg, q, generator)
-        width = drafts.shape[1]
-        if timed:
-            costs = drafted_at - start, time.perf_counter() - drafted_at
-        else:
-            costs = scheduler.nominal_costs(drafter, width)
-        outcomes = [(int(counted[i]), int(accepted[i])) for i in range(len(active))]
-        scheduler.observe_rows(drafter if width else PLAIN, width, outcomes, *costs)
-
-        for i, row in enumerate(active):
-            n, drafted = outcomes[i][1], outcomes[i][0]
-            committed = cut_at_eos(drafts[i, :n].tolist() + [int(next_tokens[i])], eos_ids)
-            new_tokens[row].extend(committed)
-            if lookups is not None:
-                lookups[row].observe(committed)
-            if drafter == LOOKUP and drafted:
-                lookup_rounds[row].append(len(draft_lengths[row]))
-            accept_lengths[row].append(len(committed))
-            draft_lengths[row].append(drafted)
-        still = [i for i, row in enumerate(active) if running(row)]
-        if not still:
-            break
-        keep = torch.tensor(still, device=device)
-        decoder.realign(keep, (length + accepted + 1)[keep])  # keep the last committed token + accepted drafts
-        active = [active[i] for i in still]
-        last = next_tokens[keep]
-
-    n_max = max(len(tokens) for tokens in new_tokens)
-    out = torch.full((batch, n_max), pad_token_id(km), dtype=torch.long, device=device)
-    for row, tokens in enumerate(new_tokens):
-        out[row, : len(tokens)] = torch.tensor(tokens, device=device)
-    sequences = torch.cat([input_ids, out], dim=1)
-    return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1, lookup_rounds)

@@ -11,13 +11,14 @@ from transformers import PreTrainedModel
 from .adapter import INITS, KangarooAdapter, check_exit_layer, read_adapter_config
 from .arch import Backbone
 from .base import kangaroo_home, load_base
-from .batch import decode_batch
+from .batch import BatchRows
 from .cache import KangarooCache
 from .draft import DraftHead, adapter_logits, shallow_step
 from .dtype import AUTO, resolve_dtype
 from .invariance import RowInvariance
 from .outputs import GenerateOutput
-from .rounds import decode
+from .rounds import PromptRows, decode
+from .sample import make_generator
 from .scheduler import PolicyConfig
 from .settings import (
     DEFAULT_GENERATION,
@@ -194,9 +195,15 @@ class KangarooModel:
             pad = prompt_padding(input_ids, attention_mask)
             for row in range(input_ids.shape[0]):
                 settings.check_prompt(input_ids[row : row + 1, int(pad[row]) :], self.limits)
-            return decode_batch(self, input_ids, pad, settings)
-        settings.check_prompt(input_ids, self.limits)
-        return decode(self, input_ids, settings, streamer)
+        else:
+            settings.check_prompt(input_ids, self.limits)
+        device = self.backbone.embed_tokens.weight.device
+        generator = None if settings.sampling.greedy else make_generator(settings.seed, device)
+        if batched:
+            rows = BatchRows(self, input_ids, pad, settings, generator)
+        else:
+            rows = PromptRows(self, input_ids, settings, generator)
+        return decode(rows, settings, generator, batched, streamer)
 
     def prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [1, T] -> [V]
         """All layers over the prompt into ``cache``; the adapter will read the prompt's exit states with its first

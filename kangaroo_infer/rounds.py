@@ -1,20 +1,25 @@
-"""The decoding loop of one prompt: every round has one shape, whatever drafts and however it samples.
+"""The decoding loop, one for a prompt and for a batch: every round has one shape, whatever drafts and however it
+samples.
 
-    name, k      = scheduler.choose(offers)        # offers: each drafter's ``offer``; (PLAIN, 0): a plain step
-    proposal     = drafters[name].propose(last, k) # tokens (+ q for sampled drafts, + the tree for a tree)
-    logits       = verifier.logits(proposal)       # the deep layers once over last token + proposal   [k + 1, V]
-    path, next   = accept(proposal, logits)        # greedy = the one-hot case of the sampling rule
-    verifier.keep(path)                            # every cache rolled back to (or gathered at) the kept tokens
-    committed    = cut_at_eos(proposal[path] + [next])
-    scheduler.observe(name, k, n, costs); each drafter observes ``committed``
+    offers       = rows.offer(limits)              # what each drafter could propose now, by name
+    name, k      = scheduler.choose(offers)        # (PLAIN, 0): a plain step
+    rows.propose(name, k, last)                    # the drafter's proposal (tokens, + q sampled, + a tree)
+    result       = rows.verify()                   # the deep layers once over it, the acceptance rule, the rollback
+    scheduler.observe_rows(name, steps, outcomes, costs)
+    committed    = cut_at_eos(result.tokens[row]); rows.observe(row, committed)   # each row; drafters hear it too
+    rows.keep(still_running)                       # finished rows leave (a batch realigns its caches)
 
-The drafters (``proposal.Drafter``): the adapter's chain (``draft.AdapterChain``) or tree (``tree.AdapterTree``),
-prompt lookup (``lookup.Lookup``), and the plain step (``proposal.NoDraft``).
+``rows`` is the engine behind the loop: ``PromptRows`` (here) for one prompt, whose drafters are the adapter's chain
+(``draft.AdapterChain``) or tree (``tree.AdapterTree``) and prompt lookup (``lookup.Lookup``), verified by
+``verify.Verifier``; ``batch.BatchRows`` for a left-padded batch (lockstep adapter drafts, per-row lookup, per-row
+cache realignment). The scheduler, the acceptance rule and the EOS cut are the same for both.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -23,12 +28,39 @@ from .cache import KangarooCache
 from .draft import AdapterChain, DraftPick
 from .lookup import Lookup
 from .outputs import GenerateOutput
-from .proposal import Drafter, NoDraft
-from .sample import draw, make_generator, process
+from .proposal import LOOKUP, Drafter, NoDraft, Proposal
+from .sample import draw, process
 from .scheduler import PLAIN, Scheduler
 from .settings import GenerationSettings
 from .tree import AdapterTree
 from .verify import Verifier
+
+
+@dataclass
+class RoundResult:
+    """What a round verified and kept, per active row."""
+
+    steps: int  # draft steps the round took (a chain's length, a tree's depth; a batch: the lockstep width)
+    verified: int  # tokens it verified per row after the last committed one
+    outcomes: list[tuple[int, int]]  # per row: (draft steps that counted, of them accepted), for the scheduler
+    drafted: list[int]  # per row: draft tokens that counted (a tree: its nodes)
+    tokens: list[list[int]]  # per row: accepted drafts + the full model's next token (before the EOS cut)
+
+
+class Rows(Protocol):
+    """The engine the loop drives: one prompt or a batch of them."""
+
+    input_ids: torch.Tensor  # [B, T] the prompts (a batch: left-padded), on the model's device
+    pad_id: int  # what fills a finished row of a batch's sequences
+
+    @property
+    def scheduler_drafters(self) -> tuple[dict[str, bool], dict[str, tuple[int, int]] | None]: ...  # free, fanout
+    def prefill(self) -> torch.Tensor: ...  # logits after each prompt [B, V]
+    def offer(self, limits: list[int]) -> dict[str, int]: ...  # limits: most drafts each active row may take
+    def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None: ...
+    def verify(self) -> RoundResult: ...
+    def observe(self, row: int, committed: list[int]) -> None: ...  # row: index among the active rows
+    def keep(self, still: list[int], result: RoundResult | None) -> None: ...  # active rows still running, in order
 
 
 def first_token(logits: torch.Tensor, settings: GenerationSettings, generator) -> torch.Tensor:  # [B, V] -> [B]
@@ -38,10 +70,9 @@ def first_token(logits: torch.Tensor, settings: GenerationSettings, generator) -
     return draw(process(logits, settings.sampling), generator)
 
 
-def make_drafters(km, input_ids: torch.Tensor, settings: GenerationSettings, cache: KangarooCache, generator):
-    """The drafters one prompt's rounds choose from (by name), and the plain step."""
+def make_drafters(km, prompt: list[int], settings: GenerationSettings, cache: KangarooCache, generator):
+    """The drafters one prompt's rounds choose from, by name."""
     s, backbone = settings, km.backbone
-    drafters: list[Drafter] = []
     if s.tree:
         adapter = AdapterTree(
             backbone, km.adapter, km.draft_head, cache, s.max_draft_steps, s.tree_top_k, s.tree_max_nodes,
@@ -50,66 +81,125 @@ def make_drafters(km, input_ids: torch.Tensor, settings: GenerationSettings, cac
     else:
         pick = DraftPick(km.draft_head, s.sampling, backbone.lm_head.weight.shape[0], generator)
         adapter = AdapterChain(backbone, km.adapter, pick, cache, s.max_draft_steps, s.threshold, s.eos_ids)
-    drafters.append(adapter)
+    drafters: list[Drafter] = [adapter]
     if s.lookup_tokens:
-        drafters.append(Lookup(input_ids[0].tolist(), s.lookup_tokens, s.lookup_min_ngram, s.lookup_max_ngram))
+        drafters.append(Lookup(prompt, s.lookup_tokens, s.lookup_min_ngram, s.lookup_max_ngram))
     return {d.name: d for d in drafters}
 
 
-def decode(km, input_ids: torch.Tensor, settings: GenerationSettings, streamer=None) -> GenerateOutput:
-    """Decode one prompt ([1, T], already validated) with a ``KangarooModel``."""
-    s = settings
-    backbone = km.backbone
-    device = backbone.embed_tokens.weight.device
-    input_ids = input_ids.to(device=device, dtype=torch.long)
-    generator = None if s.sampling.greedy else make_generator(s.seed, device)
-    cache = KangarooCache(km.exit_layer, backbone.num_layers)
-    verifier = Verifier(backbone, km.exit_layer, cache)
-    drafters = make_drafters(km, input_ids, s, cache, generator)
-    plain = NoDraft()
-    timed = s.sampling.greedy  # a timing-driven schedule would make a seed's output depend on the machine's load
-    fanout = {name: d.fanout for name, d in drafters.items() if d.fanout is not None}
-    free = {name: d.free for name, d in drafters.items()}
-    scheduler = Scheduler.create(s.policy, free, timed=timed, fanout=fanout or None)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+class PromptRows:
+    """One prompt under the loop: its caches, its drafters, the verifier."""
 
-    t0 = time.perf_counter()
-    new_tokens = first_token(km.prefill(input_ids, cache)[None], s, generator).tolist()
-    t1 = time.perf_counter()
-    for drafter in drafters.values():
-        drafter.observe(new_tokens)
-    accept_lengths, draft_lengths, lookup_rounds = [1], [], []
+    pad_id = 0  # unused: one prompt's sequences are never padded
+
+    def __init__(self, km, input_ids: torch.Tensor, settings: GenerationSettings, generator):  # input_ids [1, T]
+        device = km.backbone.embed_tokens.weight.device
+        self.km, self.settings, self.generator = km, settings, generator
+        self.input_ids = input_ids.to(device=device, dtype=torch.long)
+        self.cache = KangarooCache(km.exit_layer, km.backbone.num_layers)
+        self.verifier = Verifier(km.backbone, km.exit_layer, self.cache)
+        self.drafters = make_drafters(km, input_ids[0].tolist(), settings, self.cache, generator)
+        self.plain = NoDraft()
+        self.proposal, self.last = Proposal([]), 0
+
+    @property
+    def scheduler_drafters(self) -> tuple[dict[str, bool], dict[str, tuple[int, int]] | None]:
+        fanout = {name: d.fanout for name, d in self.drafters.items() if d.fanout is not None}
+        return {name: d.free for name, d in self.drafters.items()}, fanout or None
+
+    def prefill(self) -> torch.Tensor:  # [1, V]
+        return self.km.prefill(self.input_ids, self.cache)[None]
+
+    def offer(self, limits: list[int]) -> dict[str, int]:
+        return {name: drafter.offer(limits[0]) for name, drafter in self.drafters.items()}
+
+    def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None:
+        self.last = last[0]
+        self.proposal = self.drafters.get(name, self.plain).propose(last[0], k)
+
+    def verify(self) -> RoundResult:
+        proposal = self.proposal
+        logits = self.verifier.logits(self.last, proposal)  # [k + 1, V]
+        path, next_token = accept_proposal(proposal, logits, self.settings.sampling, self.generator)
+        self.verifier.keep(path)
+        tokens = [proposal.tokens[node - 1] for node in path[1:]] + [next_token]
+        drafted = len(proposal.tokens)
+        return RoundResult(proposal.steps, drafted, [(proposal.steps, len(path) - 1)], [drafted], [tokens])
+
+    def observe(self, row: int, committed: list[int]) -> None:
+        for drafter in self.drafters.values():
+            drafter.observe(committed)
+
+    def keep(self, still: list[int], result: RoundResult | None) -> None:
+        pass  # the verifier has rolled the caches back already
+
+
+def decode(rows: Rows, settings: GenerationSettings, generator, batched: bool, streamer=None) -> GenerateOutput:
+    """The round loop over ``rows`` (prompts already validated). A batch's outputs are per row; rows finish on their
+    own (EOS or max_new_tokens) and leave the batch."""
+    s = settings
+    timed = s.sampling.greedy  # a timing-driven schedule would make a seed's output depend on the machine's load
+    free, fanout = rows.scheduler_drafters
+    scheduler = Scheduler.create(s.policy, free, timed=timed, fanout=fanout)
+
     if streamer is not None:
-        streamer.put(torch.tensor(new_tokens))
-    while len(new_tokens) < s.max_new_tokens and new_tokens[-1] not in s.eos_ids:
-        remaining, last = s.max_new_tokens - len(new_tokens), new_tokens[-1]
-        offers = {name: drafter.offer(remaining - 1) for name, drafter in drafters.items()}
+        streamer.put(rows.input_ids.cpu())
+    t0 = time.perf_counter()
+    first = first_token(rows.prefill(), s, generator).tolist()  # [B]
+    t1 = time.perf_counter()
+    batch = len(first)
+    new_tokens = [[token] for token in first]
+    accept_lengths: list[list[int]] = [[1] for _ in range(batch)]
+    draft_lengths: list[list[int]] = [[] for _ in range(batch)]
+    lookup_rounds: list[list[int]] = [[] for _ in range(batch)]
+    for row, tokens in enumerate(new_tokens):
+        rows.observe(row, tokens)
+    if streamer is not None:
+        streamer.put(torch.tensor(first))
+
+    def running(row: int) -> bool:
+        return new_tokens[row][-1] not in s.eos_ids and len(new_tokens[row]) < s.max_new_tokens
+
+    active = [row for row in range(batch) if running(row)]  # original index of each row still decoding
+    if 0 < len(active) < batch:
+        rows.keep(active, None)
+    while active:
+        limits = [s.max_new_tokens - len(new_tokens[row]) - 1 for row in active]  # most drafts each row may take
         start = time.perf_counter()
-        name, k = scheduler.choose(offers)
-        proposal = drafters.get(name, plain).propose(last, k)
-        if proposal.copied:
-            lookup_rounds.append(len(draft_lengths))
+        name, k = scheduler.choose(rows.offer(limits))
+        rows.propose(name, k, [new_tokens[row][-1] for row in active], limits)
         drafted_at = time.perf_counter()
-        logits = verifier.logits(last, proposal)  # [k + 1, V]
-        path, next_token = accept_proposal(proposal, logits, s.sampling, generator)
-        verifier.keep(path)
-        committed = [proposal.tokens[node - 1] for node in path[1:]] + [next_token]
-        drafted, steps = len(proposal.tokens), proposal.steps
+        result = rows.verify()
         if timed:
             costs = drafted_at - start, time.perf_counter() - drafted_at
         else:
-            costs = scheduler.nominal_costs(name, steps, drafted)
-        scheduler.observe(name if steps else PLAIN, steps, len(path) - 1, *costs, verified=drafted)
-        committed = cut_at_eos(committed, s.eos_ids)
-        new_tokens.extend(committed)
-        for drafter in drafters.values():
-            drafter.observe(committed)
-        accept_lengths.append(len(committed))
-        draft_lengths.append(drafted)
-        if streamer is not None:
-            streamer.put(torch.tensor(committed))
+            costs = scheduler.nominal_costs(name, result.steps, result.verified)
+        scheduler.observe_rows(name if result.steps else PLAIN, result.steps, result.outcomes, *costs, result.verified)
+        for i, row in enumerate(active):
+            committed = cut_at_eos(result.tokens[i], s.eos_ids)
+            new_tokens[row].extend(committed)
+            rows.observe(i, committed)
+            if name == LOOKUP and result.drafted[i]:
+                lookup_rounds[row].append(len(draft_lengths[row]))
+            accept_lengths[row].append(len(committed))
+            draft_lengths[row].append(result.drafted[i])
+            if streamer is not None:
+                streamer.put(torch.tensor(committed))
+        still = [i for i, row in enumerate(active) if running(row)]
+        if not still:
+            break
+        rows.keep(still, result)
+        active = [active[i] for i in still]
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat([input_ids, torch.tensor([new_tokens], device=device)], dim=1)
-    return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, time.perf_counter() - t1, lookup_rounds)
+    elapsed = time.perf_counter() - t1
+    input_ids = rows.input_ids
+    if not batched:
+        sequences = torch.cat([input_ids, torch.tensor([new_tokens[0]], device=input_ids.device)], dim=1)
+        return GenerateOutput(sequences, accept_lengths[0], draft_lengths[0], t1 - t0, elapsed, lookup_rounds[0])
+    n_max = max(len(tokens) for tokens in new_tokens)
+    out = torch.full((batch, n_max), rows.pad_id, dtype=torch.long, device=input_ids.device)
+    for row, tokens in enumerate(new_tokens):
+        out[row, : len(tokens)] = torch.tensor(tokens, device=input_ids.device)
+    sequences = torch.cat([input_ids, out], dim=1)
+    return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, elapsed, lookup_rounds)
