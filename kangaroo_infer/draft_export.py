@@ -24,8 +24,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .adapter import KangarooAdapter, read_adapter_config
-from .base import atomic_directory, kangaroo_home, load_base, resolve_base_path
+from .base import kangaroo_home, load_base, resolve_base_path
 from .dtype import AUTO, DTYPES, auto_dtype
+from .files import atomic_directory
 from .model import resolve_recorded_base
 
 # vLLM picks the speculative method from the draft's path before it looks at "method": a path containing "eagle-" or

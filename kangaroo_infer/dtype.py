@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
+
 AUTO = "auto"
 ENV = "KANGAROO_DTYPE"  # when set, what "auto" stands for
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,9 +71,7 @@ def measure_cpu_bf16() -> dict:
     }
 
 
-def auto_dtype(
-    device: torch.device | str | None, home: Path, flags: set[str] | None = None
-) -> tuple[torch.dtype, str]:
+def auto_dtype(device: torch.device | str | None, home: Path, flags: set[str] | None = None) -> tuple[torch.dtype, str]:
     """The dtype ``auto`` stands for on ``device``, and why (printed and recorded with every result); a CPU's timing
     is cached in ``home``/dtype.json. ``flags``: the CPU's feature flags (default: this CPU's)."""
     device = torch.device(device or "cpu")
@@ -93,7 +93,6 @@ def auto_dtype(
     if not isinstance(cached, dict) or key not in cached:
         cached = cached if isinstance(cached, dict) else {}
         cached[key] = measure_cpu_bf16()
-        from .base import atomic_write  # base imports this module
 
         atomic_write(cache_path, json.dumps(cached, indent=2) + "\n")  # processes measuring at once: one file wins
     timing = cached[key]

@@ -41,9 +41,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .adapter import KangarooAdapter
 from .arch import CAUSAL, Backbone
-from .base import check_file_target, write_file
 from .bench.records import upgrade_record
 from .draft import DraftHead
+from .files import check_file_target, write_file
 from .questions import Question, chat_prompt_ids, default_questions, jsonl_records, load_questions
 
 

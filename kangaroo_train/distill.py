@@ -45,7 +45,7 @@ from .shards import ShardedDirectory, sha256_json
 log = logging.getLogger("kangaroo_train")
 
 FORMAT = "kangaroo-distilled"
-OWNER = "distill"  # the writer named in distill.dir's written list (kangaroo_infer.base.claim_directory)
+OWNER = "distill"  # the writer named in distill.dir's written list (kangaroo_infer.files.claim_directory)
 FORMAT_VERSION = 1
 CONVERSATIONS_NAME = "conversations.jsonl"
 MIXED_NAME = "mixed.jsonl"

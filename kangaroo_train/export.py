@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from kangaroo_infer.adapter import AdapterConfig, KangarooAdapter, check_fingerprint, check_finite
-from kangaroo_infer.base import atomic_directory, check_replaceable
+from kangaroo_infer.files import atomic_directory, check_replaceable
 
 from .checkpoint import load_training_checkpoint
 

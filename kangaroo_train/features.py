@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kangaroo_infer.adapter import base_fingerprint, check_exit_layer
-from kangaroo_infer.base import atomic_file
+from kangaroo_infer.files import atomic_file
 
 from .data import data_hash as compute_data_hash
 from .shards import ShardedDirectory
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-OWNER = "feature cache"  # the writer named in cache.dir's written list (kangaroo_infer.base.claim_directory)
+OWNER = "feature cache"  # the writer named in cache.dir's written list (kangaroo_infer.files.claim_directory)
 CACHE_FORMAT = "kangaroo-feature-cache"
 CACHE_FORMAT_VERSION = 2  # 2: a CRC-32 of every sample's data in its shard's header
 FIELDS = ("input_ids", "loss_mask", "exit_states", "final_states")

@@ -30,8 +30,9 @@ import lightning as L
 import torch
 
 from kangaroo_infer.arch import Backbone
-from kangaroo_infer.base import load_base, write_file
+from kangaroo_infer.base import load_base
 from kangaroo_infer.evaluate import EvalAnswer, greedy_answers, score_answers
+from kangaroo_infer.files import write_file
 
 from .checks import require_positive_int
 from .shards import read_json_object, sha256_json

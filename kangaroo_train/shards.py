@@ -2,14 +2,14 @@
 
 Why one base: every such directory needs the same guarantees, and each copy of them was a place for them to drift.
 
-- It is claimed (``kangaroo_infer.base.claim_directory``), so a directory holding anything else is refused before any
+- It is claimed (``kangaroo_infer.files.claim_directory``), so a directory holding anything else is refused before any
   work and never filled; one written before claims existed is recognised by its manifest's key field.
 - ``manifest.json`` records the identity (everything the contents depend on), so contents built for anything else are
   refused with the fields that differ, never reused.
 - Every shard carries the identity's key, so a shard left from another identity is recognised even without a manifest.
 - Shard i belongs to rank i % world size; a rank rebuilds only its missing or unreadable shards, so an interrupted run
   loses at most the shards in flight.
-- Every file is written atomically (``kangaroo_infer.base.atomic_file`` / ``write_file``).
+- Every file is written atomically (``kangaroo_infer.files.atomic_file`` / ``write_file``).
 
 Layout: ``manifest.json`` and ``shard-00000<SUFFIX>``, ``shard-00001<SUFFIX>``, ... plus what a subclass assembles.
 """
@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kangaroo_infer.base import check_claimable, claim_directory, write_file
+from kangaroo_infer.files import check_claimable, claim_directory, write_file
 
 from .checks import require_positive_int
 

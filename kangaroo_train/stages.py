@@ -1,4 +1,4 @@
-"""The stages of ``python -m kangaroo_train`` in the order they run (``train.STAGES``), each skipping finished work:
+"""The stages of ``python -m kangaroo_train`` in the order they run (``config.STAGES``), each skipping finished work:
 
   distill  regenerate every assistant turn with the frozen base (``distill=greedy|sampled``; skipped with the default
            ``distill=none``); it reads data.source, and the data stage then tokenizes the distilled conversations
@@ -25,15 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .adapter_setup import training_adapter
 from .checkpoint import check_resumable, last_checkpoint
+from .config import container, generation_defaults, instantiate, instantiate_group, stages_to_run, validate_config
 from .launch import Launch, external_launch, is_main_process, wait_for
 from .shards import sha256_json
-from .train import container, generation_defaults, instantiate, instantiate_group, stages_to_run, validate_config
 
 log = logging.getLogger("kangaroo_train")
 
 
 def run(cfg: DictConfig) -> None:
-    """The stages ``cfg.stage`` asks for (``train.stages_to_run``), in ``train.STAGES`` order: each stage's output is
+    """The stages ``cfg.stage`` asks for (``config.stages_to_run``), in ``config.STAGES`` order: each stage's output is
     the next one's input (distilled conversations -> tokenized data -> features -> checkpoints -> adapter)."""
     validate_config(cfg)
     stages = stages_to_run(cfg.stage)

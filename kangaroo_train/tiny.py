@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kangaroo_infer.base import SMOLLM2_ALIAS, atomic_directory, load_tokenizer
+from kangaroo_infer.base import SMOLLM2_ALIAS, load_tokenizer
+from kangaroo_infer.files import atomic_directory
 
 SPEC_FILE = "kangaroo_tiny.json"  # the spec a directory was built from; a different spec rebuilds it
 SPEC_KEYS = (

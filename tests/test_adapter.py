@@ -204,7 +204,7 @@ def test_package_file_names_what_to_install():
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):
-    from kangaroo_infer.base import atomic_directory
+    from kangaroo_infer.files import atomic_directory
 
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kangaroo_infer import KangarooAdapter, KangarooModel
-from kangaroo_infer.base import WRITTEN_LIST, atomic_directory, check_device, materialize_smollm2
+from kangaroo_infer.base import check_device, materialize_smollm2
+from kangaroo_infer.files import WRITTEN_LIST, atomic_directory
 from tests.conftest import tiny_model
 from tests.test_train_e2e import REPO, assert_clean_error, run_train
 

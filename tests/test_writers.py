@@ -1,4 +1,4 @@
-"""One writer policy for every path a user names (kangaroo_infer.base.write_file / claim_directory): a writer fills
+"""One writer policy for every path a user names (kangaroo_infer.files.write_file / claim_directory): a writer fills
 only a new or empty place, or one it wrote itself, atomically; anything else is refused before any work, with the
 path and the fix, and is left exactly as it was."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from kangaroo_infer.base import (
+from kangaroo_infer.files import (
     WRITTEN_LIST,
     atomic_directory,
     check_claimable,

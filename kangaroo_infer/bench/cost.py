@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..base import write_file
+from ..files import write_file
 from ..model import KangarooModel
 from ..scheduler import PLAIN, Scheduler
 from .out_dir import OWNER, RESULTS, check_out_files, display_name, may_replace

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..base import check_file_target
+from ..files import check_file_target
 
 ANSWERS = "answers.jsonl"  # one record per question, appended as each finishes
 SETTINGS = "bench_settings.json"  # what a resumed run must match
 RESULTS, PLOT, SWEEP = "results.json", "speedup.png", "sweep.json"
-OWNER = "bench"  # the writer named in --out's written list (kangaroo_infer.base.write_file)
+OWNER = "bench"  # the writer named in --out's written list (kangaroo_infer.files.write_file)
 
 
 def _complete_lines(path: Path) -> int:
@@ -34,7 +34,7 @@ def may_replace(out_dir: Path, overwrite: bool) -> bool:
 
 
 def check_out_files(out_dir: str | Path, names: tuple[str, ...], overwrite: bool = False) -> None:
-    """Refuse, before any work, to replace a file in ``out_dir`` that bench did not write (base.write_file)."""
+    """Refuse, before any work, to replace a file in ``out_dir`` that bench did not write (files.write_file)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; name a directory (a new one, or one bench wrote).")

@@ -6,14 +6,14 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..base import write_file
+from ..files import write_file
 from .decoders import KANGAROO, TREE
 from .out_dir import OWNER
 
 
 def plot(summary: dict[str, Any], path: Path, overwrite: bool = False) -> None:
     """Speedup and τ per category, one bar per decoder compared with vanilla, written to ``path`` under
-    base.write_file's policy."""
+    files.write_file's policy."""
     import matplotlib
 
     matplotlib.use("Agg")

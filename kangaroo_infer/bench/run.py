@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..base import write_file
 from ..dtype import cpu_name
+from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
 from ..settings import GenerationSettings, check_int

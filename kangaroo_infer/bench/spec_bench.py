@@ -8,7 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..base import write_file
+from ..files import write_file
 from ..model import KangarooModel
 from .decoders import Decoder
 from .out_dir import OWNER, display_name

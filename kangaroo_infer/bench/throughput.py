@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accept import cut_at_eos
-from ..base import write_file
+from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
 from ..settings import check_int
