@@ -11,10 +11,11 @@ on an AMD EPYC with avx512_bf16; ``tests/test_bf16.py`` checks the result on any
   in vector lanes up to the last full vector and then one by one, so where a row's last key falls decides the
   rounding. Here each query row is computed as a one-row problem over exactly the keys it may see: alone through the
   model's attention function without a mask (the call the one-row step makes), or, on CPU with sdpa, rows whose key
-  counts share a vector block (n // 8) and a 512-key block are one kernel call with the rows as a batch of one-row
-  problems, each masked to its own keys (identical arithmetic: masked keys add exact zeros after the last full
-  vector). That grouping relies on the kernel's blocking, so it is probed against one call per row on first use and
-  dropped if any row differs.
+  counts share a vector block (n // W, W the kernel's fp32 vector width: 16 with AVX-512, 8 with AVX2) and a 512-key
+  block are one kernel call with the rows as a batch of one-row problems, each masked to its own keys (identical
+  arithmetic: masked keys add exact zeros after the last full vector). That grouping relies on the kernel's
+  blocking, so W is probed against one call per row on first use (16, then 8: rows crossing a multiple of W but not
+  of 2W tell them apart), and batching is dropped if neither matches.
 - **Some linear layers.** A GEMM may split its reduction by the number of rows (bf16 oneDNN: the 1536→576 down
   projection of SmolLM2, not its 576-wide layers). Which shapes do is a property of the machine's kernels, so it is
   probed, not assumed: the first pass of M rows through a weight of a new shape compares an M-row product with M
@@ -44,7 +45,7 @@ ROWWISE = "kangaroo_rowwise"  # the attention implementation name a multi-row pa
 # that sum in the same order never differ (0 of 3e5 elements for its K = 576 layers).
 PROBE_ELEMENTS = 1 << 17
 MAX_PROBED_ROWS = 64  # passes with more rows run row-dependent shapes one row at a time without probing
-KEY_VECTOR = 8  # rows batched in one attention call share n // KEY_VECTOR (fp32 vector width 8 on AVX2, 16 on AVX-512)
+KEY_VECTORS = (16, 8)  # rows batched in one attention call share n // W: the widths tried (fp32 lanes: AVX-512, AVX2)
 KEY_BLOCK = 512  # ... and (n - 1) // KEY_BLOCK (the CPU flash kernel's key block)
 
 
@@ -56,10 +57,11 @@ class RowKeys:
 
     keys: list[list[slice | torch.Tensor]]  # [B][q]
     attention: Callable  # the model's own attention function, as the one-row step calls it
-    batched: bool = False  # runs of rows whose keys share a start and a key block run as one batch of one-row problems
+    key_vector: int | None = None  # set: runs of rows whose keys share a start, n // key_vector and a key block run as
+    # one batch of one-row problems; None: one call per row
 
     @classmethod
-    def of(cls, allowed: torch.Tensor, attention: Callable, batched: bool = False) -> RowKeys:  # allowed: [B, q, kv]
+    def of(cls, allowed: torch.Tensor, attention: Callable, key_vector: int | None = None) -> RowKeys:  # [B, q, kv]
         keys: list[list[slice | torch.Tensor]] = []
         for rows in allowed:
             keys.append([])
@@ -68,19 +70,19 @@ class RowKeys:
                 first, count = int(idx[0]), idx.numel()
                 contiguous = int(idx[-1]) - first + 1 == count
                 keys[-1].append(slice(first, first + count) if contiguous else idx)
-        return cls(keys, attention, batched)
+        return cls(keys, attention, key_vector)
 
     def groups(self, b: int) -> list[list[int]]:
-        """Query rows of batch row b computed by one call: contiguous runs [s, s + n) with equal s, n // KEY_VECTOR
+        """Query rows of batch row b computed by one call: contiguous runs [s, s + n) with equal s, n // key_vector
         and (n - 1) // KEY_BLOCK, in order (the kernel blocks keys from the run's start)."""
         groups: list[list[int]] = []
         last = None
         for i, keys in enumerate(self.keys[b]):
             block = None
-            if isinstance(keys, slice):
+            if isinstance(keys, slice) and self.key_vector is not None:
                 n = keys.stop - keys.start
-                block = (keys.start, n // KEY_VECTOR, (n - 1) // KEY_BLOCK)
-            if self.batched and block is not None and block == last:
+                block = (keys.start, n // self.key_vector, (n - 1) // KEY_BLOCK)
+            if block is not None and block == last:
                 groups[-1].append(i)
             else:
                 groups.append([i])
@@ -165,7 +167,7 @@ class RowInvariance:
         self.layer_linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers]
         self.lm_head = lm_head
         self.attention_module = layers[0].self_attn if len(layers) else None
-        self._batched: bool | None = None  # whether batched_one_row_sdpa equals one call per row here (probed)
+        self._key_vector: int | None | bool = False  # False: not probed yet; else RowKeys.key_vector (probed)
         self._row_dependent: dict[tuple, bool] = {}
         self._generator = torch.Generator().manual_seed(0)  # probe inputs; the caller's RNG is left alone
 
@@ -192,19 +194,20 @@ class RowInvariance:
 
     def row_keys(self, allowed: torch.Tensor) -> RowKeys:  # allowed: [B, q, kv] or [q, kv] bool
         allowed = allowed if allowed.dim() == 3 else allowed[None]
-        return RowKeys.of(allowed, self.attention, self.batched_attention(allowed.device))
+        return RowKeys.of(allowed, self.attention, self.key_vector(allowed.device))
 
-    def batched_attention(self, device: torch.device) -> bool:
-        """Whether rows may share an attention call: CPU, sdpa, and the probe found every row equal to its own call."""
-        if self._batched is None:
-            self._batched = (
-                device.type == "cpu" and self.attention is sdpa_attention_forward and self._probe_batched_attention()
-            )
-        return self._batched
+    def key_vector(self, device: torch.device) -> int | None:
+        """The key-count width W by which rows may share an attention call (CPU, sdpa, and the probe found every
+        row of every group equal to its own call); None: one call per row."""
+        if self._key_vector is False:
+            usable = device.type == "cpu" and self.attention is sdpa_attention_forward
+            self._key_vector = next((w for w in KEY_VECTORS if usable and self._probe_batched_attention(w)), None)
+        return self._key_vector
 
     @torch.inference_mode()
-    def _probe_batched_attention(self) -> bool:
-        """Random queries, keys and values of the model's head shape, prefixes crossing vector and 512-key blocks:
+    def _probe_batched_attention(self, width: int) -> bool:
+        """Random queries, keys and values of the model's head shape, 9 rows after prefixes whose key counts cross a
+        multiple of ``width`` that is not one of 2·width (where a wider grouping would be wrong), and 512-key blocks:
         each batched group against one call per row through the model's attention function."""
         module = self.attention_module
         config = self.config
@@ -212,7 +215,7 @@ class RowInvariance:
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         param = module.q_proj.weight
         gen = self._generator
-        for past in (5, 37, 250, 503, 509, 1021):
+        for past in (width - 4, 3 * width - 4, 33 * width - 4, 250, 503, 509, 1021):
             rows = 9
             kv = past + rows
             shape = (1, kv_heads, kv, head_dim)
@@ -220,8 +223,8 @@ class RowInvariance:
             k, v = (torch.randn(*shape, generator=gen).to(param.device, param.dtype) for _ in range(2))
             allowed = (torch.arange(kv)[None, :] <= torch.arange(past, kv)[:, None])[None]
             kwargs = {"dropout": 0.0, "scaling": module.scaling}
-            together, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, True), **kwargs)
-            alone, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, False), **kwargs)
+            together, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention, width), **kwargs)
+            alone, _ = rowwise_attention(module, q, k, v, RowKeys.of(allowed, self.attention), **kwargs)
             if not torch.equal(together, alone):
                 return False
         return True
