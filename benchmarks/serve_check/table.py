@@ -28,10 +28,11 @@ def main(root: Path) -> None:
         path = root / f"kangaroo_{dtype}" / "results.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            o = r["overall"]
+            decoders = r.get("decoders") or {"kangaroo": r, **r.get("peers", {})}  # newer and older bench layouts
+            o, a = decoders["kangaroo"]["overall"], decoders["kangaroo-adapter"]["overall"]
             rows.setdefault("kangaroo:vanilla", {})[dtype] = f"{o['vanilla_tokens_per_s']:.1f} tok/s"
-            a = r["peers"]["kangaroo-adapter"]["overall"]
-            for key, tps, m in (("default", o["kangaroo_tokens_per_s"], o), ("adapter", a["tokens_per_s"], a)):
+            for key, m in (("default", o), ("adapter", a)):
+                tps = m.get("tokens_per_s", m.get("kangaroo_tokens_per_s"))
                 same = "identical" if m["identical"] else "NOT identical"
                 rows.setdefault(f"kangaroo:{key}", {})[dtype] = (
                     f"{tps:.1f} tok/s, {m['speedup']:.2f}x, τ {m['tau']:.2f}, {same} to `generate`"
