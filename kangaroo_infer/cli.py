@@ -134,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a standalone draft model (base layers [0, ℓ) + adapter) for HF assisted generation, vLLM, SGLang",
     )
     ex.add_argument("--adapter", required=True, help="adapter checkpoint directory")
-    ex.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    ex.add_argument(
+        "--out",
+        required=True,
+        help="output directory (must not exist, or be empty; no 'eagle', 'dflash' or 'dspark' in its path, which "
+        "vLLM would read as another speculative method)",
+    )
     ex.add_argument("--base", help="base model: HF directory, hub id or alias (default: the adapter's base)")
     ex.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
 
