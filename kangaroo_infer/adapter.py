@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .arch import check_supported
+from .checks import is_int
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +56,7 @@ def base_fingerprint(config: PretrainedConfig) -> dict[str, Any]:
 
 def check_exit_layer(exit_layer: int, num_layers: int) -> None:
     """The adapter needs at least one shallow layer to draft from and one deep layer to verify with."""
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers - 1:
+    if not is_int(exit_layer, 1, num_layers - 1):
         raise ValueError(
             f"exit_layer={exit_layer!r} is out of range for a base model with {num_layers} layers: "
             f"choose an integer in [1, {num_layers - 1}]."
@@ -107,17 +108,14 @@ class AdapterConfig:
     def check(self, where: str | os.PathLike = "adapter config") -> None:
         """Type and range of every field (a damaged or hand-edited config.json), as one error naming the field."""
 
-        def count(value: Any, low: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
         problems = {
-            "exit_layer": (count(self.exit_layer, 1), "an integer >= 1"),
+            "exit_layer": (is_int(self.exit_layer, 1), "an integer >= 1"),
             "base_fingerprint": (isinstance(self.base_fingerprint, dict), "a JSON object"),
             "base_model": (self.base_model is None or isinstance(self.base_model, str), "a string or null"),
             "init": (self.init in INITS, f"one of {list(INITS)}"),
             "mlp": (isinstance(self.mlp, bool), "true or false"),
-            "num_layers": (count(self.num_layers, 1), "an integer >= 1"),
-            "draft_vocab_size": (self.draft_vocab_size in (None,) or count(self.draft_vocab_size, 1), "null or >= 1"),
+            "num_layers": (is_int(self.num_layers, 1), "an integer >= 1"),
+            "draft_vocab_size": (self.draft_vocab_size is None or is_int(self.draft_vocab_size, 1), "null or >= 1"),
             "generation": (isinstance(self.generation, dict), "a JSON object"),
         }
         for key, (ok, what) in problems.items():
@@ -223,7 +221,7 @@ class KangarooAdapter(AdapterBlock):
         if config.init not in INITS:
             raise ValueError(f"Unknown adapter init {config.init!r}; choose one of {list(INITS)}.")
         layers = config.num_layers
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        if not is_int(layers, 1):
             raise ValueError(f"Adapter num_layers={layers!r} must be an integer >= 1 (1 is the paper's adapter).")
         mods = _base_modules(base_config)
         attn_config = _adapter_attention_config(base_config, layers)

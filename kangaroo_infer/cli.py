@@ -191,7 +191,8 @@ def load_model(args: argparse.Namespace):
 def _check_generate_cli(args: argparse.Namespace) -> None:
     """``generate``'s settings, checked by GenerationSettings before the model loads (minutes for a large one); the
     exit layer's upper bound and the prompt's length wait for the model."""
-    from .settings import GenerationSettings, check_int
+    from .checks import check_int
+    from .settings import GenerationSettings
 
     GenerationSettings.check(
         flags=True, max_new_tokens=args.max_new_tokens, threshold=args.threshold, max_draft_steps=args.steps,
@@ -268,7 +269,7 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
     """Every bench argument that can be checked without the model, before it loads (minutes for a large one) and
     before --out is touched."""
     from . import bench
-    from .settings import check_int, check_real
+    from .checks import check_int, check_real
 
     question_only = {  # flag: what it does to the question benchmark
         "--resume": (args.resume, "continues"),
@@ -464,12 +465,13 @@ def cmd_export_draft(args: argparse.Namespace) -> int:
 
 def cmd_eval_adapter(args: argparse.Namespace) -> int:
     """``eval-adapter``: the adapter scored on the base's own greedy answers (docs/evaluation.md)."""
+    from .checks import check_int
     from .evaluate import print_table, run_eval
 
     for name in ("num_questions", "max_new_tokens", "depth"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}.")
+        if value is not None:
+            check_int(f"--{name.replace('_', '-')}", value, 1, rule="be >= 1")
     result = run_eval(
         args.adapter,
         base=args.base,

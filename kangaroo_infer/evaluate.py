@@ -42,6 +42,7 @@ from transformers import DynamicCache, PreTrainedModel
 from .adapter import KangarooAdapter
 from .arch import CAUSAL, Backbone
 from .bench.records import upgrade_record
+from .checks import check_int
 from .draft import DraftHead
 from .files import check_file_target, write_file
 from .questions import Question, chat_prompt_ids, default_questions, jsonl_records, load_questions
@@ -77,8 +78,7 @@ def greedy_answers(
     Stops at the base generation config's end-of-sequence token (kept as the answer's last token) or after
     ``max_new_tokens``.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+    check_int("max_new_tokens", max_new_tokens, 1, rule="be a positive integer")
     if not prompts:
         raise ValueError("No prompts to answer; give at least one prompt.")
     device = next(base.parameters()).device
@@ -230,8 +230,7 @@ def score_answers(
     Each summary holds answers, answer_tokens, positions (scored), top1, accept (Σ min(p, q)), depth_agreement (for
     d = 1..``depth``), tau_estimate (1 + Σ depth_agreement) and greedy_mismatches.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive integer; got {depth!r}.")
+    check_int("depth", depth, 1, rule="be a positive integer")
     if not answers:
         raise ValueError("No answers to score; give at least one prompt with its answer.")
     backbone = base if isinstance(base, Backbone) else Backbone.of(base)
@@ -376,8 +375,8 @@ def run_eval(
     from .model import KangarooModel
 
     for name, value in (("num_questions", num_questions), ("max_new_tokens", max_new_tokens), ("depth", depth)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if value is not None:
+            check_int(name, value, 1, rule="be a positive integer")
     if answers is not None and not Path(answers).is_file():
         raise ValueError(f"Answers file {str(answers)!r} does not exist; pass the answers.jsonl bench wrote.")
     path = questions if questions is not None else default_questions()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_int, check_real
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -23,14 +25,9 @@ class SamplingConfig:
     top_k: int = 0  # 0: no top-k cut
 
     def __post_init__(self):
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float):
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {self.temperature!r}.")
-        if not self.temperature >= 0 or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature!r}.")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1] (1 = no nucleus cut); got {self.top_p!r}.")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k cut); got {self.top_k!r}.")
+        check_real("temperature", self.temperature, 0, rule="be a finite number >= 0 (0 = greedy)")
+        check_real("top_p", self.top_p, 0, 1, rule="lie in (0, 1] (1 = no nucleus cut)", low_open=True)
+        check_int("top_k", self.top_k, 0, rule="be an integer >= 0 (0 = no top-k cut)")
 
     @property
     def greedy(self) -> bool:
@@ -58,9 +55,8 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer or None; got {seed!r}.")
     else:
+        check_int("seed", seed, 0, rule="be a non-negative integer or None")
         generator.manual_seed(seed)
     return generator
 

@@ -7,12 +7,11 @@ names the problem and the fix. The decoding loop then reads a frozen ``Generatio
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from .checks import check_int, check_real, is_int
 from .sample import SamplingConfig
 from .scheduler import PolicyConfig, check_policy
 
@@ -206,9 +205,7 @@ def resolve_eos(eos_token_id: int | list[int] | None | str, limits: ModelLimits)
     if isinstance(eos_token_id, torch.Tensor):
         eos_token_id = eos_token_id.tolist()
     ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-    if not isinstance(ids, list | tuple | set | frozenset) or any(
-        isinstance(i, bool) or not isinstance(i, int) for i in ids
-    ):
+    if not isinstance(ids, list | tuple | set | frozenset) or not all(is_int(i) for i in ids):
         raise ValueError(f"eos_token_id must be an int, a list of ints or None; got {eos_token_id!r}.")
     outside = sorted(i for i in ids if not 0 <= i < limits.vocab_size)
     if outside:
@@ -247,32 +244,3 @@ def prompt_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
         empty = (lengths == 0).nonzero()[:, 0].tolist()
         raise ValueError(f"Rows {empty} of attention_mask are all padding; every prompt needs at least one token.")
     return input_ids.shape[1] - lengths
-
-
-def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, rule: str | None = None) -> None:
-    """The package's one integer check (a bool is not an integer here): ``name must <rule>; got <value>.``"""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if (low is None or value >= low) and (high is None or value <= high):
-            return
-    if rule is None:
-        rule = f"be an integer in [{low}, {high}]" if high is not None else f"be an integer >= {low}"
-    raise ValueError(f"{name} must {rule}; got {value!r}.")
-
-
-def check_real(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    rule: str | None = None,
-    low_open: bool = False,
-) -> None:
-    """The package's one real-number check: a finite int or float (not a bool, not NaN) within [low, high]
-    (``low_open``: (low, high])."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        above = low is None or (value > low if low_open else value >= low)
-        if above and (high is None or value <= high):
-            return
-    if rule is None:
-        rule = f"be a finite number {'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
-    raise ValueError(f"{name} must {rule}; got {value!r}.")

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_int
 from ..dtype import cpu_name
 from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
-from ..settings import GenerationSettings, check_int
+from ..settings import GenerationSettings
 from .cost import cost_profile, rounds_limit
 from .decoders import KANGAROO, VANILLA, make_decoders, make_peers
 from .out_dir import (

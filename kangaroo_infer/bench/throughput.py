@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accept import cut_at_eos
+from ..checks import check_int
 from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
-from ..settings import check_int
 from .decoders import _timed, run_kangaroo, run_vanilla, sampling_kwargs
 from .out_dir import OWNER, RESULTS, SWEEP, check_out_files, may_replace
 from .run import run_config
