@@ -82,7 +82,6 @@ class BatchRows:
         self.active = list(range(input_ids.shape[0]))  # original index of each row in the caches
         self._round: tuple | None = None  # what propose left for verify
         self._length = 0  # slots of every row before the round
-        self._accepted = torch.zeros(0)  # [b] accepted drafts of each row in the last round
 
     @property
     def scheduler_drafters(self) -> tuple[dict[str, bool], None]:
@@ -115,7 +114,6 @@ class BatchRows:
         else:
             logits = self.verify_drafts(last, drafts, exits)  # [b, k + 1, V]
         accepted, next_tokens = accept(drafts, counted, logits, self.settings.sampling, q, self.generator)
-        self._accepted = accepted  # [b]
         width, counted_l, accepted_l = drafts.shape[1], counted.tolist(), accepted.tolist()
         tokens = [drafts[i, :n].tolist() + [int(next_tokens[i])] for i, n in enumerate(accepted_l)]
         return RoundResult(width, width, list(zip(counted_l, accepted_l, strict=True)), counted_l, tokens)
@@ -131,7 +129,8 @@ class BatchRows:
         if result is None:
             ends = torch.full((len(still),), self.base.get_seq_length(0), device=keep.device)
         else:
-            ends = (self._length + self._accepted + 1)[keep]  # the last committed token + the accepted drafts
+            accepted = torch.tensor([n for _, n in result.outcomes], device=keep.device)  # [b]
+            ends = (self._length + accepted + 1)[keep]  # the last committed token + the accepted drafts
         self.realign(keep, ends)
         self.active = [self.active[i] for i in still]
 
