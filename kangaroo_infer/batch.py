@@ -134,6 +134,13 @@ class BatchRows:
         self.realign(keep, ends)
         self.active = [self.active[i] for i in still]
 
+    def sequences(self, new_tokens: list[list[int]]) -> torch.Tensor:  # [B, T + n_max]
+        """Each row's prompt and new tokens; a row that finished early is filled with the pad token."""
+        out = torch.full((len(new_tokens), max(map(len, new_tokens))), self.pad_id, dtype=torch.long)
+        for row, tokens in enumerate(new_tokens):
+            out[row, : len(tokens)] = torch.tensor(tokens)
+        return torch.cat([self.input_ids, out.to(self.input_ids.device)], dim=1)
+
     def run_layers(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:  # [b, q, H] -> [b, q, H]
         """Decoder layers [start, end) over q new slots appended after each layer's cached slots."""
         past, q = self.base.get_seq_length(start), hidden.shape[1]

@@ -51,7 +51,6 @@ class Rows(Protocol):
     """The engine the loop drives: one prompt or a batch of them."""
 
     input_ids: torch.Tensor  # [B, T] the prompts (a batch: left-padded), on the model's device
-    pad_id: int  # what fills a finished row of a batch's sequences
 
     @property
     def scheduler_drafters(self) -> tuple[dict[str, bool], dict[str, tuple[int, int]] | None]: ...  # free, fanout
@@ -61,6 +60,7 @@ class Rows(Protocol):
     def verify(self) -> RoundResult: ...
     def observe(self, row: int, committed: list[int]) -> None: ...  # row: index among the active rows
     def keep(self, still: list[int], result: RoundResult | None) -> None: ...  # active rows still running, in order
+    def sequences(self, new_tokens: list[list[int]]) -> torch.Tensor: ...  # prompts + each row's new tokens [B, T']
 
 
 def first_token(logits: torch.Tensor, settings: GenerationSettings, generator) -> torch.Tensor:  # [B, V] -> [B]
@@ -89,8 +89,6 @@ def make_drafters(km, prompt: list[int], settings: GenerationSettings, cache: Ka
 
 class PromptRows:
     """One prompt under the loop: its caches, its drafters, the verifier."""
-
-    pad_id = 0  # unused: one prompt's sequences are never padded
 
     def __init__(self, km, input_ids: torch.Tensor, settings: GenerationSettings, generator):  # input_ids [1, T]
         device = km.backbone.embed_tokens.weight.device
@@ -132,6 +130,9 @@ class PromptRows:
 
     def keep(self, still: list[int], result: RoundResult | None) -> None:
         pass  # the verifier has rolled the caches back already
+
+    def sequences(self, new_tokens: list[list[int]]) -> torch.Tensor:  # [1, T + n]
+        return torch.cat([self.input_ids, self.input_ids.new_tensor(new_tokens)], dim=1)
 
 
 def decode(rows: Rows, settings: GenerationSettings, generator, batched: bool, streamer=None) -> GenerateOutput:
@@ -193,13 +194,7 @@ def decode(rows: Rows, settings: GenerationSettings, generator, batched: bool, s
     if streamer is not None:
         streamer.end()
     elapsed = time.perf_counter() - t1
-    input_ids = rows.input_ids
+    sequences = rows.sequences(new_tokens)
     if not batched:
-        sequences = torch.cat([input_ids, torch.tensor([new_tokens[0]], device=input_ids.device)], dim=1)
         return GenerateOutput(sequences, accept_lengths[0], draft_lengths[0], t1 - t0, elapsed, lookup_rounds[0])
-    n_max = max(len(tokens) for tokens in new_tokens)
-    out = torch.full((batch, n_max), rows.pad_id, dtype=torch.long, device=input_ids.device)
-    for row, tokens in enumerate(new_tokens):
-        out[row, : len(tokens)] = torch.tensor(tokens, device=input_ids.device)
-    sequences = torch.cat([input_ids, out], dim=1)
     return GenerateOutput(sequences, accept_lengths, draft_lengths, t1 - t0, elapsed, lookup_rounds)
