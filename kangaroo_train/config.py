@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kangaroo_infer.base import kangaroo_home
+from kangaroo_infer.dtype import AUTO
 
 from .checks import check_values, require_positive_int
 
@@ -18,6 +20,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repo's co
 STAGES = ("distill", "data", "cache", "train", "export")  # the order stages.run runs them in
 STAGE_CHOICES = ("all", *STAGES)
 DTYPES = ("float32", "bfloat16", "float16")
+PRECISION_OF_DTYPE = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}  # trainer.precision=auto
 
 OmegaConf.register_new_resolver("kangaroo_home", lambda: str(kangaroo_home()), replace=True)
 
@@ -50,8 +53,8 @@ def validate_config(cfg: DictConfig) -> None:
         for split in ("train", "val"):  # feature_caches: one FeatureCache directory per split
             FeatureCache.check_directory(Path(cfg.cache.dir) / split)
     require_positive_int("model.exit_layer", cfg.model.exit_layer)
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}.")
+    if cfg.model.dtype not in (AUTO, *DTYPES):
+        raise ValueError(f"model.dtype={cfg.model.dtype!r} must be one of {[AUTO, *DTYPES]}.")
     if cfg.adapter.init not in INITS:
         raise ValueError(f"adapter.init={cfg.adapter.init!r} must be random or copy.")
     require_positive_int("adapter.num_layers", cfg.adapter.num_layers)
@@ -95,6 +98,27 @@ def validate_config(cfg: DictConfig) -> None:
         for key, node in cfg.logger.items():  # loggers may touch disk or network: only their _target_ is checked
             if node is not None:
                 _locate(node, f"logger.{key}")
+
+
+def resolve_auto_dtype(cfg: DictConfig) -> str | None:
+    """``model.dtype=auto``: the dtype kangaroo_infer picks for the device the frozen base runs on (bf16 where the
+    machine computes it natively and faster, docs/decoding.md), written into ``cfg`` before any stage reads it, so
+    the feature cache, distilled answers and export record the dtype used. ``trainer.precision=auto`` follows
+    ``model.dtype`` (bf16 -> bf16-mixed: the adapter keeps fp32 master weights). Each process decides alone: on
+    CPU nodes of different kinds, set ``model.dtype`` explicitly. Returns what was decided, for the log."""
+    from kangaroo_infer.dtype import resolve_dtype
+
+    decided = []
+    if cfg.model.dtype == AUTO:
+        accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+        cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        dtype, reason = resolve_dtype(AUTO, "cuda" if cuda else "cpu", kangaroo_home())
+        cfg.model.dtype = str(dtype).removeprefix("torch.")
+        decided.append(f"model.dtype=auto -> {cfg.model.dtype} ({reason})")
+    if cfg.trainer.get("precision") == AUTO:
+        cfg.trainer.precision = PRECISION_OF_DTYPE[cfg.model.dtype]
+        decided.append(f"trainer.precision=auto -> {cfg.trainer.precision} (follows model.dtype)")
+    return "; ".join(decided) or None
 
 
 def generation_defaults(cfg: DictConfig) -> dict[str, Any] | None:

@@ -25,7 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .adapter_setup import training_adapter
 from .checkpoint import check_resumable, last_checkpoint
-from .config import container, generation_defaults, instantiate, instantiate_group, stages_to_run, validate_config
+from .config import (
+    container,
+    generation_defaults,
+    instantiate,
+    instantiate_group,
+    resolve_auto_dtype,
+    stages_to_run,
+    validate_config,
+)
 from .launch import Launch, external_launch, is_main_process, wait_for
 from .shards import sha256_json
 
@@ -36,6 +44,9 @@ def run(cfg: DictConfig) -> None:
     """The stages ``cfg.stage`` asks for (``config.stages_to_run``), in ``config.STAGES`` order: each stage's output is
     the next one's input (distilled conversations -> tokenized data -> features -> checkpoints -> adapter)."""
     validate_config(cfg)
+    decided = resolve_auto_dtype(cfg)
+    if decided:
+        log.info(decided)
     stages = stages_to_run(cfg.stage)
     if stages == ("export",):
         stage_export(cfg)

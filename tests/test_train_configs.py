@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kangaroo_train.config import resolve_auto_dtype
 from kangaroo_train.strategy import build_strategy
 from kangaroo_train.train import CONFIG_DIR, generation_defaults, validate_config
 
@@ -124,3 +125,24 @@ def test_gpu_experiment_is_the_recipe_of_the_shipped_adapter():
     assert shipped.get("num_layers", 1) == cfg.adapter.num_layers  # written before num_layers existed: one block
     assert shipped["draft_vocab_size"] == cfg.adapter.draft_vocab_size
     assert shipped["generation"] == generation_defaults(cfg)
+
+
+def test_auto_dtype_and_precision(monkeypatch):
+    """model.dtype=auto takes kangaroo_infer's choice for the machine ($KANGAROO_DTYPE pins it here, so the test holds
+    on any CPU); trainer.precision=auto follows the chosen dtype; explicit values are kept."""
+    for pinned, precision in (("bfloat16", "bf16-mixed"), ("float32", "32-true")):
+        monkeypatch.setenv("KANGAROO_DTYPE", pinned)
+        cfg = compose_train(["experiment=tiny", "model.dtype=auto", "trainer.precision=auto"])
+        validate_config(cfg)
+        decided = resolve_auto_dtype(cfg)
+        assert (cfg.model.dtype, cfg.trainer.precision) == (pinned, precision)
+        assert f"model.dtype=auto -> {pinned} ($KANGAROO_DTYPE)" in decided
+    monkeypatch.setenv("KANGAROO_DTYPE", "bfloat16")
+    explicit = compose_train(["experiment=tiny", "model.dtype=float32", "trainer.precision=auto"])
+    resolve_auto_dtype(explicit)
+    assert (explicit.model.dtype, explicit.trainer.precision) == ("float32", "32-true")
+    kept = compose_train(["experiment=tiny", "model.dtype=auto", "trainer.precision=32-true"])
+    resolve_auto_dtype(kept)
+    assert (kept.model.dtype, kept.trainer.precision) == ("bfloat16", "32-true")
+    with pytest.raises(ValueError, match=r"model.dtype='bf16' must be one of \['auto', 'float32'"):
+        validate_config(compose_train(["experiment=tiny", "model.dtype=bf16"]))
