@@ -1,10 +1,13 @@
 """The checks that configuration values share: counts, bounded finite numbers, and every value of the training
-config checked at once, before any stage runs."""
+config checked at once, before any stage runs. What a number is (finite, not a bool, within bounds) is decided by
+kangaroo_infer's one predicate, ``is_real``; only the wording (``key=value must ...; set it with key=VALUE``) is the
+training config's own."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from kangaroo_infer.checks import is_int, is_real
 
 
 def require_positive_int(key: str, value: Any, *, optional: bool = False, hint: str = "") -> None:
@@ -12,7 +15,7 @@ def require_positive_int(key: str, value: Any, *, optional: bool = False, hint: 
     override the user would fix (e.g. ``data.max_len``), ``hint`` an optional clause appended to the message."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise ValueError(f"{key}={value!r} must be a positive integer{' or null' if optional else ''}{hint}.")
 
 
@@ -31,11 +34,7 @@ def require_number(
     range given by ``low``/``high`` (``*_open``: that end excluded), or None when ``optional``."""
     if optional and value is None:
         return
-    kinds = (int,) if integer else (int, float)
-    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
-    ok = ok and (low is None or (value > low if low_open else value >= low))
-    ok = ok and (high is None or (value < high if high_open else value <= high))
-    if not ok:
+    if not is_real(value, low, high, low_open, high_open) or (integer and not is_int(value)):
         if low is not None and high is not None:
             bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         elif low is not None:
