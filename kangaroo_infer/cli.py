@@ -189,17 +189,16 @@ def load_model(args: argparse.Namespace):
 
 
 def _check_generate_cli(args: argparse.Namespace) -> None:
-    """``generate``'s settings, checked by GenerationSettings before the model loads (minutes for a large one); the
+    """``generate``'s options, checked by GenerationOptions before the model loads (minutes for a large one); the
     exit layer's upper bound and the prompt's length wait for the model."""
     from .checks import check_int
-    from .settings import GenerationSettings
+    from .settings import GenerationOptions
 
-    GenerationSettings.check(
-        flags=True, max_new_tokens=args.max_new_tokens, threshold=args.threshold, max_draft_steps=args.steps,
-        policy=args.policy, tree=args.tree, tree_top_k=args.tree_top_k, tree_max_nodes=args.tree_max_nodes,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        lookup_tokens=args.lookup_tokens,
-    )  # fmt: skip
+    GenerationOptions(
+        max_new_tokens=args.max_new_tokens, threshold=args.threshold, max_draft_steps=args.steps, policy=args.policy,
+        tree=args.tree, tree_top_k=args.tree_top_k, tree_max_nodes=args.tree_max_nodes, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed, lookup_tokens=args.lookup_tokens,
+    ).check(flags=True)  # fmt: skip
     if args.exit_layer is not None:
         check_int("--exit-layer", args.exit_layer, 1)
 

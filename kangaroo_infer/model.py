@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -19,14 +20,15 @@ from .invariance import RowInvariance
 from .outputs import GenerateOutput
 from .rounds import PromptRows, decode
 from .sample import make_generator
-from .scheduler import PolicyConfig
 from .settings import (
     DEFAULT_GENERATION,
     FROM_GENERATION_CONFIG,
+    GenerationOptions,
     GenerationSettings,
     ModelLimits,
     prompt_padding,
     resolve_eos,
+    with_options_signature,
 )
 from .verify import deep_logits
 
@@ -127,38 +129,32 @@ class KangarooModel:
         config = self.base.config
         return ModelLimits(config.vocab_size, self.backbone.max_positions, self.base.generation_config.eos_token_id)
 
-    def generation_settings(self, batched: bool = False, **kwargs) -> GenerationSettings:
-        """``generate``'s keyword arguments (less input_ids, attention_mask and streamer), defaults filled from the
-        adapter checkpoint, validated: what a run would decode with (``batched``: for a batch of prompts)."""
-        return GenerationSettings.resolve(self.limits, self.adapter.config.generation, batched=batched, **kwargs)
+    @with_options_signature
+    def generation_settings(self, batched: bool = False, **options: Any) -> GenerationSettings:
+        """``generate``'s options (``GenerationOptions``), defaults filled from the adapter checkpoint, validated: what
+        a run would decode with (``batched``: for a batch of prompts)."""
+        options = GenerationOptions.of(options, "KangarooModel.generation_settings()", ("batched",))
+        return GenerationSettings.resolve(self.limits, self.adapter.config.generation, options, batched=batched)
 
     def resolve_eos(self, eos_token_id: int | list[int] | None | str) -> frozenset[int]:
         """As transformers' generate: left out, the generation config names EOS; None or [] disables it."""
         return resolve_eos(eos_token_id, self.limits)
 
+    @with_options_signature
     @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.LongTensor,
-        max_new_tokens: int = 128,
-        threshold: float | None = None,
-        max_draft_steps: int | None = None,
-        eos_token_id: int | list[int] | None | str = FROM_GENERATION_CONFIG,
+        *,
         streamer=None,
-        policy: str | PolicyConfig = "adaptive",
-        tree: bool = False,
-        tree_top_k: int | None = None,
-        tree_max_nodes: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
         attention_mask: torch.Tensor | None = None,
-        lookup_tokens: int | None = None,
-        lookup_min_ngram: int | None = None,
-        lookup_max_ngram: int | None = None,
+        **options: Any,
     ) -> GenerateOutput:
         """Decode losslessly: greedy output token-identical to ``base.generate(input_ids, do_sample=False, ...)``.
+
+        Every keyword but ``streamer`` and ``attention_mask`` is an option of ``GenerationOptions`` (``settings.py``),
+        where its name and default are written; ``help()`` lists them all, and an unknown keyword is a TypeError
+        that names it and the valid ones.
 
         ``threshold`` (η) and ``max_draft_steps`` (γ) default to the adapter checkpoint's recorded generation
         defaults, else 0.6 and 6; ``max_draft_steps=0`` turns adapter drafting off (with ``lookup_tokens=0`` too, every
@@ -183,12 +179,8 @@ class KangarooModel:
         """
         shape = getattr(input_ids, "shape", ())
         batched = attention_mask is not None or (len(shape) == 2 and shape[0] > 1)
-        settings = self.generation_settings(
-            batched=batched, max_new_tokens=max_new_tokens, threshold=threshold, max_draft_steps=max_draft_steps,
-            eos_token_id=eos_token_id, policy=policy, tree=tree, tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, lookup_tokens=lookup_tokens,
-            lookup_min_ngram=lookup_min_ngram, lookup_max_ngram=lookup_max_ngram,
-        )  # fmt: skip
+        options = GenerationOptions.of(options, "KangarooModel.generate()", ("input_ids", "streamer", "attention_mask"))
+        settings = GenerationSettings.resolve(self.limits, self.adapter.config.generation, options, batched=batched)
         if batched:
             if streamer is not None:
                 raise ValueError("A streamer takes one prompt: pass input_ids of shape [1, T] without attention_mask.")

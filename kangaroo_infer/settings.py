@@ -1,13 +1,19 @@
-"""Generation settings, validated once (the role of transformers' ``GenerationConfig``).
+"""Generation options and settings, validated once (the role of transformers' ``GenerationConfig``).
 
-``KangarooModel.generate`` hands its keyword arguments here; every unset one takes the adapter checkpoint's recorded
-generation default, else ``DEFAULT_GENERATION``; every bad value (and a bad prompt) is refused with one message that
-names the problem and the fix. The decoding loop then reads a frozen ``GenerationSettings`` and checks nothing.
+``GenerationOptions`` is what a caller may set for a ``generate`` call: each keyword's name, default and command-line
+flag is written there and nowhere else (``generate``, ``generation_settings``, the CLI and bench read it). Every unset
+one takes the adapter checkpoint's recorded generation default, else ``DEFAULT_GENERATION``; every bad value (and a
+bad prompt) is refused with one message that names the problem and the fix. The decoding loop then reads a frozen
+``GenerationSettings`` and checks nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -24,14 +30,106 @@ DEFAULT_GENERATION = {
     "lookup_min_ngram": 2,
     "lookup_max_ngram": 3,
 }
-FLAGS = {  # generate's keyword -> the command line's flag, as check(flags=True) names it
-    "max_new_tokens": "--max-new-tokens", "threshold": "--threshold (η)", "max_draft_steps": "--steps",
-    "tree": "--tree", "tree_top_k": "--tree-top-k", "tree_max_nodes": "--tree-max-nodes",
-    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
-    "lookup_tokens": "--lookup-tokens", "lookup_min_ngram": "--lookup-min-ngram",
-    "lookup_max_ngram": "--lookup-max-ngram", "policy": "--policy",
-}  # fmt: skip
 FROM_GENERATION_CONFIG = "from_generation_config"  # eos_token_id default: as base.generate without the argument
+
+
+def option(default: Any, flag: str | None = None) -> Any:
+    """A ``generate`` keyword's default and the command-line flag that sets it (how ``check(flags=True)`` names it;
+    None: no flag)."""
+    return field(default=default, metadata={"flag": flag})
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The keyword arguments of ``generate``, as the caller gave them. None: the adapter checkpoint's recorded
+    default, else DEFAULT_GENERATION's (``filled``). A new option is one field here, its check in ``check``, and a
+    line in ``generate``'s docstring (and a field of ``GenerationSettings`` of the same name if decoding reads it)."""
+
+    max_new_tokens: int = option(128, "--max-new-tokens")
+    threshold: float | None = option(None, "--threshold (η)")  # η: a draft step below it ends the round's drafting
+    max_draft_steps: int | None = option(None, "--steps")  # γ: most adapter drafts per round (0: off)
+    eos_token_id: int | list[int] | None | str = option(FROM_GENERATION_CONFIG)
+    policy: str | PolicyConfig = option("adaptive", "--policy")
+    tree: bool = option(False, "--tree")
+    tree_top_k: int | None = option(None, "--tree-top-k")
+    tree_max_nodes: int | None = option(None, "--tree-max-nodes")
+    temperature: float = option(0.0, "--temperature")
+    top_p: float = option(1.0, "--top-p")
+    top_k: int = option(0, "--top-k")
+    seed: int | None = option(None, "--seed")
+    lookup_tokens: int | None = option(None, "--lookup-tokens")  # 0: lookup drafting off
+    lookup_min_ngram: int | None = option(None, "--lookup-min-ngram")
+    lookup_max_ngram: int | None = option(None, "--lookup-max-ngram")
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], caller: str, others: tuple[str, ...] = ()) -> GenerationOptions:
+        """``options``, the ``**options`` of ``caller``: a name that is not an option is refused as Python refuses
+        an unknown keyword (TypeError), with the closest valid name and all of them (``others``: the caller's own)."""
+        valid = [*others, *(f.name for f in fields(cls))]
+        for key in options:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(
+                    f"{caller} got an unexpected keyword argument {key!r}{hint}; its keyword arguments are "
+                    f"{', '.join(valid)}."
+                )
+        return cls(**options)
+
+    def filled(self, defaults: Mapping[str, Any]) -> GenerationOptions:
+        """Every None replaced by ``defaults`` (the adapter checkpoint's) over DEFAULT_GENERATION."""
+        defaults = {**DEFAULT_GENERATION, **defaults}
+        return replace(self, **{key: defaults[key] for key in DEFAULT_GENERATION if getattr(self, key) is None})
+
+    def check(self, *, flags: bool = False, batched: bool = False) -> None:
+        """Every option that can be checked without a model (None: the adapter's default, checked once filled in),
+        so the CLI refuses a bad value before a model loads for minutes. ``flags`` names values by their
+        command-line flags (``--steps``) instead of ``generate``'s keywords."""
+        flag = {f.name: f.metadata["flag"] for f in fields(self)}
+
+        def name(key: str) -> str:
+            return flag[key] if flags else key
+
+        check_int(name("max_new_tokens"), self.max_new_tokens, 1, rule=None if flags else "be a positive integer")
+        if self.threshold is not None:
+            check_real(name("threshold"), self.threshold, 0.0, 1.0, rule="lie in [0, 1]")
+        for key, low in (("max_draft_steps", 0), ("tree_top_k", 1), ("tree_max_nodes", 1), ("lookup_tokens", 0),
+                         ("lookup_min_ngram", 1), ("lookup_max_ngram", 1)):  # fmt: skip
+            if getattr(self, key) is not None:
+                check_int(name(key), getattr(self, key), low)
+        low_n, high_n = self.lookup_min_ngram, self.lookup_max_ngram
+        if None not in (low_n, high_n) and low_n > high_n:
+            raise ValueError(
+                f"{name('lookup_min_ngram')} ({low_n}) must not exceed {name('lookup_max_ngram')} ({high_n})."
+            )
+        if not isinstance(self.tree, bool):
+            raise ValueError(f"{name('tree')} must be True or False; got {self.tree!r}.")
+        check_real(name("temperature"), self.temperature, 0.0, rule="be a finite number >= 0 (0 = greedy)")
+        check_real(name("top_p"), self.top_p, 0.0, 1.0, low_open=True, rule="lie in (0, 1] (1 = no nucleus cut)")
+        check_int(name("top_k"), self.top_k, 0, rule="be an integer >= 0 (0 = no top-k cut)")
+        if self.seed is not None:
+            rule = "be an integer in [0, 2**63 - 1] (a torch seed)" if flags else "be a non-negative integer or None"
+            check_int(name("seed"), self.seed, 0, 2**63 - 1, rule=rule)
+        if self.tree and (batched or self.temperature > 0):
+            drop, hot = (name("tree"), name("temperature")) if flags else ("tree", "temperature")
+            raise ValueError(
+                f"{'--tree' if flags else 'tree=True'} drafts for one prompt, greedily; drop {drop} for batches or "
+                f"{hot} > 0."
+            )
+        check_policy(self.policy)
+
+
+def with_options_signature(method: Callable) -> Callable:
+    """``method``'s signature with GenerationOptions' fields in place of its ``**options``, so that ``help()`` and
+    editors that read ``inspect.signature`` list every option with its default, written only in GenerationOptions."""
+    signature = inspect.signature(method)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    listed = [
+        inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type) for f in fields(GenerationOptions)
+    ]
+    method.__signature__ = signature.replace(parameters=[*own, *listed])
+    return method
 
 
 @dataclass(frozen=True)
@@ -45,6 +143,9 @@ class ModelLimits:
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """The options resolved for decoding: defaults filled, EOS as a set of ids, sampling as one config; a field
+    with an option's name holds that option's value."""
+
     max_new_tokens: int
     threshold: float  # η: a draft step below this top probability ends the round's drafting
     max_draft_steps: int  # γ: most adapter drafts per round (0: adapter drafting off)
@@ -62,106 +163,17 @@ class GenerationSettings:
 
     @classmethod
     def resolve(
-        cls,
-        limits: ModelLimits,
-        defaults: dict,
-        *,
-        batched: bool = False,
-        max_new_tokens: int = 128,
-        threshold: float | None = None,
-        max_draft_steps: int | None = None,
-        eos_token_id: int | list[int] | None | str = FROM_GENERATION_CONFIG,
-        policy: str | PolicyConfig = "adaptive",
-        tree: bool = False,
-        tree_top_k: int | None = None,
-        tree_max_nodes: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        lookup_tokens: int | None = None,
-        lookup_min_ngram: int | None = None,
-        lookup_max_ngram: int | None = None,
+        cls, limits: ModelLimits, defaults: Mapping[str, Any], options: GenerationOptions, *, batched: bool = False
     ) -> GenerationSettings:
-        """Fill unset values from ``defaults`` (the adapter's, over DEFAULT_GENERATION) and validate everything."""
-        defaults = {**DEFAULT_GENERATION, **defaults}
-
-        def pick(name: str, value):
-            return defaults[name] if value is None else value
-
-        threshold, steps = pick("threshold", threshold), pick("max_draft_steps", max_draft_steps)
-        tree_top_k, tree_max_nodes = pick("tree_top_k", tree_top_k), pick("tree_max_nodes", tree_max_nodes)
-        lookup = [pick(name, value) for name, value in (
-            ("lookup_tokens", lookup_tokens), ("lookup_min_ngram", lookup_min_ngram),
-            ("lookup_max_ngram", lookup_max_ngram))]  # fmt: skip
-        cls.check(
-            max_new_tokens=max_new_tokens, threshold=threshold, max_draft_steps=steps, policy=policy, tree=tree,
-            tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed, lookup_tokens=lookup[0], lookup_min_ngram=lookup[1], lookup_max_ngram=lookup[2], batched=batched,
-        )  # fmt: skip
-        sampling = SamplingConfig(temperature, top_p, top_k)
-        eos_ids = resolve_eos(eos_token_id, limits)
+        """Fill unset options from ``defaults`` (the adapter's, over DEFAULT_GENERATION) and validate everything."""
+        options = options.filled(defaults)
+        options.check(batched=batched)
+        sampling = SamplingConfig(options.temperature, options.top_p, options.top_k)
+        eos_ids = resolve_eos(options.eos_token_id, limits)
+        same = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
         return cls(
-            max_new_tokens, float(threshold), steps, eos_ids, policy, sampling, seed, tree, tree_top_k,
-            tree_max_nodes, *lookup, batched,
-        )  # fmt: skip
-
-    @staticmethod
-    def check(
-        *,
-        flags: bool = False,
-        batched: bool = False,
-        max_new_tokens: int = 128,
-        threshold: float | None = None,
-        max_draft_steps: int | None = None,
-        policy: str | PolicyConfig = "adaptive",
-        tree: bool = False,
-        tree_top_k: int | None = None,
-        tree_max_nodes: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        lookup_tokens: int | None = None,
-        lookup_min_ngram: int | None = None,
-        lookup_max_ngram: int | None = None,
-    ) -> None:
-        """Every setting that can be checked without a model (None: the adapter's default, checked once filled in),
-        so the CLI refuses a bad value before a model loads for minutes. ``flags`` names values by their
-        command-line flags (``--steps``) instead of ``generate``'s keywords."""
-
-        def name(key: str) -> str:
-            return FLAGS[key] if flags else key
-
-        check_int(name("max_new_tokens"), max_new_tokens, 1, rule=None if flags else "be a positive integer")
-        if threshold is not None:
-            check_real(name("threshold"), threshold, 0.0, 1.0, rule="lie in [0, 1]")
-        optional = (("max_draft_steps", max_draft_steps, 0), ("tree_top_k", tree_top_k, 1),
-                    ("tree_max_nodes", tree_max_nodes, 1), ("lookup_tokens", lookup_tokens, 0),
-                    ("lookup_min_ngram", lookup_min_ngram, 1), ("lookup_max_ngram", lookup_max_ngram, 1))  # fmt: skip
-        for key, value, low in optional:
-            if value is not None:
-                check_int(name(key), value, low)
-        if None not in (lookup_min_ngram, lookup_max_ngram) and lookup_min_ngram > lookup_max_ngram:
-            raise ValueError(
-                f"{name('lookup_min_ngram')} ({lookup_min_ngram}) must not exceed {name('lookup_max_ngram')} "
-                f"({lookup_max_ngram})."
-            )
-        if not isinstance(tree, bool):
-            raise ValueError(f"{name('tree')} must be True or False; got {tree!r}.")
-        check_real(name("temperature"), temperature, 0.0, rule="be a finite number >= 0 (0 = greedy)")
-        check_real(name("top_p"), top_p, 0.0, 1.0, low_open=True, rule="lie in (0, 1] (1 = no nucleus cut)")
-        check_int(name("top_k"), top_k, 0, rule="be an integer >= 0 (0 = no top-k cut)")
-        if seed is not None:
-            rule = "be an integer in [0, 2**63 - 1] (a torch seed)" if flags else "be a non-negative integer or None"
-            check_int(name("seed"), seed, 0, 2**63 - 1, rule=rule)
-        if tree and (batched or temperature > 0):
-            drop, hot = (name("tree"), name("temperature")) if flags else ("tree", "temperature")
-            raise ValueError(
-                f"{'--tree' if flags else 'tree=True'} drafts for one prompt, greedily; drop {drop} for batches or "
-                f"{hot} > 0."
-            )
-        check_policy(policy)
+            **{**same, "threshold": float(options.threshold)}, eos_ids=eos_ids, sampling=sampling, batched=batched
+        )
 
     def check_prompt(self, input_ids: torch.Tensor, limits: ModelLimits) -> None:
         """One prompt ([1, T], no padding): integer ids inside the vocabulary, and room for max_new_tokens."""

@@ -279,6 +279,28 @@ def test_generate_numeric_arguments_are_checked_before_the_model_loads(tmp_path,
     assert message in err and "does not exist" not in err, err
 
 
+def test_generate_names_an_unknown_keyword_and_lists_every_option():
+    """generate's options are written once (GenerationOptions); a misspelt one is still refused as clearly as Python
+    refuses an unknown keyword, and help() still lists every option with its default."""
+    import inspect
+    from dataclasses import fields
+
+    from kangaroo_infer.settings import GenerationOptions
+
+    km = KangarooModel.from_pretrained(tiny_model(), exit_layer=2)
+    with pytest.raises(TypeError) as err:
+        km.generate(torch.tensor([[5, 6, 7]]), tresh=0.5)
+    message = str(err.value)
+    assert "KangarooModel.generate() got an unexpected keyword argument 'tresh' (did you mean 'threshold'?)" in message
+    assert all(f.name in message for f in fields(GenerationOptions)) and "attention_mask" in message, message
+    with pytest.raises(TypeError, match="generation_settings\\(\\) got an unexpected keyword argument 'streamer'"):
+        km.generation_settings(streamer=None)
+    options = {f.name: f.default for f in fields(GenerationOptions)}
+    for method in (km.generate, km.generation_settings):
+        listed = {name: p.default for name, p in inspect.signature(method).parameters.items()}
+        assert options.items() <= listed.items(), listed
+
+
 # ---- 8. issue #28: settings checked before any stage, adapter configs, Ctrl-C, messages that name the fix -------
 
 
@@ -319,6 +341,20 @@ def test_every_setting_is_checked_before_any_stage(override, message, tmp_path):
         validate_config(cfg)
     assert message in str(err.value), err.value
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_checks_compare_an_int_too_large_for_a_float_exactly():
+    """One predicate (is_real) for both packages: an int beyond float range is a number, compared exactly, not an
+    OverflowError from math.isfinite."""
+    from kangaroo_infer.checks import check_real, is_real
+    from kangaroo_train.checks import require_number
+
+    assert is_real(10**400, 0) and not is_real(10**400, 0, 1) and not is_real(True) and not is_real(float("inf"))
+    with pytest.raises(ValueError, match="x must be a finite number >= 0; got -1000"):
+        check_real("x", -(10**400), 0)
+    require_number("optim.lr", 10**400, 0)
+    with pytest.raises(ValueError, match=r"optim.betas\[0\]=1000.* must be in \[0, 1\)"):
+        require_number("optim.betas[0]", 10**400, 0, 1, high_open=True)
 
 
 def test_distill_settings_refuse_nan():

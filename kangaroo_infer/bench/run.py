@@ -20,7 +20,7 @@ from ..dtype import cpu_name
 from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
-from ..settings import GenerationSettings
+from ..settings import GenerationOptions
 from .cost import cost_profile, rounds_limit
 from .decoders import KANGAROO, VANILLA, make_decoders, make_peers
 from .out_dir import (
@@ -61,11 +61,10 @@ def check_bench_args(
 ) -> None:
     """Every setting of a question benchmark that can be checked without the model: a rejected run must not have
     loaded a model for minutes, nor touched the answers of an earlier one."""
-    GenerationSettings.check(
-        flags=True, max_new_tokens=max_new_tokens, threshold=threshold, max_draft_steps=steps,
-        temperature=temperature, tree=tree, tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes,
-        lookup_tokens=lookup_tokens,
-    )  # fmt: skip
+    GenerationOptions(
+        max_new_tokens=max_new_tokens, threshold=threshold, max_draft_steps=steps, temperature=temperature, tree=tree,
+        tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes, lookup_tokens=lookup_tokens,
+    ).check(flags=True)  # fmt: skip
     if num_questions is not None:
         check_int("--num-questions", num_questions, 1)
     check_int("--warmup", warmup, 0)
