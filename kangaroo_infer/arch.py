@@ -142,6 +142,11 @@ class Backbone:
         return self.lm_head(self.norm(hidden))
 
     @property
+    def linears(self) -> list[nn.Linear]:
+        """Every linear layer of the decoder layers, and the LM head."""
+        return [m for layer in self.layers for m in layer.modules() if isinstance(m, nn.Linear)] + [self.lm_head]
+
+    @property
     def eager(self) -> bool:
         return self.model.config._attn_implementation == "eager"
 

@@ -27,6 +27,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="verified rows with one-row numerics, so greedy output is token-identical to generate in that dtype "
         "(default: on in bf16/fp16, off in fp32; --no-exact-verify trades identity for speed, docs/decoding.md)",
     )
+    parser.add_argument(
+        "--pack-weights",
+        action=argparse.BooleanOptionalAction,
+        help="run the base's linears on weights packed once for oneDNN: bit-equal outputs, faster, a second copy of "
+        "those weights in memory (default: on for bf16 on CPU; docs/decoding.md)",
+    )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threshold", type=float, help="early-exit threshold η (default: adapter's, else 0.6)")
     parser.add_argument(
@@ -181,10 +187,12 @@ def load_model(args: argparse.Namespace):
         device=args.device,
         init=args.init,
         exact_verify=args.exact_verify,
+        pack_weights=args.pack_weights,
     )
     exact = "on" if km.backbone.invariance is not None else "off"
-    print(f"dtype {str(km.base.dtype).removeprefix('torch.')} ({km.dtype_reason}); exact verification {exact}",
-          file=sys.stderr)  # fmt: skip
+    packed = "on" if km.packing is not None else "off"
+    print(f"dtype {str(km.base.dtype).removeprefix('torch.')} ({km.dtype_reason}); exact verification {exact}; "
+          f"packed weights {packed}", file=sys.stderr)  # fmt: skip
     return km
 
 

@@ -6,6 +6,7 @@ processed q (kept, as the acceptance rule needs it). Whatever proposes tokens re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,17 +25,19 @@ class DraftHead:
     weight: torch.Tensor  # [V_draft, H]
     bias: torch.Tensor | None  # [V_draft]
     vocab: torch.Tensor | None  # [V_draft] token id of each row (None: row i is token i)
+    linear: Callable = torch.nn.functional.linear  # (x, weight, bias) -> x W^T + b; packed.py's where packing is on
 
     @classmethod
-    def of(cls, lm_head: torch.nn.Linear, adapter: KangarooAdapter) -> DraftHead:
+    def of(cls, lm_head: torch.nn.Linear, adapter: KangarooAdapter, linear: Callable | None = None) -> DraftHead:
+        linear = linear or torch.nn.functional.linear
         vocab = getattr(adapter, "draft_vocab", None)
         if vocab is None:
-            return cls(lm_head.weight, lm_head.bias, None)
+            return cls(lm_head.weight, lm_head.bias, None, linear)
         bias = None if lm_head.bias is None else lm_head.bias[vocab].contiguous()
-        return cls(lm_head.weight[vocab].contiguous(), bias, vocab)
+        return cls(lm_head.weight[vocab].contiguous(), bias, vocab, linear)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V_draft]
-        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return self.linear(hidden, self.weight, self.bias)
 
     def token(self, index: int) -> int:
         return index if self.vocab is None else int(self.vocab[index])

@@ -148,11 +148,25 @@ def rowwise_attention(
 AttentionInterface.register(ROWWISE, rowwise_attention)
 
 
-def _rowwise_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # [B, q, K] -> [B, q, N]
-    """The layer one row at a time, each row as its own [1, 1, K] call (the one-row step's call)."""
+def _rowwise_linear(linear: nn.Module, x: torch.Tensor, forward: Callable | None = None) -> torch.Tensor:
+    """The layer one row at a time, each row as its own [1, 1, K] call (the one-row step's call), through
+    ``forward`` (default: ``nn.functional.linear`` with the layer's weights)."""
     rows = x.reshape(-1, 1, 1, x.shape[-1])
-    out = torch.cat([nn.functional.linear(row, linear.weight, linear.bias) for row in rows], dim=0)
+    if forward is None:
+        out = torch.cat([nn.functional.linear(row, linear.weight, linear.bias) for row in rows], dim=0)
+    else:
+        out = torch.cat([forward(row) for row in rows], dim=0)
     return out.reshape(*x.shape[:-1], -1)
+
+
+class _RowwiseForward:
+    """A row-dependent layer's forward within ``RowInvariance.rows``: one row per call through its forward before."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.inner = module, module.forward
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _rowwise_linear(self.module, x, self.inner)
 
 
 class RowInvariance:
@@ -237,11 +251,15 @@ class RowInvariance:
         patched = [m for m in linears if self.row_dependent(m, rows)]
         saved = self.config._attn_implementation_internal
         self.config._attn_implementation_internal = ROWWISE  # the attribute behind the validating setter
+        forwards = [(m, m.__dict__.get("forward")) for m in patched]  # e.g. packed.py's, kept underneath
         for m in patched:
-            m.forward = _rowwise_linear.__get__(m)
+            m.forward = _RowwiseForward(m)
         try:
             yield
         finally:
             self.config._attn_implementation_internal = saved
-            for m in patched:
-                del m.forward
+            for m, forward in forwards:
+                if forward is None:
+                    del m.forward
+                else:
+                    m.forward = forward

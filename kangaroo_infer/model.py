@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from .draft import DraftHead, adapter_logits, shallow_step
 from .dtype import AUTO, resolve_dtype
 from .invariance import RowInvariance
 from .outputs import GenerateOutput
+from .packed import PackedWeights, packing_available
 from .rounds import PromptRows, decode
 from .sample import make_generator
 from .settings import (
@@ -38,7 +41,13 @@ __all__ = ["DEFAULT_GENERATION", "FROM_GENERATION_CONFIG", "GenerateOutput", "Ka
 class KangarooModel:
     """Double early exiting: draft with layers [0, ℓ) + adapter, verify with layers [ℓ, L) in one pass."""
 
-    def __init__(self, base: PreTrainedModel, adapter: KangarooAdapter, exact_verify: bool | None = None):
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        adapter: KangarooAdapter,
+        exact_verify: bool | None = None,
+        pack_weights: bool | None = None,
+    ):
         """``exact_verify`` (default: on in bf16 and fp16, off in fp32) gives every row of a multi-row pass the
         numerics of the one-row decode step (``invariance.py``): greedy output token-identical to ``generate`` in
         that dtype, at the cost of per-row attention and of running row-dependent GEMM shapes one row at a time.
@@ -54,6 +63,9 @@ class KangarooModel:
         if exact_verify:
             self.backbone.invariance = RowInvariance(base.config, self.backbone.layers, self.backbone.lm_head)
         check_exit_layer(adapter.config.exit_layer, self.backbone.num_layers)
+        if pack_weights is None:
+            pack_weights = packing_available(self.backbone.lm_head.weight)
+        self.packing = PackedWeights() if pack_weights else None
         self._draft_head: tuple[tuple, DraftHead] | None = None
 
     @property
@@ -67,8 +79,19 @@ class KangarooModel:
         weight = self.backbone.lm_head.weight
         key = (id(vocab), None if vocab is None else vocab.data_ptr(), weight.data_ptr(), weight.dtype, weight.device)
         if self._draft_head is None or self._draft_head[0] != key:
-            self._draft_head = (key, DraftHead.of(self.backbone.lm_head, self.adapter))
+            linear = self.packing.linear if self.packing is not None else torch.nn.functional.linear
+            self._draft_head = (key, DraftHead.of(self.backbone.lm_head, self.adapter, linear))
         return self._draft_head[1]
+
+    @contextmanager
+    def packed(self) -> Iterator[None]:
+        """Within: the base's linears run on packed weights (``pack_weights``; bit-equal, faster); outside, the base
+        model is as loaded. ``generate`` decodes inside it; wrap other timed uses of the round pieces below in it."""
+        if self.packing is None:
+            yield
+            return
+        with self.packing.patched(self.backbone.linears):
+            yield
 
     @classmethod
     def from_pretrained(
@@ -80,6 +103,7 @@ class KangarooModel:
         device: torch.device | str | None = None,
         init: str = "random",
         exact_verify: bool | None = None,
+        pack_weights: bool | None = None,
     ) -> KangarooModel:
         """Load a base model and an adapter checkpoint (or make a fresh adapter when ``adapter`` is None).
 
@@ -87,18 +111,18 @@ class KangarooModel:
         takes the base recorded in the adapter's config. ``exit_layer`` is required for a fresh adapter and, with a
         checkpoint, must agree with the checkpoint's. ``dtype`` "auto" (default) loads bf16 where the machine computes
         it natively and faster, else fp32 (``dtype.py``; a loaded model keeps its own); ``dtype_reason`` says which
-        and why. ``exact_verify``: see ``KangarooModel``.
+        and why. ``exact_verify``, ``pack_weights``: see ``KangarooModel``.
         """
         if isinstance(base_model, PreTrainedModel) and dtype == AUTO:
             dtype, reason = None, "the loaded model's own"
         else:
             dtype, reason = resolve_dtype(dtype, device, kangaroo_home())
-        km = cls._load(base_model, adapter, exit_layer, dtype, device, init, exact_verify)
+        km = cls._load(base_model, adapter, exit_layer, dtype, device, init, (exact_verify, pack_weights))
         km.dtype_reason = reason
         return km
 
     @classmethod
-    def _load(cls, base_model, adapter, exit_layer, dtype, device, init, exact_verify) -> KangarooModel:
+    def _load(cls, base_model, adapter, exit_layer, dtype, device, init, options: tuple) -> KangarooModel:
         if adapter is None:
             if base_model is None:
                 raise ValueError("Name a base model (base_model=...) or an adapter checkpoint (adapter=DIR).")
@@ -109,7 +133,7 @@ class KangarooModel:
             base = load_base(base_model, dtype, device)
             check_exit_layer(exit_layer, base.config.num_hidden_layers)
             name = None if isinstance(base_model, PreTrainedModel) else str(base_model)
-            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), exact_verify)
+            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), *options)
         config = read_adapter_config(adapter)
         if exit_layer is not None and exit_layer != config.exit_layer:
             raise ValueError(
@@ -121,7 +145,7 @@ class KangarooModel:
                 raise ValueError(f"Adapter {adapter} records no base model; pass base_model=... explicitly.")
             base_model = resolve_recorded_base(config.base_model, Path(adapter))
         base = load_base(base_model, dtype, device)
-        return cls(base, KangarooAdapter.from_pretrained(adapter, base), exact_verify)
+        return cls(base, KangarooAdapter.from_pretrained(adapter, base), *options)
 
     @property
     def limits(self) -> ModelLimits:
@@ -191,11 +215,12 @@ class KangarooModel:
             settings.check_prompt(input_ids, self.limits)
         device = self.backbone.embed_tokens.weight.device
         generator = None if settings.sampling.greedy else make_generator(settings.seed, device)
-        if batched:
-            rows = BatchRows(self, input_ids, pad, settings, generator)
-        else:
-            rows = PromptRows(self, input_ids, settings, generator)
-        return decode(rows, settings, generator, batched, streamer)
+        with self.packed():
+            if batched:
+                rows = BatchRows(self, input_ids, pad, settings, generator)
+            else:
+                rows = PromptRows(self, input_ids, settings, generator)
+            return decode(rows, settings, generator, batched, streamer)
 
     def prefill(self, input_ids: torch.Tensor, cache: KangarooCache) -> torch.Tensor:  # [1, T] -> [V]
         """All layers over the prompt into ``cache``; the adapter will read the prompt's exit states with its first

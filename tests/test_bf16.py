@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from kangaroo_infer import KangarooModel
 from kangaroo_infer.invariance import RowInvariance
+from kangaroo_infer.packed import PackedWeights, packing_available
 from kangaroo_infer.scheduler import PolicyConfig
 
 from .conftest import VOCAB, identity_adapter, tiny_model
@@ -107,6 +108,36 @@ def test_exact_verify_off_and_fp32_default():
     fp32 = tiny_model("llama")
     assert KangarooModel.from_pretrained(fp32, exit_layer=2).backbone.invariance is None
     assert KangarooModel.from_pretrained(fp32, exit_layer=2, exact_verify=True).backbone.invariance is not None
+
+
+def test_packed_weights_bit_equal_restored_and_repacked():
+    """Packing (on by default for a bf16 base on CPU where oneDNN has the op) changes no output: ``linear`` equals
+    ``nn.functional.linear`` for every row count, with and without bias, also after the weight changes in place;
+    modules get their own forward back after ``packed()`` and after the exact path's per-row patch inside it."""
+    model = bf16_model("qwen2")  # q/k/v with bias
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    assert (km.packing is not None) == packing_available(km.backbone.lm_head.weight)
+    packing = km.packing or PackedWeights()
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        layer = model.model.layers[0]
+        for linear in (layer.self_attn.q_proj, layer.mlp.down_proj, km.backbone.lm_head):
+            for rows in (1, 2, 3, 5, 9, 70):
+                x = torch.randn(1, rows, linear.in_features, generator=gen).to(BF16)
+                assert torch.equal(packing.linear(x, linear.weight, linear.bias), linear(x))
+        down = model.model.layers[1].mlp.down_proj
+        x = torch.randn(1, 3, down.in_features, generator=gen).to(BF16)
+        packing.linear(x, down.weight, None)
+        down.weight.mul_(2)  # a new version of the weight: packed again, never the stale copy
+        assert torch.equal(packing.linear(x, down.weight, None), torch.nn.functional.linear(x, down.weight))
+    with km.packed():
+        patched = "forward" in km.backbone.lm_head.__dict__
+        with km.backbone.invariance.rows(range(km.backbone.num_layers), 4, head=True):
+            pass
+        assert ("forward" in km.backbone.lm_head.__dict__) == patched
+    assert not any("forward" in m.__dict__ for m in km.backbone.linears)
+    assert KangarooModel.from_pretrained(model, exit_layer=2, pack_weights=False).packing is None
+    assert KangarooModel.from_pretrained(tiny_model("llama"), exit_layer=2).packing is None  # fp32
 
 
 def test_probe_finds_a_row_dependent_kernel():

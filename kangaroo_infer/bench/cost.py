@@ -25,53 +25,54 @@ def cost_profile(km: KangarooModel, ids: torch.Tensor, max_k: int = 8, reps: int
     """Median milliseconds of the pieces of a round, measured at the context of ``ids`` [1, T].
 
     full_forward_1: all layers + head for one token; deep_verify_k: layers [ℓ, L) + head over k tokens;
-    draft_step: layers [0, ℓ) + adapter + head for one token.
+    draft_step: layers [0, ℓ) + adapter + head for one token. Timed inside ``km.packed()``, as ``generate`` runs.
     """
-    cache = km.new_cache()
-    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)  # time finished work only
-    token = torch.tensor([[int(km.prefill(ids, cache).argmax())]], device=ids.device)  # [1, 1]
-    base_len = cache.shallow_len
-    adapter_len = base_len  # after the first draft step below, the adapter has read the prompt
-    km.draft_logits(km.shallow_pass(token, cache), cache)  # the adapter reads the prompt once
-    cache.crop(base_len, adapter_len)
+    with km.packed():
+        cache = km.new_cache()
+        sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)  # time finished work only
+        token = torch.tensor([[int(km.prefill(ids, cache).argmax())]], device=ids.device)  # [1, 1]
+        base_len = cache.shallow_len
+        adapter_len = base_len  # after the first draft step below, the adapter has read the prompt
+        km.draft_logits(km.shallow_pass(token, cache), cache)  # the adapter reads the prompt once
+        cache.crop(base_len, adapter_len)
 
-    def median_ms(setup: Callable[[], None], fn: Callable[[], Any]) -> float:
-        """``fn`` timed ``reps`` times after an untimed ``setup``, the cache put back after each."""
-        times = []
-        for _ in range(reps):
-            setup()
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1000)
-            cache.crop(base_len, adapter_len)
-        return statistics.median(times)
+        def median_ms(setup: Callable[[], None], fn: Callable[[], Any]) -> float:
+            """``fn`` timed ``reps`` times after an untimed ``setup``, the cache put back after each."""
+            times = []
+            for _ in range(reps):
+                setup()
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append((time.perf_counter() - start) * 1000)
+                cache.crop(base_len, adapter_len)
+            return statistics.median(times)
 
-    def nothing() -> None:
-        pass
+        def nothing() -> None:
+            pass
 
-    def one_token_full() -> None:
-        km.shallow_pass(token, cache)
-        km.deep_pass(cache)
+        def one_token_full() -> None:
+            km.shallow_pass(token, cache)
+            km.deep_pass(cache)
 
-    def draft_step() -> None:
-        km.draft_logits(km.shallow_pass(token, cache), cache).max(-1)
+        def draft_step() -> None:
+            km.draft_logits(km.shallow_pass(token, cache), cache).max(-1)
 
-    def pending(k: int) -> Callable[[], None]:
-        def setup() -> None:  # k tokens whose shallow pass is done, waiting for the deep pass
-            for _ in range(k):
-                km.shallow_pass(token, cache)
+        def pending(k: int) -> Callable[[], None]:
+            def setup() -> None:  # k tokens whose shallow pass is done, waiting for the deep pass
+                for _ in range(k):
+                    km.shallow_pass(token, cache)
 
-        return setup
+            return setup
 
-    median_ms(nothing, one_token_full)  # warm-up
-    return {
-        "context_tokens": base_len,
-        "full_forward_1_ms": median_ms(nothing, one_token_full),
-        "draft_step_ms": median_ms(nothing, draft_step),
-        "deep_verify_ms": {str(k): median_ms(pending(k), lambda: km.deep_pass(cache)) for k in range(1, max_k + 1)},
-    }
+        median_ms(nothing, one_token_full)  # warm-up
+        return {
+            "context_tokens": base_len,
+            "full_forward_1_ms": median_ms(nothing, one_token_full),
+            "draft_step_ms": median_ms(nothing, draft_step),
+            "deep_verify_ms": {str(k): median_ms(pending(k), lambda: km.deep_pass(cache)) for k in range(1, max_k + 1)},
+        }
 
 
 def profile_scheduler(profile: dict[str, Any], reps: int = 5) -> Scheduler:

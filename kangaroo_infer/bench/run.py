@@ -126,6 +126,7 @@ def run_config(
         "max_new_tokens": max_new_tokens,
         "dtype": str(km.base.dtype).removeprefix("torch."),
         "exact_verify": km.backbone.invariance is not None,
+        "packed_weights": km.packing is not None,
         "device": str(km.backbone.embed_tokens.weight.device),
         "torch_threads": torch.get_num_threads(),
     }

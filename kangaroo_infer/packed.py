@@ -1,0 +1,127 @@
+"""Prepacked bf16 weights: torch's own bf16 linear kernel on CPU, without the weight copy it makes on every call.
+
+On a CPU torch computes a bf16 ``nn.Linear`` with oneDNN, which first copies the weight into the blocked layout of
+its kernel, on every call. Decoding calls each layer with a few rows, so that copy is a large share of a step. Copied
+once (``torch.ops.mkldnn._reorder_linear_weight``) and run by ``torch.ops.mkldnn._linear_pointwise`` (what torch's
+compiler uses for frozen weights), the same kernel does the same arithmetic: the outputs are bit-equal, the time is
+not (AMD EPYC with avx512_bf16, one row: SmolLM2's 1536→576 projection 111 → 50 µs, its 49,152-row LM head
+20.6 → 12.0 ms, both measured on a loaded machine; docs/decoding.md).
+
+Bit-equality is probed, never assumed: a (weight shape, bias, row count) is packed only after random inputs gave
+identical outputs through both paths (``invariance.PROBE_ELEMENTS`` output elements, enough to expose a different
+summation order); every other call, and every pass of more than ``MAX_ROWS`` rows (a long prefill), runs
+``nn.functional.linear`` as before. Where the op is missing or the weights are not bf16 on a CPU, nothing is packed.
+Kangaroo's output therefore never depends on packing; only its speed does. The base model itself is left alone:
+its linears run packed only inside Kangaroo's own passes (``patched``), so a vanilla ``generate`` on the same model
+is unchanged. Packing keeps a second copy of each packed weight (for a model computing in bf16 on CPU: the size of
+its linear layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .invariance import PROBE_ELEMENTS
+
+MAX_ROWS = 64  # passes with more rows (a long prefill) run unpacked: their kernels are not probed
+
+
+def packing_available(weight: torch.Tensor) -> bool:
+    """bf16 weights on a CPU whose torch has oneDNN's packed linear."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+class PackedWeights:
+    """Packed copies of frozen bf16 weights and the probes that allow using them; one per loaded model."""
+
+    def __init__(self) -> None:
+        self._packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight) -> (what it was packed from, packed)
+        self._equal: dict[tuple, bool] = {}  # (shape, bias, rows) -> packed output equals F.linear's
+        self._generator = torch.Generator().manual_seed(0)  # probe inputs; the caller's RNG is left alone
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``nn.functional.linear(x, weight, bias)``, bit for bit; packed where the probe allows it."""
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if not 0 < rows <= MAX_ROWS or x.dtype != weight.dtype or not packing_available(weight):
+            return nn.functional.linear(x, weight, bias)
+        packed = self._pack(weight)
+        if packed is None or not self._same(weight, bias, packed, rows):
+            return nn.functional.linear(x, weight, bias)
+        out = self._run(x.reshape(rows, x.shape[-1]), packed, bias)  # [rows, N]
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @contextmanager
+    def patched(self, linears: list[nn.Linear]) -> Iterator[None]:
+        """Within: these modules compute through ``linear`` (restored after, whatever forward they had)."""
+        saved = [(m, m.__dict__.get("forward")) for m in linears]
+        for m in linears:
+            m.forward = _PackedForward(self, m)
+        try:
+            yield
+        finally:
+            for m, forward in saved:
+                if forward is None:
+                    del m.forward
+                else:
+                    m.forward = forward
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        source = (weight.data_ptr(), _version(weight), tuple(weight.shape), weight.stride())
+        entry = self._packed.get(id(weight))
+        if entry is None or entry[0] != source:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            except RuntimeError:
+                packed = None
+            entry = (source, packed)
+            self._packed[id(weight)] = entry
+        return entry[1]
+
+    @staticmethod
+    def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+
+    @torch.inference_mode()
+    def _same(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int) -> bool:
+        key = (tuple(weight.shape), bias is None, rows)
+        if key not in self._equal:
+            self._equal[key] = self._probe(weight, bias, packed, rows)
+        return self._equal[key]
+
+    def _probe(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int) -> bool:
+        for _ in range(-(-PROBE_ELEMENTS // (rows * weight.shape[0]))):
+            x = torch.randn(rows, weight.shape[1], generator=self._generator).to(weight.dtype)
+            try:
+                if not torch.equal(self._run(x, packed, bias), nn.functional.linear(x, weight, bias)):
+                    return False
+            except RuntimeError:
+                return False
+        return True
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    """The tensor's in-place update count (an inference tensor has none: it cannot change outside inference mode)."""
+    try:
+        return weight._version
+    except RuntimeError:
+        return None
+
+
+class _PackedForward:
+    """A module's forward through ``PackedWeights.linear`` (a callable object, so the patch holds no closure)."""
+
+    def __init__(self, packing: PackedWeights, module: nn.Linear):
+        self.packing, self.module = packing, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packing.linear(x, self.module.weight, self.module.bias)
