@@ -196,19 +196,21 @@ def load_model(args: argparse.Namespace):
     return km
 
 
-def _check_generate_cli(args: argparse.Namespace) -> None:
-    """``generate``'s options, checked by GenerationOptions before the model loads (minutes for a large one); the
-    exit layer's upper bound and the prompt's length wait for the model."""
+def _generate_options(args: argparse.Namespace) -> dict:
+    """``generate``'s options from the command line, checked by GenerationOptions before the model loads (minutes for
+    a large one); the exit layer's upper bound and the prompt's length wait for the model."""
     from .checks import check_int
     from .settings import GenerationOptions
 
-    GenerationOptions(
+    options = dict(
         max_new_tokens=args.max_new_tokens, threshold=args.threshold, max_draft_steps=args.steps, policy=args.policy,
         tree=args.tree, tree_top_k=args.tree_top_k, tree_max_nodes=args.tree_max_nodes, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed, lookup_tokens=args.lookup_tokens,
-    ).check(flags=True)  # fmt: skip
+    )  # fmt: skip
+    GenerationOptions(**options).check(flags=True)
     if args.exit_layer is not None:
         check_int("--exit-layer", args.exit_layer, 1)
+    return options
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -217,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .base import load_tokenizer
     from .questions import chat_ids
 
-    _check_generate_cli(args)
+    options = _generate_options(args)
     km = load_model(args)
     tokenizer = load_tokenizer(km.base)
     if args.chat:
@@ -226,22 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    out = km.generate(
-        input_ids,
-        max_new_tokens=args.max_new_tokens,
-        threshold=args.threshold,
-        max_draft_steps=args.steps,
-        streamer=streamer,
-        policy=args.policy,
-        tree=args.tree,
-        tree_top_k=args.tree_top_k,
-        tree_max_nodes=args.tree_max_nodes,
-        lookup_tokens=args.lookup_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    out = km.generate(input_ids, streamer=streamer, **options)
     seconds = time.perf_counter() - start
     n = out.num_new_tokens
     print(
