@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -92,14 +93,9 @@ def rowwise_attention(
 AttentionInterface.register(ROWWISE, rowwise_attention)
 
 
-def _rowwise_linear(linear: nn.Module, x: torch.Tensor, forward: Callable | None = None) -> torch.Tensor:
-    """The layer one row at a time, each row as its own [1, 1, K] call (the one-row step's call), through
-    ``forward`` (default: ``nn.functional.linear`` with the layer's weights)."""
-    rows = x.reshape(-1, 1, 1, x.shape[-1])
-    if forward is None:
-        out = torch.cat([nn.functional.linear(row, linear.weight, linear.bias) for row in rows], dim=0)
-    else:
-        out = torch.cat([forward(row) for row in rows], dim=0)
+def _rowwise_linear(forward: Callable, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+    """``forward`` one row at a time, each row as its own [1, 1, K] call (the one-row step's call)."""
+    out = torch.cat([forward(row) for row in x.reshape(-1, 1, 1, x.shape[-1])], dim=0)
     return out.reshape(*x.shape[:-1], -1)
 
 
@@ -107,10 +103,39 @@ class _RowwiseForward:
     """A row-dependent layer's forward within ``RowInvariance.rows``: one row per call through its forward before."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.inner = module, module.forward
+        self.inner = module.forward
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _rowwise_linear(self.module, x, self.inner)
+        return _rowwise_linear(self.inner, x)
+
+
+@contextmanager
+def forwards_replaced(modules: list[nn.Module], wrap: Callable[[nn.Module], Callable]) -> Iterator[None]:
+    """Within: each module's forward is ``wrap(module)`` (which may call the forward it had); after, whatever forward
+    each had is back (its class's, or an earlier replacement: packed.py's under this module's row-wise one)."""
+    saved = [(m, m.__dict__.get("forward")) for m in modules]
+    for m in modules:
+        m.forward = wrap(m)
+    try:
+        yield
+    finally:
+        for m, forward in saved:
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+def agree_on_random_inputs(
+    weight: torch.Tensor, rows: int, generator: torch.Generator, first: Callable, second: Callable
+) -> bool:
+    """Whether two computations of ``x @ weight.T`` give bit-equal outputs on random [rows, K] inputs, over
+    PROBE_ELEMENTS output elements (enough to expose a different summation order)."""
+    for _ in range(-(-PROBE_ELEMENTS // (rows * weight.shape[0]))):
+        x = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+        if not torch.equal(first(x), second(x)):
+            return False
+    return True
 
 
 class RowInvariance:
@@ -139,14 +164,10 @@ class RowInvariance:
 
     @torch.inference_mode()
     def _probe(self, linear: nn.Linear, rows: int) -> bool:
-        weight = linear.weight
-        for _ in range(-(-PROBE_ELEMENTS // (rows * weight.shape[0]))):
-            x = torch.randn(1, rows, weight.shape[1], generator=self._generator).to(weight.device, weight.dtype)
-            together = nn.functional.linear(x, weight, linear.bias)  # [1, rows, N]
-            alone = _rowwise_linear(linear, x)
-            if not torch.equal(together, alone):
-                return True
-        return False
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, linear.weight, linear.bias)
+
+        return not agree_on_random_inputs(linear.weight, rows, self._generator, plain, partial(_rowwise_linear, plain))
 
     def row_keys(self, allowed: torch.Tensor) -> RowKeys:  # allowed: [B, q, kv] or [q, kv] bool
         return RowKeys.of(allowed if allowed.dim() == 3 else allowed[None], self.attention)
@@ -159,15 +180,8 @@ class RowInvariance:
         patched = [m for m in linears if self.row_dependent(m, rows)]
         saved = self.config._attn_implementation_internal
         self.config._attn_implementation_internal = ROWWISE  # the attribute behind the validating setter
-        forwards = [(m, m.__dict__.get("forward")) for m in patched]  # e.g. packed.py's, kept underneath
-        for m in patched:
-            m.forward = _RowwiseForward(m)
         try:
-            yield
+            with forwards_replaced(patched, _RowwiseForward):
+                yield
         finally:
             self.config._attn_implementation_internal = saved
-            for m, forward in forwards:
-                if forward is None:
-                    del m.forward
-                else:
-                    m.forward = forward

@@ -19,13 +19,13 @@ its linear layers).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from functools import partial
 
 import torch
 from torch import nn
 
-from .invariance import PROBE_ELEMENTS
+from .invariance import agree_on_random_inputs, forwards_replaced
 
 MAX_ROWS = 64  # passes with more rows (a long prefill) run unpacked: their kernels are not probed
 
@@ -60,20 +60,9 @@ class PackedWeights:
         out = self._run(x.reshape(rows, x.shape[-1]), packed, bias)  # [rows, N]
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    @contextmanager
-    def patched(self, linears: list[nn.Linear]) -> Iterator[None]:
+    def patched(self, linears: list[nn.Linear]) -> AbstractContextManager[None]:
         """Within: these modules compute through ``linear`` (restored after, whatever forward they had)."""
-        saved = [(m, m.__dict__.get("forward")) for m in linears]
-        for m in linears:
-            m.forward = _PackedForward(self, m)
-        try:
-            yield
-        finally:
-            for m, forward in saved:
-                if forward is None:
-                    del m.forward
-                else:
-                    m.forward = forward
+        return forwards_replaced(linears, partial(_PackedForward, self))
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
         source = (weight.data_ptr(), _version(weight), tuple(weight.shape), weight.stride())
@@ -99,14 +88,13 @@ class PackedWeights:
         return self._equal[key]
 
     def _probe(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int) -> bool:
-        for _ in range(-(-PROBE_ELEMENTS // (rows * weight.shape[0]))):
-            x = torch.randn(rows, weight.shape[1], generator=self._generator).to(weight.dtype)
-            try:
-                if not torch.equal(self._run(x, packed, bias), nn.functional.linear(x, weight, bias)):
-                    return False
-            except RuntimeError:
-                return False
-        return True
+        try:
+            return agree_on_random_inputs(
+                weight, rows, self._generator, partial(self._run, packed=packed, bias=bias),
+                partial(nn.functional.linear, weight=weight, bias=bias),
+            )  # fmt: skip
+        except RuntimeError:
+            return False
 
 
 def _version(weight: torch.Tensor) -> int | None:
