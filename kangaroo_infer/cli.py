@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated peer decoders run beside vanilla and kangaroo on every question, greedy: pld "
         "(transformers' prompt lookup decoding), assisted (transformers' assisted generation with --draft-model), "
         "plain (kangaroo's loop, no drafting), lookup (kangaroo, lookup drafting only), adapter (kangaroo, adapter "
-        "drafting only)",
+        "drafting only), fp32 (vanilla generate on the base loaded again in float32, beside a bf16 run)",
     )
     b.add_argument(
         "--draft-model",

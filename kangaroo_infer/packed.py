@@ -28,43 +28,40 @@ from torch import nn
 from .invariance import agree_on_random_inputs, forwards_replaced
 
 MAX_ROWS = 64  # passes with more rows (a long prefill) run unpacked: their kernels are not probed
+_OPS_AVAILABLE = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+)  # fmt: skip
 
 
 def packing_available(weight: torch.Tensor) -> bool:
     """bf16 weights on a CPU whose torch has oneDNN's packed linear."""
-    return (
-        weight.dtype == torch.bfloat16
-        and weight.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _OPS_AVAILABLE
 
 
 class PackedWeights:
     """Packed copies of frozen bf16 weights and the probes that allow using them; one per loaded model."""
 
     def __init__(self) -> None:
-        self._packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight) -> (what it was packed from, packed)
-        self._equal: dict[tuple, bool] = {}  # (shape, bias, rows) -> packed output equals F.linear's
+        self._packed: dict[int, tuple[tuple, torch.Tensor | None]] = {}  # id(weight) -> (packed from, packed)
+        self._equal: dict[tuple, bool] = {}  # (shape, bias is None, rows) -> packed output equals F.linear's
         self._generator = torch.Generator().manual_seed(0)  # probe inputs; the caller's RNG is left alone
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``nn.functional.linear(x, weight, bias)``, bit for bit; packed where the probe allows it."""
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if not 0 < rows <= MAX_ROWS or x.dtype != weight.dtype or not packing_available(weight):
-            return nn.functional.linear(x, weight, bias)
-        packed = self._pack(weight)
-        if packed is None or not self._same(weight, bias, packed, rows):
-            return nn.functional.linear(x, weight, bias)
-        out = self._run(x.reshape(rows, x.shape[-1]), packed, bias)  # [rows, N]
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        packed = self.pack(weight) if x.dtype == weight.dtype else None
+        return self._linear(x, weight, bias, packed, (tuple(weight.shape), bias is None))
 
     def patched(self, linears: list[nn.Linear]) -> AbstractContextManager[None]:
-        """Within: these modules compute through ``linear`` (restored after, whatever forward they had)."""
+        """Within: these modules compute through their packed weights (restored after, whatever forward they had).
+        Each weight is checked once, on entry: a weight changed in place since the last pass is packed again."""
         return forwards_replaced(linears, partial(_PackedForward, self))
 
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The weight in oneDNN's layout, packed again when the tensor changed; None where it cannot be packed."""
+        if not packing_available(weight):
+            return None
         source = (weight.data_ptr(), _version(weight), tuple(weight.shape), weight.stride())
         entry = self._packed.get(id(weight))
         if entry is None or entry[0] != source:
@@ -76,17 +73,30 @@ class PackedWeights:
             self._packed[id(weight)] = entry
         return entry[1]
 
+    def _linear(
+        self,
+        x: torch.Tensor,  # [..., K]
+        weight: torch.Tensor,  # [N, K]
+        bias: torch.Tensor | None,
+        packed: torch.Tensor | None,  # ``pack(weight)``
+        shape: tuple,  # (weight shape, bias is None): the probe's key without the row count
+    ) -> torch.Tensor:  # [..., N]
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if packed is None or not 0 < rows <= MAX_ROWS or x.dtype != weight.dtype:
+            return nn.functional.linear(x, weight, bias)
+        same = self._equal.get((*shape, rows))
+        if same is None:
+            same = self._equal[(*shape, rows)] = self._probe(weight, bias, packed, rows)
+        if not same:
+            return nn.functional.linear(x, weight, bias)
+        out = self._run(x.reshape(rows, x.shape[-1]), packed, bias)  # [rows, N]
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
     @staticmethod
     def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
     @torch.inference_mode()
-    def _same(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int) -> bool:
-        key = (tuple(weight.shape), bias is None, rows)
-        if key not in self._equal:
-            self._equal[key] = self._probe(weight, bias, packed, rows)
-        return self._equal[key]
-
     def _probe(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int) -> bool:
         try:
             return agree_on_random_inputs(
@@ -106,10 +116,13 @@ def _version(weight: torch.Tensor) -> int | None:
 
 
 class _PackedForward:
-    """A module's forward through ``PackedWeights.linear`` (a callable object, so the patch holds no closure)."""
+    """A module's forward on its weight packed when the patch began (a callable object, so the patch holds no
+    closure). Per call only the row count is checked: the per-call checks of ``linear`` cost about half the kernel's
+    time at one row."""
 
     def __init__(self, packing: PackedWeights, module: nn.Linear):
-        self.packing, self.module = packing, module
+        self.linear, self.weight, self.bias = packing._linear, module.weight, module.bias
+        self.packed, self.shape = packing.pack(module.weight), (tuple(module.weight.shape), module.bias is None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packing.linear(x, self.module.weight, self.module.bias)
+        return self.linear(x, self.weight, self.bias, self.packed, self.shape)

@@ -281,6 +281,28 @@ def test_kangaroo_without_its_adapter_as_peers(tiny_dirs, tmp_path, capsys):
         assert len(run["accept_lengths"]) == run["decoding_steps"]
 
 
+def test_vanilla_fp32_peer_beside_a_bf16_run(tiny_dirs, tmp_path, capsys):
+    """--peers fp32: vanilla generate on the base loaded again in float32, timed in the same bf16 run (the dtype
+    question answered in one process); refused, before anything is written, when the run is float32 already."""
+    root, _, _ = tiny_dirs
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "out"
+    args = ["bench", *bench_args(root / "adapter", questions), "--num-questions", "1", "--peers", "fp32",
+            "--dtype", "bfloat16", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    summary = json.loads((out / "results.json").read_text())
+    fp32 = summary["decoders"]["vanilla-fp32"]
+    assert fp32["settings"]["dtype"] == "float32" and summary["config"]["dtype"] == "bfloat16"
+    assert fp32["overall"]["tau"] == 1.0 and fp32["overall"]["tokens_per_s"] > 0
+    assert summary["overall"]["identical"]  # kangaroo in bf16 equals vanilla in bf16
+    for a in (json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()):
+        assert a["decoders"]["vanilla-fp32"]["new_tokens"] == len(a["decoders"]["vanilla-fp32"]["accept_lengths"])
+    refused = tmp_path / "refused"
+    args[args.index("bfloat16")], args[-1] = "float32", str(refused)
+    assert cli.main(args) == 2
+    assert "this run is float32 already" in capsys.readouterr().err and not refused.exists()
+
+
 # ---- Spec-Bench's evaluation scripts, as they read answer files (their logic, re-expressed) ---------------------
 
 

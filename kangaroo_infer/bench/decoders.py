@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..base import load_base
 from ..model import KangarooModel
 from .out_dir import display_name
 
@@ -40,13 +41,13 @@ def run_vanilla(
     """The base's own ``generate`` on one prompt [1, T]: its new tokens and the seconds it took."""
     if temperature > 0:
         torch.manual_seed(seed)
-    return _timed_generate(km, ids, max_new_tokens, **sampling_kwargs(temperature))
+    return _timed_generate(km.base, ids, max_new_tokens, **sampling_kwargs(temperature))
 
 
-def _timed_generate(km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> tuple[list[int], float]:
-    pad = km.base.generation_config.pad_token_id
+def _timed_generate(model: Any, ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> tuple[list[int], float]:
+    pad = model.generation_config.pad_token_id
     out, seconds = _timed(
-        lambda: km.base.generate(
+        lambda: model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
@@ -79,11 +80,14 @@ class Decoder:
     """A named decoder of the base, run on every question (interleaved with the others) and compared with vanilla.
 
     ``run(km, ids, max_new_tokens, seed=0)`` decodes one prompt [1, T]; ``seed`` matters to sampling decoders only.
+    ``prepare(km)``, where given, loads what the decoder needs besides ``km`` (a draft model, a float32 base) before
+    the first question, so a missing file is reported before anything is written or timed.
     """
 
     name: str  # e.g. "pld-10": the key in answers.jsonl and results.json, and the Spec-Bench model id part
     settings: dict[str, Any]  # what results.json records about it
     run: Callable[..., DecoderRun] = field(compare=False)
+    prepare: Callable[[KangarooModel], Any] | None = field(default=None, compare=False)
 
 
 Peer, PeerRun = Decoder, DecoderRun  # the names of the peers' API before vanilla and kangaroo were decoders too
@@ -126,7 +130,7 @@ def run_generate_peer(
 
     handle = km.base.register_forward_pre_hook(count)
     try:
-        tokens, seconds = _timed_generate(km, ids, max_new_tokens, do_sample=False, streamer=recorder, **kw)
+        tokens, seconds = _timed_generate(km.base, ids, max_new_tokens, do_sample=False, streamer=recorder, **kw)
     finally:
         handle.remove()
     return DecoderRun(tokens, seconds, recorder.puts[1:], forwards[0])
@@ -168,6 +172,39 @@ def run_assisted(
     """transformers' assisted generation (``assistant_model``) with a standalone draft model, greedy."""
     assert draft is not None
     return run_generate_peer(km, ids, max_new_tokens, assistant_model=draft.load(km))
+
+
+@dataclass
+class Float32Base:
+    """The base loaded again in float32 from its own files (not the run's bf16 weights widened), on first use, on
+    the run's device: vanilla ``generate`` in the dtype a machine without native bf16 would run."""
+
+    model: Any = None
+
+    def load(self, km: KangarooModel) -> Any:
+        if self.model is None:
+            if km.base.dtype == torch.float32:
+                raise ValueError(
+                    "--peers fp32 times vanilla generate in float32 beside a run in another dtype, and this run is "
+                    "float32 already (its vanilla is that): drop fp32 from --peers, or pass --dtype bfloat16."
+                )
+            name = km.base.config.name_or_path
+            if not name or not Path(name).is_dir():
+                raise ValueError(
+                    f"--peers fp32 loads the base again in float32 from its directory, and the base records none "
+                    f"({name!r}): pass --base-model DIR."
+                )
+            self.model = load_base(name, torch.float32, km.base.device)
+        return self.model
+
+
+def run_vanilla_fp32(
+    km: KangarooModel, ids: torch.Tensor, max_new_tokens: int, seed: int = 0, base: Float32Base | None = None
+) -> DecoderRun:
+    """Vanilla ``generate`` of the base in float32, greedy: one token per forward."""
+    assert base is not None
+    tokens, seconds = _timed_generate(base.load(km), ids, max_new_tokens, do_sample=False)
+    return DecoderRun(tokens, seconds, [1] * len(tokens), len(tokens))
 
 
 def run_kangaroo_peer(
@@ -218,7 +255,14 @@ def _assisted_peers(options: dict[str, Any]) -> list[Decoder]:
         "implementation": "transformers generate(assistant_model)",
         "draft_model": display_name(options["draft_model"]),
     }
-    return [Decoder("assisted", settings, partial(run_assisted, draft=DraftModel(options["draft_model"])))]
+    draft = DraftModel(options["draft_model"])
+    return [Decoder("assisted", settings, partial(run_assisted, draft=draft), draft.load)]
+
+
+def _fp32_peers(options: dict[str, Any]) -> list[Decoder]:
+    settings = {"kind": "fp32", "implementation": "transformers generate, base loaded in float32", "dtype": "float32"}
+    base = Float32Base()
+    return [Decoder("vanilla-fp32", settings, partial(run_vanilla_fp32, base=base), base.load)]
 
 
 # Peer kinds by the name --peers takes; each builds its peers from bench's peer options (a new kind adds an entry).
@@ -229,6 +273,9 @@ PEER_KINDS: dict[str, Callable[[dict[str, Any]], list[Decoder]]] = {
     "plain": _plain_peers,
     "lookup": _lookup_peers,
     "adapter": _adapter_peers,
+    # vanilla generate in float32 beside a bf16 run: the dtype question answered in the same process (its
+    # "identical" says whether fp32's greedy answer equals bf16's, which nothing promises).
+    "fp32": _fp32_peers,
 }
 
 

@@ -271,6 +271,9 @@ def bench(
         "peers": [p.name for p in peer_list],
         **({"draft_model": display_name(draft_model)} if draft_model is not None else {}),
     }
+    for d in decoders:
+        if d.prepare is not None:
+            d.prepare(km)
     model_ids = spec_bench_model_ids(km, temperature, decoders)
     if spec_bench_dir is not None:
         check_spec_bench_dir(Path(spec_bench_dir), model_ids, resume or overwrite)
