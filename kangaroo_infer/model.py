@@ -117,12 +117,13 @@ class KangarooModel:
             dtype, reason = None, "the loaded model's own"
         else:
             dtype, reason = resolve_dtype(dtype, device, kangaroo_home())
-        km = cls._load(base_model, adapter, exit_layer, dtype, device, init, (exact_verify, pack_weights))
+        options = {"exact_verify": exact_verify, "pack_weights": pack_weights}
+        km = cls._load(base_model, adapter, exit_layer, dtype, device, init, options)
         km.dtype_reason = reason
         return km
 
     @classmethod
-    def _load(cls, base_model, adapter, exit_layer, dtype, device, init, options: tuple) -> KangarooModel:
+    def _load(cls, base_model, adapter, exit_layer, dtype, device, init, options: dict[str, Any]) -> KangarooModel:
         if adapter is None:
             if base_model is None:
                 raise ValueError("Name a base model (base_model=...) or an adapter checkpoint (adapter=DIR).")
@@ -133,7 +134,7 @@ class KangarooModel:
             base = load_base(base_model, dtype, device)
             check_exit_layer(exit_layer, base.config.num_hidden_layers)
             name = None if isinstance(base_model, PreTrainedModel) else str(base_model)
-            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), *options)
+            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), **options)
         config = read_adapter_config(adapter)
         if exit_layer is not None and exit_layer != config.exit_layer:
             raise ValueError(
@@ -145,7 +146,7 @@ class KangarooModel:
                 raise ValueError(f"Adapter {adapter} records no base model; pass base_model=... explicitly.")
             base_model = resolve_recorded_base(config.base_model, Path(adapter))
         base = load_base(base_model, dtype, device)
-        return cls(base, KangarooAdapter.from_pretrained(adapter, base), *options)
+        return cls(base, KangarooAdapter.from_pretrained(adapter, base), **options)
 
     @property
     def limits(self) -> ModelLimits:
