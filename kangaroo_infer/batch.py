@@ -87,10 +87,10 @@ class BatchRows:
     def scheduler_drafters(self) -> tuple[dict[str, bool], None]:
         return {ADAPTER: False, LOOKUP: True}, None
 
-    def offer(self, limits: list[int]) -> dict[str, int]:
-        offers = {ADAPTER: min(self.settings.max_draft_steps, max(limits))}
+    def offer(self, limits: list[int]) -> dict[str, list[int]]:  # per drafter, what each active row could propose
+        offers = {ADAPTER: [min(self.settings.max_draft_steps, limit) for limit in limits]}
         if self.lookups is not None:
-            offers[LOOKUP] = max(self.lookups[row].offer(limit) for row, limit in zip(self.active, limits, strict=True))
+            offers[LOOKUP] = [self.lookups[row].offer(limit) for row, limit in zip(self.active, limits, strict=True)]
         return offers
 
     def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None:

@@ -1,7 +1,7 @@
 """The decoding loop, one for a prompt and for a batch: every round has one shape, whatever drafts and however it
 samples.
 
-    offers       = rows.offer(limits)              # what each drafter could propose now, by name
+    offers       = rows.offer(limits)              # what each drafter could propose now, by name, per row
     name, k      = scheduler.choose(offers)        # (PLAIN, 0): a plain step
     rows.propose(name, k, last)                    # the drafter's proposal (tokens, + q sampled, + a tree)
     result       = rows.verify()                   # the deep layers once over it, the acceptance rule, the rollback
@@ -55,7 +55,7 @@ class Rows(Protocol):
     @property
     def scheduler_drafters(self) -> tuple[dict[str, bool], dict[str, tuple[int, int]] | None]: ...  # free, fanout
     def prefill(self) -> torch.Tensor: ...  # logits after each prompt [B, V]
-    def offer(self, limits: list[int]) -> dict[str, int]: ...  # limits: most drafts each active row may take
+    def offer(self, limits: list[int]) -> dict[str, list[int]]: ...  # limits, offers: per active row
     def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None: ...
     def verify(self) -> RoundResult: ...
     def observe(self, row: int, committed: list[int]) -> None: ...  # row: index among the active rows
@@ -108,8 +108,8 @@ class PromptRows:
     def prefill(self) -> torch.Tensor:  # [1, V]
         return self.km.prefill(self.input_ids, self.cache)[None]
 
-    def offer(self, limits: list[int]) -> dict[str, int]:
-        return {name: drafter.offer(limits[0]) for name, drafter in self.drafters.items()}
+    def offer(self, limits: list[int]) -> dict[str, list[int]]:
+        return {name: [drafter.offer(limits[0])] for name, drafter in self.drafters.items()}
 
     def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None:
         self.last = last[0]

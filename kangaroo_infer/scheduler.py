@@ -7,6 +7,9 @@ and of c_draft per drafter (copied tokens cost nothing to draft). Each round it 
 expected tokens per unit of cost at the estimated α ("exploit"). A tree drafter verifies more tokens than it takes
 draft steps: k steps of a tree with K children per level and at most N nodes verify w(k) = min(K·k, N) tokens, so
 its round costs k·c_draft + c_verify(w(k) + 1), and its α is per draft step (accepted path length over depth).
+A batch shares each round's cost among its rows, and a row commits what its own offer allows: the rate of k drafts is
+the rows' mean of E(min(k, k_row)) over the round's cost, so a lookup copy that one row of eight has is not priced
+as if all eight had it (each row verifies k + 1 slots all the same).
 
 Regret. Exploiting alone could stay on plain steps forever after a bad start; exploring blindly (the retries of an
 optimistic policy) loses on every machine where verification is dear. So exploration is paid from a budget: every
@@ -169,45 +172,54 @@ class Scheduler:
     def expected_tokens(k: int, alpha: float) -> float:
         return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
-    def rate(self, name: str | None, k: int, alpha: float) -> float:
-        """Expected committed tokens per unit of cost of a round proposing k tokens from ``name``."""
-        return self.expected_tokens(k, alpha) / self.round_cost(name, k)
+    def row_tokens(self, k: int, alpha: float, rows: list[int] | None = None) -> float:
+        """Expected tokens a round of k draft steps commits per row: each row proposes min(k, what it offered)
+        (a batch row whose lookup found nothing proposes none and commits one token); ``rows`` None: every row k."""
+        if rows is None:
+            return self.expected_tokens(k, alpha)
+        return sum(self.expected_tokens(min(k, most), alpha) for most in rows) / len(rows)
+
+    def rate(self, name: str | None, k: int, alpha: float, rows: list[int] | None = None) -> float:
+        """Expected committed tokens per row per unit of cost of a round proposing k tokens from ``name``."""
+        return self.row_tokens(k, alpha, rows) / self.round_cost(name, k)
 
     # ---- decisions ------------------------------------------------------------------------------------------------
 
-    def choose(self, offers: dict[str, int]) -> tuple[str | None, int]:
+    def choose(self, offers: dict[str, int | list[int]]) -> tuple[str | None, int]:
         """(drafter, k) for this round; ``offers`` maps each drafter to the most tokens it can propose now (a
-        lookup: the length of its copy; the adapter: min(γ, remaining − 1)). (None, 0) is a plain step."""
-        offers = {name: k for name, k in offers.items() if k > 0}
-        if not offers:
+        lookup: the length of its copy; the adapter: min(γ, remaining − 1)), one number per row for a batch, whose
+        rows share the round's cost but commit what each row's own offer allows. (None, 0) is a plain step."""
+        rows = {name: most if isinstance(most, list) else [most] for name, most in offers.items()}
+        rows = {name: most for name, most in rows.items() if max(most) > 0}
+        if not rows:
             return PLAIN, 0
         if not self.adaptive:  # "fixed": a free drafter when it has tokens, else the adapter, always at the most
-            name = next((n for n in offers if self.drafters[n].free), next(iter(offers)))
-            return name, offers[name]
+            name = next((n for n in rows if self.drafters[n].free), next(iter(rows)))
+            return name, max(rows[name])
         if self.config.measure_costs and 1 not in self.verify_cost:
             return PLAIN, 0  # every decision compares with a plain step: measure it first
-        best = self._best(offers, optimism=0.0)
-        bold = [self._best(offers, optimism=self.config.optimism)]
+        best = self._best(rows, optimism=0.0)
+        bold = [self._best(rows, optimism=self.config.optimism)]
         if self.config.measure_costs and self.samples.get(1, 0) < MIN_SAMPLES:
             bold.append((PLAIN, 0))  # the plain step's cost is the yardstick: average a few measurements
-        mean = {name: self.alpha(name) for name in offers}
-        best_rate = self.rate(*best, mean.get(best[0], 0.0))
+        mean = {name: self.alpha(name) for name in rows}
+        best_rate = self.rate(*best, mean.get(best[0], 0.0), rows.get(best[0]))
         for option in bold:
             if option == best:
                 continue
-            tokens = self.expected_tokens(option[1], mean.get(option[0], 0.0))
+            tokens = self.row_tokens(option[1], mean.get(option[0], 0.0), rows.get(option[0]))
             loss = self.round_cost(*option) - tokens / best_rate  # cost beyond what its tokens are worth
             if loss <= self.budget:
                 self.budget -= max(loss, 0.0)
                 return option
         return best
 
-    def _best(self, offers: dict[str, int], optimism: float) -> tuple[str | None, int]:
+    def _best(self, offers: dict[str, list[int]], optimism: float) -> tuple[str | None, int]:
         choice, top = (PLAIN, 0), self.rate(PLAIN, 0, 0.0)
-        for name, most in offers.items():
+        for name, rows in offers.items():
             alpha = self.alpha(name, optimism)
-            for k in range(1, most + 1):
-                rate = self.rate(name, k, alpha)
+            for k in range(1, max(rows) + 1):
+                rate = self.rate(name, k, alpha, rows)
                 if rate > top:
                     choice, top = (name, k), rate
         return choice

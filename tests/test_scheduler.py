@@ -146,6 +146,19 @@ def test_adaptive_drafts_long_when_everything_is_accepted():
     assert plans.count(0) <= 3  # the plain steps that measure the yardstick, then no more
 
 
+def test_a_batch_is_priced_by_what_each_row_offers():
+    """A batch shares one round's cost among rows that commit what their own offers allow: a lookup copy that
+    only one row of eight has is not worth a round that verifies k + 1 tokens for all eight, while the same copy
+    for every row is (a well-accepted free drafter, verification 20% dearer per extra token)."""
+    scheduler = Scheduler.create("adaptive", {"lookup": True})
+    for _ in range(5):
+        scheduler.observe(PLAIN, 0, 0, 0.0, UNIT)
+        scheduler.observe("lookup", 6, 6, 0.0, UNIT * 2.2)
+    assert scheduler.choose({"lookup": [6] * 8}) == ("lookup", 6)
+    assert scheduler.choose({"lookup": [6] + [0] * 7})[0] is PLAIN
+    assert scheduler.choose({"lookup": 6}) == scheduler.choose({"lookup": [6]}) == ("lookup", 6)  # one prompt
+
+
 def test_adaptive_falls_back_to_plain_steps_with_occasional_retries():
     scheduler = Scheduler.create("adaptive", ADAPTER)
     plans = feed(scheduler, 600, accept_all=False)
