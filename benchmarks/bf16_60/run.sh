@@ -24,7 +24,7 @@ case "$condition" in
 esac
 export OMP_NUM_THREADS=$threads
 mkdir -p "$out"
-{ grep -m1 "model name" /proc/cpuinfo; grep -o 'avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u; nproc;
+{ grep -m1 "model name" /proc/cpuinfo; grep -o 'avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u; nproc --all;
   echo "condition=$condition OMP_NUM_THREADS=$OMP_NUM_THREADS"; date -I; } > "$out/cpu.txt"
 "$py" -m kangaroo_infer bench --adapter checkpoints/smollm2-135m-instruct --questions "$questions" \
   --num-questions "$n" --max-new-tokens 128 --no-profile --dtype bfloat16 --peers adapter,pld,fp32 \
