@@ -192,7 +192,7 @@ class Float32Base:
             if not name or not Path(name).is_dir():
                 raise ValueError(
                     f"--peers fp32 loads the base again in float32 from its directory, and the base records none "
-                    f"({name!r}): pass --base-model DIR."
+                    f"({name!r}): pass --base DIR."
                 )
             self.model = load_base(name, torch.float32, km.base.device)
         return self.model
