@@ -50,8 +50,7 @@ class PackedWeights:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``nn.functional.linear(x, weight, bias)``, bit for bit; packed where the probe allows it."""
-        packed = self.pack(weight) if x.dtype == weight.dtype else None
-        return self._linear(x, weight, bias, packed, (tuple(weight.shape), bias is None))
+        return self._linear(x, weight, bias, self.pack(weight), (tuple(weight.shape), bias is None))
 
     def patched(self, linears: list[nn.Linear]) -> AbstractContextManager[None]:
         """Within: these modules compute through their packed weights (restored after, whatever forward they had).
