@@ -10,8 +10,13 @@ Layout of a cache directory::
 
     manifest.json                  identity + shard list; "complete": true once every shard exists
     shard-00000.safetensors        samples [0, shard_size): "<j>.input_ids", "<j>.loss_mask", "<j>.exit_states",
-    shard-00001.safetensors        "<j>.final_states" for local index j, plus counts in the header metadata and
-                                   "<j>.crc32", a checksum of sample j's data checked on every read
+    shard-00001.safetensors        "<j>.final_states", "<j>.target_lse", "<j>.target_top" for local index j, plus
+                                   counts in the header metadata and "<j>.crc32", a checksum of sample j's data
+                                   checked on every read
+
+``target_lse`` / ``target_top`` [T] are the full model's log-normaliser and argmax over its whole vocabulary at
+every trained position (``module.teacher_targets``; 0 / -1 elsewhere): computed once here, the epochs skip the
+full-vocabulary LM head.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from kangaroo_infer.adapter import base_fingerprint, check_exit_layer
 from kangaroo_infer.files import atomic_file
 
 from .data import data_hash as compute_data_hash
+from .module import position_weights, teacher_targets
 from .shards import ShardedDirectory
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OWNER = "feature cache"  # the writer named in cache.dir's written list (kangaroo_infer.files.claim_directory)
 CACHE_FORMAT = "kangaroo-feature-cache"
-CACHE_FORMAT_VERSION = 2  # 2: a CRC-32 of every sample's data in its shard's header
-FIELDS = ("input_ids", "loss_mask", "exit_states", "final_states")
+CACHE_FORMAT_VERSION = 3  # 2: a CRC-32 of every sample's data in its shard's header; 3: target_lse, target_top
+FIELDS = ("input_ids", "loss_mask", "exit_states", "final_states", "target_lse", "target_top")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,12 +123,12 @@ def collate_tokens(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def collate_features(batch: list[dict]) -> dict[str, torch.Tensor]:
     """Right-pad cached samples: the token fields of ``collate_tokens`` (pad id 0) plus exit_states and
-    final_states [B, T, H] (zeros on padding, in the stored dtype)."""
+    final_states [B, T, H] (zeros on padding, in the stored dtype) and target_lse / target_top [B, T] (0 / -1)."""
     out = collate_tokens(batch, pad_id=0)
     size, length = out["input_ids"].shape
-    for name in ("exit_states", "final_states"):
+    for name, fill in (("exit_states", 0), ("final_states", 0), ("target_lse", 0), ("target_top", -1)):
         first = batch[0][name]
-        padded = torch.zeros(size, length, first.shape[-1], dtype=first.dtype)  # [B, T, H]
+        padded = torch.full((size, length, *first.shape[1:]), fill, dtype=first.dtype)  # [B, T, H] or [B, T]
         for row, sample in enumerate(batch):
             padded[row, : sample[name].shape[0]] = sample[name]
         out[name] = padded
@@ -257,6 +263,7 @@ class FeatureCache(ShardedDirectory):
         rows = dataset.with_format(None)[lo:hi]  # plain lists, whatever format the caller set
         ids, masks = rows["input_ids"], rows["loss_mask"]
         storage = STORAGE_DTYPES[self.dtype]
+        head = base.get_output_embeddings()
         order = sorted(range(len(ids)), key=lambda j: len(ids[j]))  # similar lengths per batch: less padding
         tensors: dict[str, torch.Tensor] = {}
         for start in range(0, len(order), batch_size):
@@ -271,7 +278,14 @@ class FeatureCache(ShardedDirectory):
                 tensors[f"{j}.loss_mask"] = torch.tensor(masks[j], dtype=torch.uint8)  # [T]
                 # clone: safetensors refuses views that share storage with other tensors
                 tensors[f"{j}.exit_states"] = exit_states[row, :length].to("cpu", storage).clone()  # [T, H]
-                tensors[f"{j}.final_states"] = final_states[row, :length].to("cpu", storage).clone()  # [T, H]
+                final = tensors[f"{j}.final_states"] = final_states[row, :length].to("cpu", storage).clone()  # [T, H]
+                # from the stored states, which training reads: [T] each
+                select = position_weights(batch["loss_mask"][row : row + 1, :length])[0]
+                lse, top = teacher_targets(head, final[select].to(head.weight.device))
+                tensors[f"{j}.target_lse"] = torch.zeros(length).masked_scatter_(select, lse.cpu())
+                tensors[f"{j}.target_top"] = torch.full((length,), -1, dtype=torch.int32).masked_scatter_(
+                    select, top.to("cpu", torch.int32)
+                )
             bar.update(sum(len(ids[j]) for j in group))
         metadata = {f"{j}.crc32": str(sample_crc32({n: tensors[f"{j}.{n}"] for n in FIELDS})) for j in range(hi - lo)}
         metadata |= {
@@ -366,7 +380,8 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             raise _corrupt_shard(self.directory / self.files[shard], f"sample {local}'s data fails its checksum")
         sample["input_ids"] = sample["input_ids"].long()  # [T]
         sample["loss_mask"] = sample["loss_mask"].long()  # [T]
-        return sample  # exit_states, final_states: [T, H] in the cache's dtype
+        sample["target_top"] = sample["target_top"].long()  # [T]
+        return sample  # exit_states, final_states: [T, H] in the cache's dtype; target_lse [T] float32
 
     def verify(self) -> None:
         """Open every shard's header now, so a missing, truncated or foreign shard fails before training starts

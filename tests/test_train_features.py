@@ -24,6 +24,7 @@ from kangaroo_train.features import (
     collate_tokens,
     compute_features,
 )
+from kangaroo_train.module import position_weights, teacher_targets
 from kangaroo_train.shards import MANIFEST_NAME
 
 from .conftest import VOCAB, tiny_model
@@ -105,12 +106,16 @@ def test_collate_pads_right():
             "loss_mask": torch.tensor([0, 1, 1]),
             "exit_states": torch.ones(3, 4, dtype=torch.bfloat16),
             "final_states": torch.full((3, 4), 2.0, dtype=torch.bfloat16),
+            "target_lse": torch.tensor([3.5, 4.5, 0.0]),
+            "target_top": torch.tensor([7, 9, -1]),
         },
         {
             "input_ids": torch.tensor([8]),
             "loss_mask": torch.tensor([1]),
             "exit_states": torch.ones(1, 4, dtype=torch.bfloat16),
             "final_states": torch.full((1, 4), 2.0, dtype=torch.bfloat16),
+            "target_lse": torch.tensor([0.0]),
+            "target_top": torch.tensor([-1]),
         },
     ]
     batch = collate_features(samples)
@@ -119,6 +124,8 @@ def test_collate_pads_right():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["exit_states"].shape == (2, 3, 4) and batch["exit_states"].dtype == torch.bfloat16
     assert batch["final_states"][1, :, 0].tolist() == [2.0, 0.0, 0.0]
+    assert batch["target_lse"].tolist() == [[3.5, 4.5, 0.0], [0.0, 0.0, 0.0]]
+    assert batch["target_top"].tolist() == [[7, 9, -1], [-1, -1, -1]]
 
     tokens = collate_tokens(
         [{"input_ids": [1, 2], "loss_mask": [0, 1]}, {"input_ids": [3], "loss_mask": [1]}], pad_id=9
@@ -161,6 +168,12 @@ def test_cache_round_trip(tmp_path, base, dtype, tolerance):
             exit_states, final_states = compute_features(base, torch.tensor([row["input_ids"]]), None, EXIT_LAYER)
         torch.testing.assert_close(sample["exit_states"].float(), exit_states[0], rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(sample["final_states"].float(), final_states[0], rtol=tolerance, atol=tolerance)
+        # the teacher's full-vocabulary targets, from the stored final states, at trained positions only
+        select = position_weights(sample["loss_mask"][None])[0]
+        lse, top = teacher_targets(base.get_output_embeddings(), sample["final_states"][select])
+        assert torch.equal(sample["target_lse"][select], lse) and torch.equal(sample["target_top"][select], top)
+        assert sample["target_lse"].dtype == torch.float32 and sample["target_top"].dtype == torch.long
+        assert torch.all(sample["target_lse"][~select] == 0) and torch.all(sample["target_top"][~select] == -1)
 
     loader = torch.utils.data.DataLoader(cached, batch_size=4, collate_fn=collate_features)
     batch = next(iter(loader))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kangaroo_train.module import StepAlignedSampler, kangaroo_loss, lr_multiplier, position_weights
+from kangaroo_train.module import StepAlignedSampler, kangaroo_loss, lr_multiplier, position_weights, teacher_targets
 
 
 def identity_head(vocab: int) -> nn.Linear:
@@ -94,6 +94,30 @@ def test_draft_vocabulary_loss_and_metrics_match_a_hand_computed_example():
         full = kangaroo_loss(draft, target, loss_mask, identity_head(3))
         every = kangaroo_loss(draft, target, loss_mask, identity_head(3), vocab=torch.arange(3))
     assert all(torch.allclose(full[k].float(), every[k].float()) for k in ("loss", "top1", "accept", "count"))
+
+
+def test_cached_teacher_targets_give_the_same_loss_and_metrics():
+    """The feature cache's lse/top spare the full-vocabulary head; the loss, its gradient and metrics stay put."""
+    torch.manual_seed(0)
+    head = nn.Linear(8, 50, bias=True)
+    loss_mask = torch.tensor([[0, 1, 1, 1, 0, 1], [1, 1, 0, 1, 1, 0]])
+    target, vocab = torch.randn(2, 6, 8), torch.tensor([3, 7, 11, 20, 21, 40, 49])
+    select = position_weights(loss_mask)
+    lse, top = torch.zeros(2, 6), torch.full((2, 6), -1)
+    lse[select], top[select] = teacher_targets(head, target[select])
+    assert torch.equal(top[select], head(target[select]).argmax(-1))
+    for v in (None, vocab):
+        draft = torch.randn(2, 6, 8, requires_grad=True)
+        full = kangaroo_loss(draft, target, loss_mask, head, vocab=v)
+        cached = kangaroo_loss(draft, target, loss_mask, head, vocab=v, teacher=(lse, top))
+        for key in ("loss", "top1", "accept", "count"):
+            torch.testing.assert_close(cached[key], full[key])
+        (grad_full,) = torch.autograd.grad(full["loss"], draft)
+        (grad_cached,) = torch.autograd.grad(cached["loss"], draft)
+        torch.testing.assert_close(grad_cached, grad_full)
+    # at another temperature the cached log-normaliser (temperature 1) does not apply: every logit is read again
+    hot = kangaroo_loss(draft, target, loss_mask, head, 2.0, vocab, teacher=(torch.zeros(2, 6), top))
+    torch.testing.assert_close(hot["loss"], kangaroo_loss(draft, target, loss_mask, head, 2.0, vocab)["loss"])
 
 
 def test_lr_schedule_warmup_then_cosine_and_linear():
