@@ -106,6 +106,13 @@ class PackedWeights:
             return False
 
 
+def packed_linears(model: nn.Module) -> AbstractContextManager[None]:
+    """Within: every ``nn.Linear`` of ``model`` runs on its packed weight where the probe allows it, bit for bit (a
+    fresh ``PackedWeights``). For the base's own ``generate`` where only its answers matter (reference answers for
+    scoring, distillation); a vanilla ``generate`` that is timed against Kangaroo stays unpacked."""
+    return PackedWeights().patched([m for m in model.modules() if isinstance(m, nn.Linear)])
+
+
 def _version(weight: torch.Tensor) -> int | None:
     """The tensor's in-place update count (an inference tensor has none: it cannot change outside inference mode)."""
     try:

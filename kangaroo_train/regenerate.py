@@ -42,6 +42,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from kangaroo_infer.packed import packed_linears
+
 from .checks import require_number, require_positive_int
 from .data import Conversation, render
 
@@ -245,7 +247,7 @@ def generate_answers(
     processors = LogitsProcessorList()
     if generators is not None:
         processors.append(_RowSampler(generators, temperature, top_p))
-    with torch.no_grad():
+    with torch.no_grad(), packed_linears(base):  # bit-equal to the unpacked linears, faster in bf16 on CPU
         out = base.generate(
             input_ids.to(base.device),
             attention_mask=attention_mask.to(base.device),

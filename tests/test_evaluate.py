@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -16,6 +17,7 @@ from kangaroo_infer import KangarooModel
 from kangaroo_infer.cache import KangarooCache
 from kangaroo_infer.draft import DraftHead, DraftPick, adapter_logits, draft_proposal, shallow_step
 from kangaroo_infer.evaluate import EvalAnswer, depth_counts, greedy_answers, score_answers
+from kangaroo_infer.packed import PackedWeights, packing_available
 from kangaroo_infer.questions import chat_prompt_ids, load_questions
 from kangaroo_infer.sample import SamplingConfig
 
@@ -135,6 +137,25 @@ def test_greedy_answers_equal_each_prompts_own_generate(tiny_dirs):
     _, model, tokenizer = tiny_dirs
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in QUESTIONS]
     answers = greedy_answers(model, prompts, 20)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = model.generate(ids, do_sample=False, max_new_tokens=20)
+        assert answer == ref[0, ids.shape[1] :].tolist()
+
+
+def test_greedy_answers_in_bf16_run_packed_and_equal_generate(tiny_dirs, monkeypatch):
+    """A bf16 base on CPU answers through packed linears (where torch has them): still each prompt's own generate."""
+    _, model, tokenizer = tiny_dirs
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in QUESTIONS]
+    runs = []
+    real_run = PackedWeights._run
+    monkeypatch.setattr(PackedWeights, "_run", staticmethod(lambda *a, **k: runs.append(1) or real_run(*a, **k)))
+    answers = greedy_answers(model, prompts, 20)
+    monkeypatch.undo()
+    assert bool(runs) == packing_available(model.lm_head.weight)  # the packed kernel ran wherever it exists
+    assert all("forward" not in vars(m) for m in model.modules())  # forwards restored afterwards
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = torch.tensor([prompt])
         with torch.no_grad():
