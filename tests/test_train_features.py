@@ -214,6 +214,11 @@ def test_stale_cache_names_the_field(tmp_path, base):
             stale.check()
         with pytest.raises(ValueError, match="is stale"):
             stale.dataset()
+    # A cache written by the previous format (no teacher targets) is stale too, and says so.
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ValueError, match=r"is stale: its format_version differs \(cache 2 vs run 3\)"):
+        make_cache(tmp_path, base, dataset).check()
     # Without its manifest, a directory's old shards are still recognised as another cache's.
     (tmp_path / MANIFEST_NAME).unlink()
     with pytest.raises(ValueError, match=r"shard-00000\.safetensors was written for another cache"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kangaroo_train import module
 from kangaroo_train.module import StepAlignedSampler, kangaroo_loss, lr_multiplier, position_weights, teacher_targets
 
 
@@ -118,6 +119,21 @@ def test_cached_teacher_targets_give_the_same_loss_and_metrics():
     # at another temperature the cached log-normaliser (temperature 1) does not apply: every logit is read again
     hot = kangaroo_loss(draft, target, loss_mask, head, 2.0, vocab, teacher=(torch.zeros(2, 6), top))
     torch.testing.assert_close(hot["loss"], kangaroo_loss(draft, target, loss_mask, head, 2.0, vocab)["loss"])
+
+
+def test_teacher_targets_read_the_vocabulary_in_blocks(monkeypatch):
+    """Blockwise log-sum-exp and argmax equal the whole-vocabulary ones; a tie across blocks keeps the first token."""
+    monkeypatch.setattr(module, "TEACHER_BLOCK", 16)  # 50 tokens: four blocks, the last one short
+    torch.manual_seed(0)
+    head, hidden = nn.Linear(8, 50, bias=True), torch.randn(7, 8)
+    lse, top = teacher_targets(head, hidden)
+    logits = head(hidden)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    assert torch.equal(top, logits.argmax(-1))
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.zero_()
+        head.weight[[5, 37]] = hidden[0]  # tokens 5 and 37 (blocks 0 and 2) share the highest logit
+    assert teacher_targets(head, hidden[:1])[1].item() == 5
 
 
 def test_lr_schedule_warmup_then_cosine_and_linear():
