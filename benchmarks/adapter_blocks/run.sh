@@ -3,7 +3,8 @@
 # 1. The main job's data and schedule (800 ShareGPT conversations, l = 2, 2 epochs, fp32 on CPU) trained from scratch
 #    with three adapters: the paper's attention-only block (the main job's adapter until 2026-11-30), one attention +
 #    MLP block (the main job's adapter since), and two such blocks (adapter.num_layers=2). All three read the main
-#    job's tokenized data and feature cache (run `bash scripts/main.sh` first).
+#    job's tokenized data and feature cache (run the main job of that day first: `bash scripts/main.sh
+#    model.dtype=float32 data.num_conversations=800 trainer.val_check_interval=200`).
 # 2. The shipped adapter grown to two blocks (adapter.init_from, the new block silenced at the start) and trained
 #    668 steps on the 344 self-distilled conversations of benchmarks/distill_vs_plain (run that first), as
 #    benchmarks/finetune_shipped trained the one-block shipped adapter (its control).
@@ -21,7 +22,7 @@ reuse="paths.data_dir=$main/data cache.dir=$main/features callbacks.onpolicy.cac
 
 for run in "main_attn:attention:1" "main_mlp:attention_mlp:1" "main_mlp2:attention_mlp:2"; do
   IFS=: read -r name adapter blocks <<< "$run"
-  "$py" -m kangaroo_train experiment=smollm2_135m $reuse paths.output_dir="$work/$name" \
+  "$py" -m kangaroo_train experiment=smollm2_135m model.dtype=float32 data.num_conversations=800 trainer.val_check_interval=200 $reuse paths.output_dir="$work/$name" \
     adapter="$adapter" adapter.draft_vocab_size=16384 adapter.num_layers="$blocks" draft_vocab_loss=false logger=csv resume=true
 done
 

@@ -16,11 +16,11 @@ questions=${QUESTIONS:-../shared/data/spec_bench/question.jsonl}
 py=${PYTHON:-.venv/bin/python}
 main=$work/smollm2_135m
 
-time KANGAROO_OUT=$main bash scripts/main.sh logger=csv
+time KANGAROO_OUT=$main bash scripts/main.sh logger=csv data.num_conversations=800 trainer.val_check_interval=200  # the recipe of 2026-12-02
 reuse="paths.data_dir=$main/data cache.dir=$main/features callbacks.onpolicy.cache_dir=$main/onpolicy"
-"$py" -m kangaroo_train experiment=smollm2_135m $reuse paths.output_dir="$work/main_vocab2" adapter.num_layers=2 \
+"$py" -m kangaroo_train experiment=smollm2_135m data.num_conversations=800 trainer.val_check_interval=200 $reuse paths.output_dir="$work/main_vocab2" adapter.num_layers=2 \
   logger=csv resume=true
-"$py" -m kangaroo_train experiment=smollm2_135m $reuse paths.output_dir="$work/ft_vocab" \
+"$py" -m kangaroo_train experiment=smollm2_135m data.num_conversations=800 trainer.val_check_interval=200 $reuse paths.output_dir="$work/ft_vocab" \
   adapter.init_from=checkpoints/smollm2-135m-instruct optim.lr=3e-4 trainer.max_epochs=1 logger=csv resume=true
 
 mkdir -p "$out/training"
