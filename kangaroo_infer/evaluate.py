@@ -82,6 +82,8 @@ def greedy_answers(
     check_int("max_new_tokens", max_new_tokens, 1, rule="be a positive integer")
     if not prompts:
         raise ValueError("No prompts to answer; give at least one prompt.")
+    if not all(prompts):
+        raise ValueError("A prompt is empty (0 tokens); give at least one token per prompt.")
     device = next(base.parameters()).device
     pad = base.generation_config.pad_token_id
     if pad is None:
@@ -92,16 +94,17 @@ def greedy_answers(
         from tqdm.auto import tqdm
 
         iterator = tqdm(prompts, desc="greedy answers", unit="prompt")
-    if not all(prompts):
-        raise ValueError("A prompt is empty (0 tokens); give at least one token per prompt.")
     answers = []
     with packed_linears(base):
         for prompt in iterator:
             ids = torch.tensor([prompt], device=device)  # [1, T]
             out = base.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
                 pad_token_id=pad,
-            )  # fmt: skip
+            )
             answers.append(out[0, ids.shape[1] :].tolist())
     return answers
 

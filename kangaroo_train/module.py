@@ -70,7 +70,7 @@ def kangaroo_loss(
         hidden = target_hidden[select].to(head.weight.dtype)  # [N, H]
         if teacher is not None and temperature == 1.0:
             reach = F.linear(hidden, weight, bias).float()  # [N, V']
-            target_top = teacher[1][select].long()  # [N]
+            target_top = teacher[1][select]  # [N]
             p_t = p = torch.exp(reach - teacher[0][select].unsqueeze(-1))  # normalised over all V: [N, V']
         else:  # the log-normaliser at temperature t needs every logit
             target_logits = head(hidden).float()  # [N, V]

@@ -131,7 +131,8 @@ def test_teacher_targets_read_the_vocabulary_in_blocks(monkeypatch):
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
     assert torch.equal(top, logits.argmax(-1))
     with torch.no_grad():
-        head.weight.zero_(), head.bias.zero_()
+        head.weight.zero_()
+        head.bias.zero_()
         head.weight[[5, 37]] = hidden[0]  # tokens 5 and 37 (blocks 0 and 2) share the highest logit
     assert teacher_targets(head, hidden[:1])[1].item() == 5
 
