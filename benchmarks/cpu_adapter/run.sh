@@ -24,7 +24,7 @@ score() {  # run name, answers file, dtype[, adapter directory]
 #    (benchmarks/main_job/)
 echo "fp32_550 seconds: $(seconds env KANGAROO_OUT="$work/fp32_550" bash scripts/main.sh model.dtype=float32 logger=csv)" \
   | tee -a "$here/times.txt"
-# 2. more data: 1,600 conversations (caching grows with them)
+# 2. more data: 1,600 conversations (caching grows with them; session 17 stopped it, see README.md)
 echo "bf16_1600 seconds: $(seconds train bf16_1600 data.num_conversations=1600 trainer.val_check_interval=500)" \
   | tee -a "$here/times.txt"
 # 3. a second block, on the default's own feature cache (copied from a default run, trained first if missing)
