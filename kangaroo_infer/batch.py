@@ -11,8 +11,10 @@ slots are rejected drafts at the row's right end. Rows are then realigned: for e
 key/value tensors moves each row's kept slots so that all rows end at the new common length S' (= the longest row),
 which grows the left padding of rows that accepted fewer tokens. Padding shared by all rows is dropped, and rows that
 finished leave the batch in the same gather. When every row kept the same number of slots and none finished, the
-gather is a plain slice. The adapter's cache uses the same slots as the base cache: at verification the adapter also
-reads the newest token's exit state (its output is not needed), so the same gather applies to every cache.
+gather is a plain slice. The adapter's cache holds the same slots less the newest m of every row, whose exit states
+wait in ``unread`` [b, m, H] for its next call (the rule of ``cache.py``, one for a prompt and a batch); the same
+gather realigns them. In a lookup round the adapter reads the copies at verification, as the rows keep different
+numbers of them.
 
 Rounds. The loop is the one of a single prompt (``rounds.decode``); ``BatchRows`` is the engine it drives for a
 batch. One scheduler (``scheduler.py``) decides for the whole batch, from the batch round's measured cost and every
@@ -30,6 +32,7 @@ from transformers import DynamicCache
 
 from .accept import accept
 from .arch import Backbone, PaddedRows
+from .cache import unread_after
 from .lookup import Lookup
 from .proposal import ADAPTER, LOOKUP
 from .rounds import RoundResult
@@ -74,6 +77,8 @@ class BatchRows:
         self.eos = torch.tensor(sorted(settings.eos_ids), dtype=torch.long, device=device)  # [e]
         self.base = DynamicCache()
         self.adapter_cache = DynamicCache()
+        self.unread: torch.Tensor | None = None  # [b, m, H] exit states of every row's newest m slots (cache.py)
+        self._known: torch.Tensor | None = None  # [b, n, H] exit states of the base's newest n slots after a round
         self.lookups: list[Lookup] | None = None
         if settings.lookup_tokens:
             s = settings
@@ -96,6 +101,7 @@ class BatchRows:
     def propose(self, name: str | None, k: int, last: list[int], limits: list[int]) -> None:
         s, device = self.settings, self.input_ids.device
         self._length = self.base.get_seq_length(0)  # slots of every row before the round
+        self._known = self.unread  # the round's exit states join them at verification
         last_t = torch.tensor(last, dtype=torch.long, device=device)  # [b]
         if name == LOOKUP:
             copies = [self.lookups[row].propose(token, k).tokens for row, token in zip(self.active, last, strict=True)]
@@ -128,10 +134,12 @@ class BatchRows:
         keep = torch.tensor(still, device=self.input_ids.device)
         if result is None:
             ends = torch.full((len(still),), self.base.get_seq_length(0), device=keep.device)
+            known = self.unread
         else:
             accepted = torch.tensor([n for _, n in result.outcomes], device=keep.device)  # [b]
             ends = (self._length + accepted + 1)[keep]  # the last committed token + the accepted drafts
-        self.realign(keep, ends)
+            known = self._known
+        self.realign(keep, ends, known)
         self.active = [self.active[i] for i in still]
 
     def sequences(self, new_tokens: list[list[int]]) -> torch.Tensor:  # [B, T + n_max]
@@ -154,7 +162,10 @@ class BatchRows:
     def deep_logits(self, states: torch.Tensor) -> torch.Tensor:  # exit states [b, q, H] -> logits [b, q, V]
         return self.backbone.logits(self.run_layers(states, self.exit_layer, self.backbone.num_layers))
 
-    def adapt(self, states: torch.Tensor) -> torch.Tensor:  # exit states [b, q, H] -> adapter output [b, q, H]
+    def adapt(self, states: torch.Tensor) -> torch.Tensor:  # exit states [b, q, H] -> adapter output [b, m + q, H]
+        """The adapter over its unread exit states and ``states``."""
+        if self.unread is not None:
+            states, self.unread = torch.cat([self.unread, states], dim=1), None
         past, q = self.adapter_cache.get_seq_length(0), states.shape[1]
         pe = self.backbone.rotary_emb(states, position_ids=slot_positions(self.pad, past, q))
         slots = torch.arange(past, past + q, device=states.device)
@@ -164,7 +175,7 @@ class BatchRows:
     def prefill(self) -> torch.Tensor:  # last logits of each left-padded prompt [B, V]
         """Each prompt's prefill alone (``Backbone.prefill``, as its own ``generate`` computes it: a padded batch
         pass would round rows differently, and computes the padding), then its keys and values left-padded into
-        the batch cache; the adapter reads the prompts' exit states now, so its slots match the base cache's."""
+        the batch cache; the prompts' exit states wait for the adapter's first call."""
         backbone, input_ids = self.backbone, self.input_ids
         width = input_ids.shape[1]
         logits, exits, caches = [], [], []
@@ -179,7 +190,7 @@ class BatchRows:
             keys = torch.cat([left_pad(c.layers[idx].keys, width, dim=2) for c in caches])  # [b, Hkv, T, d]
             values = torch.cat([left_pad(c.layers[idx].values, width, dim=2) for c in caches])
             self.base.update(keys, values, idx)
-        self.adapt(torch.cat(exits))
+        self.unread = torch.cat(exits)  # [B, T, H]
         return torch.cat(logits)
 
     def draft(
@@ -225,36 +236,48 @@ class BatchRows:
     def verify_drafts(self, last: torch.Tensor, drafts: torch.Tensor, exits: list[torch.Tensor]) -> torch.Tensor:
         """Shallow pass of the newest token, then the deep layers over all k + 1 round slots: logits [b, k + 1, V]."""
         newest = drafts[:, -1] if drafts.shape[1] else last
-        exit_state = self.shallow(newest[:, None])  # [b, 1, H]
-        self.adapt(exit_state)  # keeps the adapter's slots equal to the base cache's (a fully accepted row needs it)
-        return self.deep_logits(torch.cat([*exits, exit_state], dim=1))
+        states = torch.cat([*exits, self.shallow(newest[:, None])], dim=1)  # [b, k + 1, H]
+        self.remember(states)
+        return self.deep_logits(states)
 
     def verify_copies(self, last: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
         """All layers over each row's last token + its copied tokens ([b, k], no model pass has seen them):
-        logits [b, k + 1, V]. The adapter reads them too, keeping its slots equal to the base cache's."""
+        logits [b, k + 1, V]. The adapter reads them too: the rows keep different numbers of them (cache.py)."""
         exit_states = self.shallow(torch.cat([last[:, None], copies], dim=1))  # [b, k + 1, H]
+        self.remember(exit_states)
         self.adapt(exit_states)
         return self.deep_logits(exit_states)
 
-    def realign(self, keep: torch.Tensor, ends: torch.Tensor) -> None:
-        """Keep rows ``keep`` ([b']) with slots [pad, ends) each; move them to end at one common length."""
+    def remember(self, states: torch.Tensor) -> None:  # [b, q, H] exit states of the round's q slots
+        self._known = states if self._known is None else torch.cat([self._known, states], dim=1)
+
+    def realign(self, keep: torch.Tensor, ends: torch.Tensor, known: torch.Tensor) -> None:
+        """Keep rows ``keep`` ([b']) with slots [pad, ends) each; move them to end at one common length. ``known``
+        [b, n, H] holds the exit states of the base's newest n slots; the adapter's unread ones come from it."""
         pad = self.pad[keep]
         lengths = ends - pad  # [b']
         new_len = int(lengths.max())
         shift = ends - new_len  # [b'] new slot s holds old slot s + shift
-        layers = [*self.base.layers, *self.adapter_cache.layers]
+        first = self.base.get_seq_length(0) - known.shape[1]
+        self.unread = unread_after(known[keep], first, ends, self.adapter_cache.get_seq_length(0), new_len)
+        self._known = None
+        read = new_len - self.unread.shape[1]  # the adapter's slots after the realignment
+        caches = [(layer, new_len) for layer in self.base.layers]
+        caches += [(layer, read) for layer in self.adapter_cache.layers]
         same_rows = keep.shape[0] == self.pad.shape[0]  # keep is sorted, so all rows kept means keep == arange
         if same_rows and bool((shift == shift[0]).all()):
-            first = int(shift[0])
-            for layer in layers:
-                layer.keys = layer.keys[:, :, first : first + new_len]
-                layer.values = layer.values[:, :, first : first + new_len]
+            start = int(shift[0])
+            for layer, length in caches:
+                layer.keys = layer.keys[:, :, start : start + length]
+                layer.values = layer.values[:, :, start : start + length]
         else:
             source = (torch.arange(new_len, device=keep.device)[None, :] + shift[:, None]).clamp_min(0)  # [b', S']
-            for layer in layers:
-                index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            for layer, length in caches:
+                index = source[:, None, :length, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 layer.keys = layer.keys[keep].gather(2, index)
                 layer.values = layer.values[keep].gather(2, index)
+        if self.unread.shape[1] == 0:
+            self.unread = None
         self.pad = new_len - lengths
 
 

@@ -57,8 +57,8 @@ def shallow_step(backbone: Backbone, exit_layer: int, cache: KangarooCache, toke
 def adapter_logits(
     backbone: Backbone, adapter: KangarooAdapter, head: DraftHead, cache: KangarooCache, exit_state: torch.Tensor
 ) -> torch.Tensor:  # [V_draft] draft logits for the token after the one whose exit state is given
-    """Feed the adapter everything it has not seen yet (ending with ``exit_state``) and read the last position."""
-    states = cache.take_adapter_pending(exit_state)  # [1, a, H]
+    """Feed the adapter everything it has not read yet (ending with ``exit_state``) and read the last position."""
+    states = cache.take_unread(exit_state)  # [1, a, H]
     start = cache.adapter_len
     positions = torch.arange(start, start + states.shape[1], device=states.device)
     pe = backbone.rotary_emb(states, position_ids=positions[None])

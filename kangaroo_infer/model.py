@@ -227,7 +227,7 @@ class KangarooModel:
         """All layers over the prompt into ``cache``; the adapter will read the prompt's exit states with its first
         draft step. Returns the logits after the prompt's last token."""
         logits, exit_states = self.backbone.prefill(input_ids, self.exit_layer, cache.base)  # [1, V], [1, T, H]
-        cache.adapter_pending.append(exit_states)
+        cache.unread = exit_states
         return logits[0]
 
     # ---- the pieces of a round, for measuring them (bench's cost profile) -------------------------------------------

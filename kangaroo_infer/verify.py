@@ -36,7 +36,7 @@ class Verifier:
     no model pass has seen them; a tree: nothing, drafting gave every node its pass), then runs layers [ℓ, L) once
     over every pending token: logits [k + 1, V], row i after node i.
     ``keep(path)`` then keeps the accepted path (nodes 0, …) in every cache: a chain is cut, a tree's path gathered;
-    and it queues for the adapter the exit states it has not read.
+    and the adapter's cache follows (the exit states it has not read wait for its next call).
     """
 
     def __init__(self, backbone: Backbone, exit_layer: int, cache: KangarooCache):
@@ -64,18 +64,16 @@ class Verifier:
         return logits[rows]
 
     def keep(self, path: list[int]) -> None:
-        """Keep the nodes of ``path`` (0, then accepted nodes, each the child of the one before) in every cache."""
-        states, tree, last = self._states, self._proposal.tree, path[-1]
+        """Keep the nodes of ``path`` (0, then accepted nodes, each the child of the one before) in every cache; the
+        adapter's cache follows ``cache.unread_after``."""
+        states, tree = self._states, self._proposal.tree
         if tree is None:  # a chain: the path is 0..n, the caches are cut after it
-            copied = self._proposal.copied
-            self.cache.rollback(self._start + last + 1, states[:, : last + 1] if copied else states[:, last : last + 1])
+            self.cache.rollback(self._start + path[-1] + 1, states[:, : path[-1] + 1])
         else:  # a tree: gather the path's entries (slot of node i = its place in the shallow order)
             device = states.device
             slot = {node: i for i, node in enumerate(tree.shallow_order)}
             base_keep = torch.cat([torch.arange(self._start), self._start + torch.tensor([slot[n] for n in path])])
             slots = [tree.adapter_slot[n] for n in path if n in tree.adapter_slot]
             adapter_keep = torch.cat([torch.arange(tree.adapter_slot[0]), torch.tensor(slots)])
-            self.cache.gather(base_keep.to(device), adapter_keep.to(device))
-            if last not in tree.adapter_slot:  # the adapter has not read the last accepted node yet
-                self.cache.adapter_pending.append(states[:, last : last + 1])
+            self.cache.gather(base_keep.to(device), adapter_keep.to(device), states[:, path])
         self._states, self._proposal = None, Proposal([])
