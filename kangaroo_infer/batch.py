@@ -259,9 +259,9 @@ class BatchRows:
         new_len = int(lengths.max())
         shift = ends - new_len  # [b'] new slot s holds old slot s + shift
         first = self.base.get_seq_length(0) - known.shape[1]
-        self.unread = unread_after(known[keep], first, ends, self.adapter_cache.get_seq_length(0), new_len)
-        self._known = None
-        read = new_len - self.unread.shape[1]  # the adapter's slots after the realignment
+        unread = unread_after(known[keep], first, ends, self.adapter_cache.get_seq_length(0), new_len)
+        self.unread, self._known = (unread if unread.shape[1] else None), None
+        read = new_len - unread.shape[1]  # the adapter's slots after the realignment
         caches = [(layer, new_len) for layer in self.base.layers]
         caches += [(layer, read) for layer in self.adapter_cache.layers]
         same_rows = keep.shape[0] == self.pad.shape[0]  # keep is sorted, so all rows kept means keep == arange
@@ -276,8 +276,6 @@ class BatchRows:
                 index = source[:, None, :length, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 layer.keys = layer.keys[keep].gather(2, index)
                 layer.values = layer.values[keep].gather(2, index)
-        if self.unread.shape[1] == 0:
-            self.unread = None
         self.pad = new_len - lengths
 
 
