@@ -2,12 +2,12 @@
 samples.
 
     offers       = rows.offer(limits)              # what each drafter could propose now, by name, per row
-    name, k      = scheduler.choose(offers)        # (PLAIN, 0): a plain step
+    name, k      = scheduler.choose(offers, ids)   # (PLAIN, 0): a plain step; ids: a batch's rows
     rows.propose(name, k, last)                    # the drafter's proposal (tokens, + q sampled, + a tree)
     result       = rows.verify()                   # the deep layers once over it, the acceptance rule, the rollback
-    scheduler.observe_rows(name, steps, outcomes, costs)
     committed    = cut_at_eos(result.tokens[row]); rows.observe(row, committed)   # each row; drafters hear it too
     rows.keep(still_running)                       # finished rows leave (a batch realigns its caches)
+    scheduler.observe_rows(name, steps, outcomes, costs, ids)   # costs: drafting; the rest, keep included
 
 ``rows`` is the engine behind the loop: ``PromptRows`` (here) for one prompt, whose drafters are the adapter's chain
 (``draft.AdapterChain``) or tree (``tree.AdapterTree``) and prompt lookup (``lookup.Lookup``), verified by
@@ -167,15 +167,11 @@ def decode(rows: Rows, settings: GenerationSettings, generator, batched: bool, s
     while active:
         limits = [s.max_new_tokens - len(new_tokens[row]) - 1 for row in active]  # most drafts each row may take
         start = time.perf_counter()
-        name, k = scheduler.choose(rows.offer(limits))
+        ids = active if batched else None  # a batch's rows are priced at their own acceptance
+        name, k = scheduler.choose(rows.offer(limits), ids)
         rows.propose(name, k, [new_tokens[row][-1] for row in active], limits)
         drafted_at = time.perf_counter()
         result = rows.verify()
-        if timed:
-            costs = drafted_at - start, time.perf_counter() - drafted_at
-        else:
-            costs = scheduler.nominal_costs(name, result.steps, result.verified)
-        scheduler.observe_rows(name if result.steps else PLAIN, result.steps, result.outcomes, *costs, result.verified)
         for i, row in enumerate(active):
             committed = cut_at_eos(result.tokens[i], s.eos_ids)
             new_tokens[row].extend(committed)
@@ -187,9 +183,14 @@ def decode(rows: Rows, settings: GenerationSettings, generator, batched: bool, s
             if streamer is not None:
                 streamer.put(torch.tensor(committed))
         still = [i for i, row in enumerate(active) if running(row)]
-        if not still:
-            break
-        rows.keep(still, result)
+        if still:
+            rows.keep(still, result)  # a batch's realignment is part of what the round cost
+        if timed:
+            costs = drafted_at - start, time.perf_counter() - drafted_at
+        else:
+            costs = scheduler.nominal_costs(name, result.steps, result.verified)
+        done = name if result.steps else PLAIN
+        scheduler.observe_rows(done, result.steps, result.outcomes, *costs, result.verified, ids)
         active = [active[i] for i in still]
     if streamer is not None:
         streamer.end()

@@ -159,6 +159,37 @@ def test_a_batch_is_priced_by_what_each_row_offers():
     assert scheduler.choose({"lookup": 6}) == scheduler.choose({"lookup": [6]}) == ("lookup", 6)  # one prompt
 
 
+def test_a_batch_row_is_priced_at_its_own_acceptance():
+    """Rows of a batch differ: here rows 0 and 1 copy a repeated passage (every copied token accepted) and rows 2
+    and 3 copy nothing useful (first token rejected). Copies offered by rows 0 and 1 are worth a round; copies
+    offered by rows 2 and 3 are not. Row ids stay with their rows when another row leaves the batch."""
+    scheduler = Scheduler.create(PolicyConfig(explore_share=0.0), {"lookup": True})
+    rows = [0, 1, 2, 3]
+    for _ in range(8):
+        scheduler.observe_rows(PLAIN, 0, [(0, 0)] * 4, 0.0, UNIT, rows=rows)
+        scheduler.observe_rows("lookup", 6, [(6, 6), (6, 6), (6, 0), (6, 0)], 0.0, 3 * UNIT, rows=rows)
+    assert scheduler.alpha("lookup", row=0) > 0.9 > 0.1 > scheduler.alpha("lookup", row=2)
+    assert scheduler.choose({"lookup": [6, 6, 0, 0]}, rows)[0] == "lookup"
+    assert scheduler.choose({"lookup": [0, 0, 6, 6]}, rows)[0] is PLAIN
+    assert scheduler.choose({"lookup": [6, 6, 0]}, [1, 0, 3])[0] == "lookup"  # row 2 left
+    assert scheduler.choose({"lookup": [6, 6, 0]}, [2, 3, 1])[0] is PLAIN  # row 0 left, the rows in another order
+
+
+def test_a_batch_round_is_priced_by_the_tokens_it_verifies_in_all_rows():
+    """Costs are kept per total tokens verified (rows × width): a plain step of 8 rows prices a 2-token round of
+    4 rows, and a draft step measured at 8 rows prices one at 4 rows like the plain steps scale."""
+    scheduler = Scheduler.create("adaptive", {"adapter": False})
+    scheduler.observe_rows(PLAIN, 0, [(0, 0)] * 8, 0.0, 3.0)
+    scheduler.observe_rows(PLAIN, 0, [(0, 0)] * 4, 0.0, 2.0)
+    assert scheduler.verify(2, rows=4) == pytest.approx(3.0) and scheduler.verify(1, rows=8) == pytest.approx(3.0)
+    scheduler.observe_rows("adapter", 2, [(2, 1)] * 8, 0.6, 4.0)
+    assert scheduler.draft("adapter", rows=8) == pytest.approx(0.3)
+    scale = scheduler.verify(1, rows=4) / scheduler.verify(1, rows=8)  # the plain steps' ratio, 2.0 / 3.0 before
+    assert scale < 0.9 and scheduler.draft("adapter", rows=4) == pytest.approx(0.3 * scale)
+    assert scheduler.verify(3, rows=8) == scheduler.verify(6, rows=4) == scheduler.verify(24)
+    assert scheduler.round_cost("adapter", 2, rows=8) == pytest.approx(0.6 + scheduler.verify(3, rows=8))
+
+
 def test_adaptive_falls_back_to_plain_steps_with_occasional_retries():
     scheduler = Scheduler.create("adaptive", ADAPTER)
     plans = feed(scheduler, 600, accept_all=False)
@@ -206,7 +237,7 @@ def test_priors_only_scheduler_ignores_timings():
     for draft_s, verify_s in ((1e-6, 1.0), (5.0, 1e-6)):
         scheduler = Scheduler.create(PRIORS, ADAPTER)
         plans.append(feed(scheduler, 40, accept_all=False, draft_s=draft_s, verify_s=verify_s))
-        assert scheduler.drafters["adapter"].draft_cost is None and scheduler.verify_cost == {}
+        assert scheduler.drafters["adapter"].draft_cost == {} and scheduler.verify_cost == {}
     assert plans[0] == plans[1]
 
 
@@ -226,7 +257,7 @@ def test_a_tree_is_priced_by_the_tokens_it_verifies():
 
     timed = Scheduler.create("adaptive", ADAPTER, fanout={"adapter": (4, 16)})
     timed.observe("adapter", 3, 1, 0.3, 2.0, verified=11)
-    assert timed.verify_cost == {12: 2.0} and timed.drafters["adapter"].draft_cost == pytest.approx(0.1)
+    assert timed.verify_cost == {12: 2.0} and timed.draft("adapter") == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(
