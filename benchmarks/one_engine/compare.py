@@ -6,7 +6,9 @@ Single prompts: vanilla ``generate``, old/new defaults, old/new adapter only (``
 defaults run as a batch of one (an attention mask: the batch engine), in rotating order per question. Batches of B:
 the base's batched ``generate``, old and new batched Kangaroo, in rotating order. Every Kangaroo output is
 compared with vanilla's (single: the prompt's own greedy ``generate``; batch rows:
-the prompt's own single ``generate``, as the batch path promises). Prints one JSON object and writes it to --out.
+the prompt's own single ``generate``, as the batch path promises). In bf16 the new engine's batches also run with
+``exact_verify=False`` ("new_inexact": rows computed together, as batched ``generate`` computes them), and every
+batch decoder's rows are also compared with batched ``generate``'s. Prints one JSON object and writes it to --out.
 
 Usage (repository root, nothing else running):
     git worktree add /tmp/kangaroo-old <commit> && mkdir -p /tmp/old_pkg
@@ -50,6 +52,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     km_new = new.KangarooModel.from_pretrained("smollm2-135m-instruct", adapter=args.adapter, dtype=dtype)
     km_old = old.KangarooModel.from_pretrained(km_new.base, adapter=args.adapter)
+    inexact = dtype != torch.float32  # fp32 is not exact-verified anyway
+    km_fast = (
+        new.KangarooModel.from_pretrained(km_new.base, adapter=args.adapter, exact_verify=False) if inexact else None
+    )
     base, n = km_new.base, args.max_new_tokens
     tok = load_tokenizer(base)
     eos = set(km_new.resolve_eos("from_generation_config"))
@@ -125,9 +131,10 @@ def main() -> None:
 
     batch_res = {}
     for size in [int(b) for b in args.batch_sizes.split(",") if b]:
-        secs = {"vanilla": 0.0, "old": 0.0, "new": 0.0}
+        secs = {"vanilla": 0.0, "old": 0.0, "new": 0.0, **({"new_inexact": 0.0} if inexact else {})}
         toks = dict.fromkeys(secs, 0)
-        rows_equal = {"old": 0, "new": 0}
+        rows_equal = dict.fromkeys([name for name in secs if name != "vanilla"], 0)
+        rows_batched = dict.fromkeys(rows_equal, 0)
         with torch.inference_mode():
             for j, start in enumerate(range(0, len(prompts), size)):
                 group = prompts[start : start + size]
@@ -147,7 +154,9 @@ def main() -> None:
                     "old": lambda run_km=run_km: run_km(km_old),
                     "new": lambda run_km=run_km: run_km(km_new),
                 }
-                order = list(runs)[j % 3 :] + list(runs)[: j % 3]
+                if inexact:
+                    runs["new_inexact"] = lambda run_km=run_km: run_km(km_fast)
+                order = list(runs)[j % len(runs) :] + list(runs)[: j % len(runs)]
                 outs = {}
                 for name in order:
                     outs[name], t = timed(runs[name])
@@ -155,12 +164,22 @@ def main() -> None:
                     toks[name] += sum(len(r) for r in outs[name])
                 for name in rows_equal:
                     rows_equal[name] += sum(a == b for a, b in zip(outs[name], own[start : start + size], strict=True))
+                    rows_batched[name] += sum(a == b for a, b in zip(outs[name], outs["vanilla"], strict=True))
         batch_res[str(size)] = {
             **{f"{name}_tokens_per_s": toks[name] / secs[name] for name in secs},
             "new_vs_old": (toks["new"] / secs["new"]) / (toks["old"] / secs["old"]),
             "new_vs_vanilla_batched": (toks["new"] / secs["new"]) / (toks["vanilla"] / secs["vanilla"]),
             "old_vs_vanilla_batched": (toks["old"] / secs["old"]) / (toks["vanilla"] / secs["vanilla"]),
+            **(
+                {
+                    "new_inexact_vs_vanilla_batched": (toks["new_inexact"] / secs["new_inexact"])
+                    / (toks["vanilla"] / secs["vanilla"])
+                }
+                if inexact
+                else {}
+            ),
             "rows_equal_own_generate": {name: f"{v}/{len(prompts)}" for name, v in rows_equal.items()},
+            "rows_equal_batched_generate": {name: f"{v}/{len(prompts)}" for name, v in rows_batched.items()},
         }
     result["batch"] = batch_res
     text = json.dumps(result, indent=1)
