@@ -103,7 +103,11 @@ class Backbone:
         """
         mask = CAUSAL if mask is None else mask
         past, rows = cache.get_seq_length(start), hidden.shape[0] * positions.shape[0]
-        if self.invariance is not None and rows > 1 and past > 0:  # not the prefill: generate runs it in one pass too
+        # One row the kernel computes unmasked is the one-row step itself; one row that needs a mask (a padded batch
+        # row) is not, and goes row by row too. Not the prefill: generate runs it in one pass as well.
+        windows = set(self.windows[start:end])
+        masked = any(not mask.kernel_exact(positions, past, window) for window in windows)
+        if self.invariance is not None and (rows > 1 or masked) and past > 0:
             with self.invariance.rows(range(start, end), rows):
                 return self._run(hidden, start, end, position_embeddings, positions, past, cache, mask, True)
         return self._run(hidden, start, end, position_embeddings, positions, past, cache, mask, False)
@@ -212,6 +216,10 @@ class PaddedRows(Mask):
     """
 
     pad: torch.Tensor  # [B] left padding slots of each row
+
+    def kernel_exact(self, positions: torch.Tensor, past: int, window: int | None) -> bool:
+        """A batch of one row without padding is a chain."""
+        return self.pad.shape[0] == 1 and int(self.pad[0]) == 0 and CAUSAL.kernel_exact(positions, past, window)
 
     def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:  # [B, q, kv]
         keys = torch.arange(past + positions.shape[0], device=positions.device)  # [kv]

@@ -221,6 +221,24 @@ def test_bf16_batch_rows_equal_their_own_generate(arch):
             assert out.sequences[row, width:].tolist() == ref, f"{arch}, row {row}, {kw}"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_batch_of_one_row_equals_its_own_generate(arch):
+    """A batch that is one row (a prompt passed with an attention mask, with or without left padding; also what is
+    left of a batch when the other rows have finished): its one-query plain steps must run as the one-row step runs
+    them, unmasked over its own keys, not as a masked kernel call over the padded cache."""
+    model = bf16_model(arch, seed=5, initializer_range=0.02)
+    km = KangarooModel.from_pretrained(model, exit_layer=2)
+    identity_adapter(km)
+    prompt = torch.randint(3, VOCAB, (150,), generator=torch.Generator().manual_seed(4))
+    ref = vanilla(model, prompt[None], 60)[0, len(prompt) :].tolist()
+    for padding in (0, 23):
+        ids = torch.cat([torch.zeros(padding, dtype=torch.long), prompt])[None]
+        mask = (torch.arange(ids.shape[1]) >= padding).long()[None]
+        for kw in (dict(max_draft_steps=0, lookup_tokens=0), dict()):
+            out = km.generate(ids, attention_mask=mask, max_new_tokens=60, eos_token_id=None, **kw)
+            assert out.sequences[0, ids.shape[1] :].tolist() == ref, f"{arch}, padding {padding}, {kw}"
+
+
 def test_bf16_chi_square_single_prompt():
     """Exact speculative sampling in bf16 with exact verification: the first tokens' joint distribution matches the
     bf16 base's own (enumerated), adapter drafts accepted and rejected."""
