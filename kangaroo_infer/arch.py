@@ -105,12 +105,14 @@ class Backbone:
         past, rows = cache.get_seq_length(start), hidden.shape[0] * positions.shape[0]
         # One row the kernel computes unmasked is the one-row step itself; one row that needs a mask (a padded batch
         # row) is not, and goes row by row too. Not the prefill: generate runs it in one pass as well.
-        windows = set(self.windows[start:end])
-        masked = any(not mask.kernel_exact(positions, past, window) for window in windows)
-        if self.invariance is not None and (rows > 1 or masked) and past > 0:
+        exact = self.invariance is not None and past > 0
+        if exact and (rows > 1 or self._needs_mask(mask, positions, past, start, end)):
             with self.invariance.rows(range(start, end), rows):
                 return self._run(hidden, start, end, position_embeddings, positions, past, cache, mask, True)
         return self._run(hidden, start, end, position_embeddings, positions, past, cache, mask, False)
+
+    def _needs_mask(self, mask: Mask, positions: torch.Tensor, past: int, start: int, end: int) -> bool:
+        return any(not mask.kernel_exact(positions, past, window) for window in set(self.windows[start:end]))
 
     def _run(self, hidden, start, end, position_embeddings, positions, past, cache, mask: Mask, rowwise: bool):
         masks: dict[int | None, object] = {}
@@ -195,16 +197,21 @@ CAUSAL = Causal()
 
 @dataclass
 class TreeAttention(Mask):
-    """Tree nodes: each sees the committed prefix, its ancestors and itself; the window applies to positions."""
+    """Tree nodes: each sees the committed prefix, its ancestors and itself; the window applies to positions.
+    One prompt's tree gives [q, kv] / [kv] (its queries' positions are the pass's positions); a batch's trees give
+    one per row, [B, q, kv] / [B, kv] with the queries' positions [B, q] (the pass's positions are cache slots)."""
 
-    tree_allowed: torch.Tensor  # [q, kv] bool: which cache entries each query may see
-    key_positions: torch.Tensor  # [kv] absolute position of each cache entry
+    tree_allowed: torch.Tensor  # [q, kv] or [B, q, kv] bool: which cache entries each query may see
+    key_positions: torch.Tensor  # [kv] or [B, kv] absolute position of each cache entry
+    query_positions: torch.Tensor | None = None  # [B, q]; None: the pass's positions
 
-    def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:  # [1, q, kv]
-        allowed = self.tree_allowed
+    def allowed(self, positions: torch.Tensor, past: int, window: int | None) -> torch.Tensor:  # [B or 1, q, kv]
+        allowed = self.tree_allowed if self.tree_allowed.dim() == 3 else self.tree_allowed[None]
         if window is not None:
-            allowed = allowed & (positions[:, None] - self.key_positions[None, :] < window)
-        return allowed[None]
+            queries = positions[None] if self.query_positions is None else self.query_positions  # [B or 1, q]
+            keys = self.key_positions if self.key_positions.dim() == 2 else self.key_positions[None]  # [B or 1, kv]
+            allowed = allowed & (queries[:, :, None] - keys[:, None, :] < window)
+        return allowed
 
 
 @dataclass

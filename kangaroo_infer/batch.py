@@ -11,7 +11,8 @@ slots are rejected drafts at the row's right end. Rows are then realigned: for e
 key/value tensors moves each row's kept slots so that all rows end at the new common length S' (= the longest row),
 which grows the left padding of rows that accepted fewer tokens. Padding shared by all rows is dropped, and rows that
 finished leave the batch in the same gather. When every row kept the same number of slots and none finished, the
-gather is a plain slice. The adapter's cache holds the same slots less the newest m of every row, whose exit states
+gather is a plain slice. A tree round keeps each row's accepted path, whose slots need not be next to each other, by
+the same gather. The adapter's cache holds the same slots less the newest m of every row, whose exit states
 wait in ``unread`` [b, m, H] for its next call (the rule of ``cache.py``, one for a prompt and a batch); the same
 gather realigns them. In a lookup round the adapter reads the copies at verification, as the rows keep different
 numbers of them.
@@ -19,7 +20,8 @@ numbers of them.
 Rounds. The loop is the one of a single prompt (``rounds.decode``); ``BatchRows`` is the engine it drives for a
 batch. One scheduler (``scheduler.py``) decides for the whole batch, from the batch round's measured cost and every
 row's acceptance: the adapter drafts k tokens in lockstep (a row stops counting its drafts after a draft below η or
-an end-of-sequence draft; its later drafts are computed alongside the others but never verified), or every row
+an end-of-sequence draft; its later drafts are computed alongside the others but never verified), or with
+``tree=True`` every row grows its own draft tree, the rows' levels in lockstep (``TreeRound``), or every row
 proposes its own lookup copy (``lookup.py``, one index per row; a row without a match proposes nothing), or the
 round is a plain batched step when drafting does not pay. Acceptance is the same rule as for one prompt
 (``accept.py``), per row, so greedy rows stay identical to vanilla greedy decoding and sampled rows stay exact.
@@ -27,17 +29,20 @@ round is a plain batched step when drafting does not pay. Acceptance is the same
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import DynamicCache
 
-from .accept import accept
-from .arch import Backbone, PaddedRows
+from .accept import accept, accept_proposal
+from .arch import Backbone, PaddedRows, TreeAttention
 from .cache import unread_after
+from .draft import DraftPick
 from .lookup import Lookup
-from .proposal import ADAPTER, LOOKUP
+from .proposal import ADAPTER, LOOKUP, Proposal, Tree
 from .rounds import RoundResult
-from .sample import SamplingConfig, draw, full_vocab_logits, process
 from .settings import GenerationSettings
+from .tree import grow_level
 
 
 def left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
@@ -67,8 +72,8 @@ class BatchRows:
         self.backbone: Backbone = km.backbone
         self.adapter = km.adapter
         self.head = km.draft_head
+        self.pick = DraftPick(km.draft_head, settings.sampling, km.backbone.lm_head.weight.shape[0], generator)
         self.exit_layer: int = km.exit_layer
-        self.vocab_size: int = km.backbone.lm_head.weight.shape[0]
         self.settings, self.generator = settings, generator
         device = km.backbone.embed_tokens.weight.device
         self.input_ids = input_ids.to(device=device, dtype=torch.long)
@@ -89,8 +94,9 @@ class BatchRows:
         self._length = 0  # slots of every row before the round
 
     @property
-    def scheduler_drafters(self) -> tuple[dict[str, bool], None]:
-        return {ADAPTER: False, LOOKUP: True}, None
+    def scheduler_drafters(self) -> tuple[dict[str, bool], dict[str, tuple[int, int]] | None]:
+        s = self.settings
+        return {ADAPTER: False, LOOKUP: True}, ({ADAPTER: (s.tree_top_k, s.tree_max_nodes)} if s.tree else None)
 
     def offer(self, limits: list[int]) -> dict[str, list[int]]:  # per drafter, what each active row could propose
         offers = {ADAPTER: [min(self.settings.max_draft_steps, limit) for limit in limits]}
@@ -108,13 +114,17 @@ class BatchRows:
             counted = torch.tensor([len(c) for c in copies], device=device)
             drafts = torch.tensor([(c + [0] * k)[:k] for c in copies], dtype=torch.long, device=device)  # [b, k]
             self._round = (name, last_t, drafts, counted, None, None)
+        elif name == ADAPTER and s.tree:
+            self._round = (name, last_t, self.draft_trees(last, [min(k, limit) for limit in limits]), None, None, None)
         else:
             caps = torch.tensor([min(k, limit) for limit in limits], device=device)  # [b]
-            drafts, counted, q, exits = self.draft(last_t, caps, s.threshold, self.eos, s.sampling, self.generator)
+            drafts, counted, q, exits = self.draft(last_t, caps, s.threshold, self.eos)
             self._round = (name, last_t, drafts, counted, q, exits)
 
     def verify(self) -> RoundResult:
         name, last, drafts, counted, q, exits = self._round
+        if isinstance(drafts, TreeRound):
+            return self.verify_trees(drafts)
         if name == LOOKUP:
             logits = self.verify_copies(last, drafts)  # [b, k + 1, V]
         else:
@@ -132,6 +142,10 @@ class BatchRows:
         """Keep the active rows ``still``: after a round, each with its last committed token and accepted drafts;
         right after the prefill (``result`` None), as prefilled."""
         keep = torch.tensor(still, device=self.input_ids.device)
+        if result is not None and isinstance(self._round[2], TreeRound):
+            self.keep_paths(keep, self._round[2])
+            self.active = [self.active[i] for i in still]
+            return
         if result is None:
             ends = torch.full((len(still),), self.base.get_seq_length(0), device=keep.device)
             known = self.unread
@@ -199,8 +213,6 @@ class BatchRows:
         caps: torch.Tensor,  # [b] most drafts each row may count
         threshold: float,
         eos: torch.Tensor,  # [e] end-of-sequence ids
-        cfg: SamplingConfig,
-        generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """Draft in lockstep; returns drafts [b, k], counted drafts per row [b], q [b, k, V] (sampling) and the
         exit states [b, 1, H] of the k tokens drafting fed through the shallow layers."""
@@ -213,24 +225,18 @@ class BatchRows:
                 break
             exit_state = self.shallow(token[:, None])  # [b, 1, H]
             exits.append(exit_state)
-            logits = self.head.logits(self.adapt(exit_state)[:, -1])  # [b, V_draft]
-            if cfg.greedy:
-                confidence, index = logits.float().softmax(dim=-1).max(dim=-1)
-                token = index if self.head.vocab is None else self.head.vocab[index]
-            else:
-                q = process(full_vocab_logits(self.head.vocab, logits, self.vocab_size), cfg)  # [b, V]
-                token = draw(q, generator)
-                confidence = q.max(dim=-1).values
+            token, confidence, q = self.pick(self.head.logits(self.adapt(exit_state)[:, -1]))  # from [b, V_draft]
+            if q is not None:
                 qs.append(q)
             drafts.append(token)
             counted += running.long()
             running &= (confidence >= threshold) & ~torch.isin(token, eos) & (counted < caps)
         b = last.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else last.new_zeros(b, 0)
-        if cfg.greedy:
+        if self.pick.sampling.greedy:
             q_all = None
         else:
-            q_all = torch.stack(qs, dim=1) if qs else torch.zeros(b, 0, self.vocab_size, device=last.device)
+            q_all = torch.stack(qs, dim=1) if qs else torch.zeros(b, 0, self.pick.vocab_size, device=last.device)
         return draft_tokens, counted, q_all, exits
 
     def verify_drafts(self, last: torch.Tensor, drafts: torch.Tensor, exits: list[torch.Tensor]) -> torch.Tensor:
@@ -262,21 +268,179 @@ class BatchRows:
         unread = unread_after(known[keep], first, ends, self.adapter_cache.get_seq_length(0), new_len)
         self.unread, self._known = (unread if unread.shape[1] else None), None
         read = new_len - unread.shape[1]  # the adapter's slots after the realignment
-        caches = [(layer, new_len) for layer in self.base.layers]
-        caches += [(layer, read) for layer in self.adapter_cache.layers]
         same_rows = keep.shape[0] == self.pad.shape[0]  # keep is sorted, so all rows kept means keep == arange
         if same_rows and bool((shift == shift[0]).all()):
             start = int(shift[0])
-            for layer, length in caches:
+            for layer, length in self._caches(new_len, read):
                 layer.keys = layer.keys[:, :, start : start + length]
                 layer.values = layer.values[:, :, start : start + length]
         else:
-            source = (torch.arange(new_len, device=keep.device)[None, :] + shift[:, None]).clamp_min(0)  # [b', S']
-            for layer, length in caches:
-                index = source[:, None, :length, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-                layer.keys = layer.keys[keep].gather(2, index)
-                layer.values = layer.values[keep].gather(2, index)
+            self._gather(keep, (torch.arange(new_len, device=keep.device)[None, :] + shift[:, None]).clamp_min(0), read)
         self.pad = new_len - lengths
+
+    def _caches(self, length: int, read: int) -> list[tuple]:  # (layer cache, slots it keeps): base, then adapter
+        return [(layer, length) for layer in self.base.layers] + [(layer, read) for layer in self.adapter_cache.layers]
+
+    def _gather(self, keep: torch.Tensor, source: torch.Tensor, read: int) -> None:
+        """Rows ``keep`` of every cache, new slot s of row b from old slot source[b, s] ([b', S']); the adapter's
+        first ``read`` slots."""
+        for layer, length in self._caches(source.shape[1], read):
+            index = source[:, None, :length, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys[keep].gather(2, index)
+            layer.values = layer.values[keep].gather(2, index)
+
+    def draft_trees(self, last: list[int], caps: list[int]) -> TreeRound:
+        """Each row's draft tree (``tree.draft_tree``'s rule, depth ≤ its cap), grown level by level in lockstep: the
+        roots as a batched step, then each level's nodes of every row in one shallow pass and one adapter pass, the
+        rows' levels padded to the widest. Every node gets its shallow pass (the leaves last)."""
+        s, start = self.settings, self.base.get_seq_length(0)
+        trees = [Tree.rooted_at(token, s.tree_max_nodes + 1) for token in last]
+        for tree in trees:
+            tree.adapter_slot[0] = start  # the roots' exit states are the adapter's next read
+        rnd = TreeRound(trees, [[0] for _ in last], start, start - self.pad, [])
+        roots = self.shallow(torch.tensor(last, device=self.input_ids.device)[:, None])  # [b, 1, H] in slot start
+        rnd.exits.append(roots)
+        logits = self.head.logits(self.adapt(roots)[:, -1:])  # [b, 1, V_draft]; the roots' adapter slot is start
+        expanded = [[0] for _ in last]
+        for depth in range(1, max(caps, default=0) + 1):
+            grown = [
+                grow_level(tree, nodes, logits[i, : len(nodes)], self.head, s.tree_top_k, s.tree_max_nodes,
+                           s.threshold, s.eos_ids) if depth <= caps[i] else []
+                for i, (tree, nodes) in enumerate(zip(trees, expanded, strict=True))
+            ]  # fmt: skip
+            expanded = [
+                nodes if depth < caps[i] and tree.num_drafts < s.tree_max_nodes else []
+                for i, (tree, nodes) in enumerate(zip(trees, grown, strict=True))
+            ]
+            if not any(expanded):
+                break
+            past = self.base.get_seq_length(0)  # the adapter's cache holds as many slots now
+            exit_states, pe, mask = self.tree_level(rnd, expanded)
+            slots = torch.arange(past, past + exit_states.shape[1], device=exit_states.device)
+            bias = mask.bias(slots, past, None, exit_states.dtype, self.backbone.eager)
+            out = self.adapter(exit_states, position_embeddings=pe, attention_mask=bias, cache=self.adapter_cache)
+            logits = self.head.logits(out)  # [b, q, V_draft]
+            for tree, nodes in zip(trees, expanded, strict=True):
+                tree.adapter_slot.update({node: past + j for j, node in enumerate(nodes)})
+        in_cache = [set(nodes) for nodes in rnd.slots]
+        leaves = [[n for n in range(len(t.tokens)) if n not in seen] for t, seen in zip(trees, in_cache, strict=True)]
+        if any(leaves):
+            self.tree_level(rnd, leaves)
+        return rnd
+
+    def tree_level(self, rnd: TreeRound, nodes: list[list[int]]) -> tuple[torch.Tensor, tuple, TreeAttention]:
+        """Layers [0, ℓ) over each row's ``nodes`` as new round slots; their exit states [b, q, H], rotary
+        embeddings and mask (the adapter's pass over the same slots uses both)."""
+        device = self.input_ids.device
+        padded = rnd.append(nodes)
+        tokens = [
+            [tree.tokens[n] if n is not None else 0 for n in row] for tree, row in zip(rnd.trees, padded, strict=True)
+        ]
+        hidden = self.backbone.embed_tokens(torch.tensor(tokens, device=device))  # [b, q, H]
+        positions, mask = rnd.mask(hidden.shape[1], self.pad)
+        pe = self.backbone.rotary_emb(hidden, position_ids=positions)
+        past = self.base.get_seq_length(0)
+        slots = torch.arange(past, past + hidden.shape[1], device=device)
+        exit_states = self.backbone.run_layers(hidden, 0, self.exit_layer, pe, slots, self.base, mask)
+        rnd.exits.append(exit_states)
+        return exit_states, pe, mask
+
+    def verify_trees(self, rnd: TreeRound) -> RoundResult:
+        """Layers [ℓ, L) over every round slot of every row at once (each node sees the committed prefix and its
+        ancestors); each row walks its own tree (``accept_proposal``)."""
+        states = torch.cat(rnd.exits, dim=1)  # [b, R, H] in slot order
+        width = states.shape[1]
+        positions, mask = rnd.mask(width, self.pad)
+        pe = self.backbone.rotary_emb(states, position_ids=positions)
+        slots = torch.arange(rnd.start, rnd.start + width, device=states.device)
+        hidden = self.backbone.run_layers(states, self.exit_layer, self.backbone.num_layers, pe, slots, self.base, mask)
+        logits = self.backbone.logits(hidden)  # [b, R, V]
+        rnd.states = states
+        outcomes, tokens = [], []
+        for i, (tree, nodes) in enumerate(zip(rnd.trees, rnd.slots, strict=True)):
+            slot = {node: j for j, node in enumerate(nodes) if node is not None}
+            rows = torch.tensor([slot[n] for n in range(len(tree.tokens))], device=logits.device)
+            path, next_token = accept_proposal(
+                Proposal(tree.tokens[1:], tree=tree), logits[i, rows], self.settings.sampling
+            )
+            rnd.paths.append([slot[n] for n in path])
+            outcomes.append((max(tree.depths), len(path) - 1))
+            tokens.append([tree.tokens[n] for n in path[1:]] + [next_token])
+        drafted = [tree.num_drafts for tree in rnd.trees]
+        return RoundResult(max(d for d, _ in outcomes), width - 1, outcomes, drafted, tokens)
+
+    def keep_paths(self, keep: torch.Tensor, rnd: TreeRound) -> None:
+        """Keep rows ``keep``, each with its committed slots and its accepted path's round slots, realigned to end at
+        one common length. The adapter has read the roots and the expanded nodes; a path ending at a leaf leaves
+        that leaf unread, and then every row keeps its newest slot unread (one m for the batch, ``cache.py``)."""
+        device = keep.device
+        kept, unread_slot, leaf = [], [], False
+        for i in keep.tolist():
+            tree, nodes, path = rnd.trees[i], rnd.slots[i], rnd.paths[i]
+            committed = torch.arange(int(self.pad[i]), rnd.start, device=device)
+            kept.append(torch.cat([committed, rnd.start + torch.tensor(path, device=device)]))
+            unread_slot.append(path[-1])
+            leaf |= nodes[path[-1]] not in tree.adapter_slot
+        lengths = torch.tensor([len(k) for k in kept], device=device)
+        new_len = int(lengths.max())
+        source = torch.zeros(len(kept), new_len, dtype=torch.long, device=device)  # padding reads slot 0
+        for row, slots in enumerate(kept):
+            source[row, new_len - len(slots) :] = slots
+        m = int(leaf)
+        self._gather(keep, source, new_len - m)
+        index = torch.tensor(unread_slot, device=device)
+        self.unread = rnd.states[keep, index][:, None] if m else None  # [b', 1, H]
+        self._known, self._round = None, None
+        self.pad = new_len - lengths
+
+
+@dataclass
+class TreeRound:
+    """A batch round's draft trees: a tree per row, and the node each round slot holds (None: padding, a row's
+    level narrower than the widest)."""
+
+    trees: list[Tree]
+    slots: list[list[int | None]]  # [b][R] the node in round slot j (cache slot start + j) of each row
+    start: int  # the roots' cache slot
+    root_pos: torch.Tensor  # [b] the roots' positions
+    exits: list[torch.Tensor]  # [b, q, H] exit states of the round slots, in slot order
+    states: torch.Tensor | None = None  # [b, R, H] all of them, at verification
+    paths: list[list[int]] = field(default_factory=list)  # per row: round slots of the accepted path
+
+    def append(self, nodes: list[list[int]]) -> list[list[int | None]]:
+        """New round slots: each row's nodes, padded to the widest row."""
+        width = max(map(len, nodes))
+        padded = [row + [None] * (width - len(row)) for row in nodes]
+        for slots, row in zip(self.slots, padded, strict=True):
+            slots.extend(row)
+        return padded
+
+    def mask(self, queries: int, pad: torch.Tensor) -> tuple[torch.Tensor, TreeAttention]:  # positions [b, q], mask
+        """The newest ``queries`` round slots over the cache: a node sees its row's committed slots, its ancestors
+        and itself; a padding slot sees only itself."""
+        b, width, prefix = len(self.trees), len(self.slots[0]), self.start
+        allowed = torch.zeros(b, queries, prefix + width, dtype=torch.bool)
+        key_positions = torch.zeros(b, prefix + width, dtype=torch.long)
+        positions = torch.zeros(b, queries, dtype=torch.long)
+        for i, (tree, nodes) in enumerate(zip(self.trees, self.slots, strict=True)):
+            first, root = int(pad[i]), int(self.root_pos[i])
+            depths = torch.tensor(tree.depths)
+            key_positions[i, :prefix] = (torch.arange(prefix) - first).clamp_min(0)
+            key_positions[i, prefix:] = root  # a padding slot sits at its root's position: inside any window
+            real = [j for j, node in enumerate(nodes) if node is not None]
+            columns = torch.tensor([nodes[j] for j in real])
+            key_positions[i, prefix + torch.tensor(real)] = root + depths[columns]
+            for a, j in enumerate(range(width - queries, width)):
+                if nodes[j] is None:
+                    allowed[i, a, prefix + j] = True
+                    positions[i, a] = root
+                else:
+                    allowed[i, a, first:prefix] = True
+                    allowed[i, a, prefix + torch.tensor(real)] = tree.ancestors[nodes[j], columns]
+                    positions[i, a] = root + tree.depths[nodes[j]]
+        device = pad.device
+        positions = positions.to(device)
+        return positions, TreeAttention(allowed.to(device), key_positions.to(device), positions)
 
 
 def pad_token_id(km) -> int:

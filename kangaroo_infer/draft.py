@@ -42,6 +42,9 @@ class DraftHead:
     def token(self, index: int) -> int:
         return index if self.vocab is None else int(self.vocab[index])
 
+    def tokens(self, index: torch.Tensor) -> torch.Tensor:  # [...] rows of the head -> token ids [...]
+        return index if self.vocab is None else self.vocab[index]
+
 
 def shallow_step(backbone: Backbone, exit_layer: int, cache: KangarooCache, token: torch.Tensor) -> torch.Tensor:
     """Run tokens ([1, q]) through layers [0, ℓ); queue their exit states for the deep layers; return them [1, q, H]."""
@@ -76,13 +79,18 @@ class DraftPick:
     vocab_size: int
     generator: torch.Generator | None = None
 
-    def __call__(self, logits: torch.Tensor) -> tuple[int, float, torch.Tensor | None]:  # [V_draft] -> token, conf, q
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [b, V_draft]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # tokens [b], confidence [b], q [b, V] or None
+        """One draft per row and its confidence (the top probability of the draft distribution, which η bounds);
+        the processed q of every row when sampling. One prompt and a batch's lockstep drafting both pick here."""
         if self.sampling.greedy:
             top_logit, top_id = logits.max(dim=-1)
             confidence = torch.exp(top_logit - torch.logsumexp(logits.float(), dim=-1))
-            return self.head.token(int(top_id)), confidence.item(), None
-        q = process(full_vocab_logits(self.head.vocab, logits, self.vocab_size), self.sampling)  # [V]
-        return int(draw(q[None], self.generator)), float(q.max()), q
+            return self.head.tokens(top_id), confidence, None
+        q = process(full_vocab_logits(self.head.vocab, logits, self.vocab_size), self.sampling)  # [b, V]
+        return draw(q, self.generator), q.max(dim=-1).values, q
 
 
 def draft_proposal(
@@ -109,11 +117,12 @@ def draft_proposal(
     token = last_token
     for _ in range(max_steps):
         exit_state = shallow_step(backbone, exit_layer, cache, torch.tensor([[token]], device=device))
-        token, confidence, q = pick(adapter_logits(backbone, adapter, pick.head, cache, exit_state))
+        picked, confidence, q = pick(adapter_logits(backbone, adapter, pick.head, cache, exit_state)[None])
+        token = int(picked[0])
         tokens.append(token)
         if q is not None:
-            qs.append(q)
-        if confidence < threshold or token in eos_ids:
+            qs.append(q[0])
+        if float(confidence[0]) < threshold or token in eos_ids:
             break
     if pick.sampling.greedy:
         return Proposal(tokens)

@@ -110,12 +110,9 @@ class GenerationOptions:
         if self.seed is not None:
             rule = "be an integer in [0, 2**63 - 1] (a torch seed)" if flags else "be a non-negative integer or None"
             check_int(name("seed"), self.seed, 0, 2**63 - 1, rule=rule)
-        if self.tree and (batched or self.temperature > 0):
+        if self.tree and self.temperature > 0:
             drop, hot = (name("tree"), name("temperature")) if flags else ("tree", "temperature")
-            raise ValueError(
-                f"{'--tree' if flags else 'tree=True'} drafts for one prompt, greedily; drop {drop} for batches or "
-                f"{hot} > 0."
-            )
+            raise ValueError(f"{'--tree' if flags else 'tree=True'} drafts greedily; drop {drop} for {hot} > 0.")
         check_policy(self.policy)
 
 

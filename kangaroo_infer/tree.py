@@ -38,6 +38,38 @@ def _shallow_level(backbone: Backbone, exit_layer: int, cache: KangarooCache, tr
     return exit_states  # [1, q, H]
 
 
+def grow_level(
+    tree: Tree,
+    expanded: list[int],
+    logits: torch.Tensor,  # [len(expanded), V_draft] the adapter's draft logits after each expanded node
+    head: DraftHead,
+    top_k: int,
+    max_nodes: int,
+    threshold: float,
+    eos_ids: frozenset[int],
+) -> list[int]:
+    """One level: of the expanded nodes' top_k children each, the top_k by cumulative draft probability join the tree
+    (within ``max_nodes`` drafts); returns the new nodes to expand next, those whose own probability reaches η and
+    that are not an end-of-sequence token (one below η is still verified, not expanded: the chain's early exit)."""
+    if not expanded:
+        return []
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [len(expanded), V_draft]
+    top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+    base_scores = torch.tensor([tree.scores[n] for n in expanded])[:, None]
+    cumulative = (base_scores + top_logp.cpu()).flatten()
+    budget = min(top_k, max_nodes - tree.num_drafts)
+    chosen = cumulative.topk(min(budget, cumulative.numel())).indices.tolist()
+    width = top_idx.shape[-1]
+    top_idx, top_logp = top_idx.cpu().tolist(), top_logp.cpu().tolist()
+    new_level = []
+    for flat in chosen:
+        row, col = divmod(flat, width)
+        node = tree.add(expanded[row], head.token(top_idx[row][col]), float(cumulative[flat]))
+        if math.exp(top_logp[row][col]) >= threshold and tree.tokens[node] not in eos_ids:
+            new_level.append(node)
+    return new_level
+
+
 def draft_tree(
     backbone: Backbone,
     adapter: KangarooAdapter,
@@ -65,22 +97,7 @@ def draft_tree(
     tree.adapter_slot[0] = adapter_prefix - 1
     expanded = [0]
     for depth in range(1, max_depth + 1):
-        # Children of the expanded nodes; the best top_k of them (by cumulative probability) join the tree.
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [len(expanded), V_draft]
-        top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-        base_scores = torch.tensor([tree.scores[n] for n in expanded])[:, None]
-        cumulative = (base_scores + top_logp.cpu()).flatten()
-        budget = min(top_k, max_nodes - tree.num_drafts)
-        chosen = cumulative.topk(min(budget, cumulative.numel())).indices.tolist()
-        width = top_idx.shape[-1]
-        top_idx, top_logp = top_idx.cpu().tolist(), top_logp.cpu().tolist()
-        new_level = []
-        for flat in chosen:
-            row, col = divmod(flat, width)
-            node = tree.add(expanded[row], head.token(top_idx[row][col]), float(cumulative[flat]))
-            # A child below η is still verified but not expanded (the chain's early exit, per branch).
-            if math.exp(top_logp[row][col]) >= threshold and tree.tokens[node] not in eos_ids:
-                new_level.append(node)
+        new_level = grow_level(tree, expanded, logits, head, top_k, max_nodes, threshold, eos_ids)
         if depth == max_depth or not new_level or tree.num_drafts >= max_nodes:
             break
         # Expand the new level: shallow layers + adapter on all its nodes at once.

@@ -129,7 +129,9 @@ def test_adapter_cache_rule_for_a_prompt_and_a_batch():
         eos = run(km, CheckedPrompt, [prompts[1]], **options).tokens[0][len(prompts[1]) + 3]
         run(km, CheckedBatch, prompts, **{**options, "eos_token_id": eos})
     tree = dict(policy="fixed", max_new_tokens=24, eos_token_id=None, tree=True, threshold=0.0, max_draft_steps=3)
-    for prompt in prompts:
-        lags["prompt"] |= set(run(high, CheckedPrompt, [prompt], **tree).lags)
+    for km in (high, low):  # trees for one prompt and in a batch (rows with paths ending at leaves and not)
+        for prompt in prompts:
+            lags["prompt"] |= set(run(km, CheckedPrompt, [prompt], **tree).lags)
+        lags["batch"] |= set(run(km, CheckedBatch, prompts, **tree, tree_top_k=2, tree_max_nodes=5).lags)
     for where, seen in lags.items():
         assert {0, 1} <= seen and max(seen) > 2, (where, seen)  # cut back, a full chain's last draft, a queue

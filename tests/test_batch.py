@@ -79,6 +79,37 @@ def test_batch_greedy_equals_each_rows_vanilla(arch, overrides):
     assert 1 in accepted_lengths and max(accepted_lengths) >= 3  # rejections and multi-token rounds both happen
 
 
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [("llama", {}), ("qwen2", {"tie_word_embeddings": True}), ("mistral", {"sliding_window": 5})],
+    ids=["llama", "qwen2-tied", "mistral-window5"],
+)
+def test_batch_trees_equal_each_rows_vanilla(arch, overrides):
+    """Draft trees in a batch: every row its own tree (levels of different widths, rows capped by their own
+    budgets, EOS in some rows), lookup rounds between tree rounds; each row equals its own greedy generate."""
+    rng = random.Random(f"batch-tree-{arch}")
+    accepted, widths = set(), set()
+    for deep_scale, exit_layer, adapter in [(0.05, 2, "identity"), (0.4, 2, "identity"), (1.0, 1, "random")]:
+        model = tiny_model(arch, deep_scale=deep_scale, exit_layer=exit_layer, seed=rng.randrange(1000), **overrides)
+        km = KangarooModel.from_pretrained(model, exit_layer=exit_layer)
+        if adapter == "identity":
+            identity_adapter(km)
+        for threshold, steps, top_k, max_nodes in [(0.0, 4, 3, 10), (0.3, 3, 2, 5), (0.9, 6, 4, 40)]:
+            prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(rng.randint(2, 5))]
+            policy = rng.choice(["fixed", PolicyConfig(measure_costs=False)])
+            out = check_batch(
+                km, prompts, rng.randint(1, 24), threshold=threshold, max_draft_steps=steps, policy=policy,
+                tree=True, tree_top_k=top_k, tree_max_nodes=max_nodes, lookup_tokens=rng.choice([0, None]),
+            )  # fmt: skip
+            accepted |= {a for row in out.accept_lengths for a in row[1:]}
+            widths |= {d for row in out.draft_lengths for d in row}
+    assert 1 in accepted and max(accepted) >= 3 and max(widths) > 4  # rejections, long paths, branching trees
+    ids, mask = left_pad(prompts[:3])
+    free = km.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, tree=True, threshold=0.0)
+    new = free.sequences[:, ids.shape[1] :].tolist()
+    check_batch(km, prompts[:3], 12, eos_token_id=[new[0][2], new[1][0]], tree=True, threshold=0.0, policy="fixed")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_rows_stop_independently_at_eos(arch):
     """EOS tokens that some rows reach early (inside accepted drafts, or at the first token) and others never."""
@@ -144,7 +175,6 @@ def test_same_length_rows_without_mask():
         ({"attention_mask": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])}, r"Rows \[0\] of attention_mask are all"),
         ({"attention_mask": torch.tensor([[2, 1, 1, 1], [1, 1, 1, 1]])}, "only 0 .padding. and 1"),
         ({"streamer": object()}, "A streamer takes one prompt"),
-        ({"tree": True}, "tree=True drafts for one prompt"),
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
         ({"threshold": 2.0}, r"threshold must lie in \[0, 1\]"),
     ],

@@ -24,9 +24,9 @@ def bf16_model(arch: str, seed: int = 0, **kw):
     """Head dim 64 and an MLP 1536 wide, as SmolLM2's: shapes whose bf16 kernels round rows differently when
     computed together (attention over a long cache; a GEMM with a long reduction)."""
     shape = dict(hidden_size=256, intermediate_size=1536, num_attention_heads=4, num_key_value_heads=2)
-    return tiny_model(
-        arch, deep_scale=0.05, exit_layer=2, seed=seed, max_position_embeddings=1024, **shape, **kw
-    ).to(BF16)
+    return tiny_model(arch, deep_scale=0.05, exit_layer=2, seed=seed, max_position_embeddings=1024, **shape, **kw).to(
+        BF16
+    )
 
 
 def one_row_states(model, cache: DynamicCache, tokens: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -201,8 +201,8 @@ def test_from_pretrained_dtype(tiny_dirs, kangaroo_home):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_bf16_batch_rows_equal_their_own_generate(arch):
-    """A ragged bf16 batch (adapter rounds, lookup copies, plain batched steps): every row token-identical to that
-    prompt's own bf16 generate, which a padded batched pass alone would not give."""
+    """A ragged bf16 batch (adapter rounds, draft trees, lookup copies, plain batched steps): every row token-identical
+    to that prompt's own bf16 generate, which a padded batched pass alone would not give."""
     model = bf16_model(arch, seed=5, initializer_range=0.02)  # logits close together: rounding flips tokens
     km = KangarooModel.from_pretrained(model, exit_layer=2)
     identity_adapter(km)
@@ -214,7 +214,12 @@ def test_bf16_batch_rows_equal_their_own_generate(arch):
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
-    for kw in (dict(), dict(lookup_tokens=0), dict(max_draft_steps=0, lookup_tokens=0)):
+    for kw in (
+        dict(),
+        dict(lookup_tokens=0),
+        dict(max_draft_steps=0, lookup_tokens=0),
+        dict(tree=True, threshold=0.0, policy="fixed"),
+    ):
         out = km.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=None, **kw)
         for row, p in enumerate(prompts):
             ref = vanilla(model, p[None], 40)[0, len(p) :].tolist()

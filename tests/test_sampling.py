@@ -258,7 +258,7 @@ def test_sampling_stops_at_eos_and_uses_draft_vocabulary():
         ({"temperature": 1.0, "top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
         ({"temperature": 1.0, "top_k": -1}, "top_k must be an integer >= 0"),
         ({"temperature": 1.0, "seed": -3}, "seed must be a non-negative integer"),
-        ({"temperature": 1.0, "tree": True}, "tree=True drafts for one prompt, greedily"),
+        ({"temperature": 1.0, "tree": True}, "tree=True drafts greedily"),
         ({"temperature": 1.0, "policy": "nope"}, "Unknown policy"),
     ],
 )
