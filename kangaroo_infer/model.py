@@ -155,11 +155,11 @@ class KangarooModel:
         return ModelLimits(config.vocab_size, self.backbone.max_positions, self.base.generation_config.eos_token_id)
 
     @with_options_signature
-    def generation_settings(self, batched: bool = False, **options: Any) -> GenerationSettings:
+    def generation_settings(self, **options: Any) -> GenerationSettings:
         """``generate``'s options (``GenerationOptions``), defaults filled from the adapter checkpoint, validated: what
-        a run would decode with (``batched``: for a batch of prompts)."""
-        options = GenerationOptions.of(options, "KangarooModel.generation_settings()", ("batched",))
-        return GenerationSettings.resolve(self.limits, self.adapter.config.generation, options, batched=batched)
+        a run would decode with (one prompt or a batch: the same settings)."""
+        options = GenerationOptions.of(options, "KangarooModel.generation_settings()")
+        return GenerationSettings.resolve(self.limits, self.adapter.config.generation, options)
 
     def resolve_eos(self, eos_token_id: int | list[int] | None | str) -> frozenset[int]:
         """As transformers' generate: left out, the generation config names EOS; None or [] disables it."""
@@ -205,7 +205,7 @@ class KangarooModel:
         shape = getattr(input_ids, "shape", ())
         batched = attention_mask is not None or (len(shape) == 2 and shape[0] > 1)
         options = GenerationOptions.of(options, "KangarooModel.generate()", ("input_ids", "streamer", "attention_mask"))
-        settings = GenerationSettings.resolve(self.limits, self.adapter.config.generation, options, batched=batched)
+        settings = GenerationSettings.resolve(self.limits, self.adapter.config.generation, options)
         if batched:
             if streamer is not None:
                 raise ValueError("A streamer takes one prompt: pass input_ids of shape [1, T] without attention_mask.")

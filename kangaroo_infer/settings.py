@@ -81,7 +81,7 @@ class GenerationOptions:
         defaults = {**DEFAULT_GENERATION, **defaults}
         return replace(self, **{key: defaults[key] for key in DEFAULT_GENERATION if getattr(self, key) is None})
 
-    def check(self, *, flags: bool = False, batched: bool = False) -> None:
+    def check(self, *, flags: bool = False) -> None:
         """Every option that can be checked without a model (None: the adapter's default, checked once filled in),
         so the CLI refuses a bad value before a model loads for minutes. ``flags`` names values by their
         command-line flags (``--steps``) instead of ``generate``'s keywords."""
@@ -156,21 +156,18 @@ class GenerationSettings:
     lookup_tokens: int  # 0: lookup drafting off
     lookup_min_ngram: int
     lookup_max_ngram: int
-    batched: bool
 
     @classmethod
     def resolve(
-        cls, limits: ModelLimits, defaults: Mapping[str, Any], options: GenerationOptions, *, batched: bool = False
+        cls, limits: ModelLimits, defaults: Mapping[str, Any], options: GenerationOptions
     ) -> GenerationSettings:
         """Fill unset options from ``defaults`` (the adapter's, over DEFAULT_GENERATION) and validate everything."""
         options = options.filled(defaults)
-        options.check(batched=batched)
+        options.check()
         sampling = SamplingConfig(options.temperature, options.top_p, options.top_k)
         eos_ids = resolve_eos(options.eos_token_id, limits)
         same = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
-        return cls(
-            **{**same, "threshold": float(options.threshold)}, eos_ids=eos_ids, sampling=sampling, batched=batched
-        )
+        return cls(**{**same, "threshold": float(options.threshold)}, eos_ids=eos_ids, sampling=sampling)
 
     def check_prompt(self, input_ids: torch.Tensor, limits: ModelLimits) -> None:
         """One prompt ([1, T], no padding): integer ids inside the vocabulary, and room for max_new_tokens."""

@@ -92,7 +92,7 @@ class CheckedBatch(BatchRows, Recorder):
 def run(km, rows_cls, prompts: list[list[int]], **options):
     batched = rows_cls is CheckedBatch
     settings = GenerationSettings.resolve(
-        km.limits, km.adapter.config.generation, GenerationOptions.of(options, "test"), batched=batched
+        km.limits, km.adapter.config.generation, GenerationOptions.of(options, "test")
     )
     if batched:
         ids, mask = left_pad(prompts)

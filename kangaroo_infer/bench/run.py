@@ -106,14 +106,12 @@ def run_config(
     temperature: float,
     max_new_tokens: int,
     lookup_tokens: int | None = None,
-    batched: bool = False,
 ) -> dict[str, Any]:
     """The settings a benchmark ran with, as written into results.json (η / γ / lookup after the adapter's
     defaults)."""
     settings = km.generation_settings(
-        batched=batched, threshold=threshold, max_draft_steps=steps, temperature=temperature,
-        lookup_tokens=lookup_tokens,
-    )  # fmt: skip
+        threshold=threshold, max_draft_steps=steps, temperature=temperature, lookup_tokens=lookup_tokens
+    )
     return {
         "base_model": display_name(km.base.config.name_or_path),
         "exit_layer": km.exit_layer,

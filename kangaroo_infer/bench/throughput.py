@@ -151,6 +151,6 @@ def batch_throughput(
     path = out_dir / RESULTS
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary["batch"] = results
-    summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens, batched=True)
+    summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens)
     write_file(path, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return summary
