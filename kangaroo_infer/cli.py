@@ -46,7 +46,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "fixed: always draft up to γ",
     )
     parser.add_argument(
-        "--tree", action="store_true", help="dynamic tree drafting (bench: tree mode reported beside the chain)"
+        "--tree",
+        action="store_true",
+        help="dynamic tree drafting (bench: tree mode reported beside the chain; with --batch-size: the batches')",
     )
     parser.add_argument("--tree-top-k", type=int, help="tree: children per level K (default: adapter's, else 4)")
     parser.add_argument("--tree-max-nodes", type=int, help="tree: max draft nodes N (default: adapter's, else 16)")
@@ -346,6 +348,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             warmup=args.warmup,
             lookup_tokens=args.lookup_tokens,
+            tree=args.tree,
+            tree_top_k=args.tree_top_k,
+            tree_max_nodes=args.tree_max_nodes,
         )
         bench.print_batch_table(summary)
         print(f"results: {args.out}/results.json")

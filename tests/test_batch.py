@@ -205,7 +205,16 @@ def test_bench_batch_throughput_cli(tiny_dirs, tmp_path):
         assert row["rows"] == 3 and row["kangaroo_tokens_per_s"] > 0 and row["vanilla_tokens_per_s"] > 0
         assert row["tau"] > 1.0 and row["tokens"] == row["vanilla_tokens"]
     assert summary["batch"]["1"]["rows_identical_to_vanilla_batch"] == 3
-    assert "batched throughput" in result.stdout
+    assert "batched throughput" in result.stdout and summary["batch_config"]["tree"] is None
+    tree = subprocess.run(
+        [sys.executable, "-m", "kangaroo_infer", "bench", "--adapter", str(root / "adapter"), "--questions",
+         str(questions), "--max-new-tokens", "10", "--batch-size", "3", "--tree", "--tree-top-k", "2", "--policy",
+         "fixed", "--out", str(tmp_path / "tree")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert tree.returncode == 0, tree.stderr
+    summary = json.loads((tmp_path / "tree" / "results.json").read_text())
+    assert summary["batch_config"]["tree"] == [2, 16] and summary["batch"]["3"]["tokens"] > 0
 
 
 # ---- lookup copies per row, and plain batched steps ----------------------------------------------------------------

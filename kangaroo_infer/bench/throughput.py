@@ -81,9 +81,13 @@ def batch_throughput(
     temperature: float = 0.0,
     warmup: int = 1,
     lookup_tokens: int | None = None,
+    tree: bool = False,
+    tree_top_k: int | None = None,
+    tree_max_nodes: int | None = None,
 ) -> dict[str, Any]:
     """Throughput mode: for each B, the questions in batches of B (left-padded), Kangaroo batched vs the base's own
-    batched ``generate``; tokens/s over the batch = new tokens of all rows ÷ wall time. Written under "batch" in
+    batched ``generate``; tokens/s over the batch = new tokens of all rows ÷ wall time. With ``tree`` Kangaroo's
+    batches draft a tree per row (K and N: the adapter's defaults unless given). Written under "batch" in
     results.json (other keys there are kept). Greedy rows are compared with vanilla's batched rows for information
     only: padding changes float rounding, and exactness is defined against each row's own unbatched run."""
     from ..batch import pad_token_id
@@ -99,6 +103,11 @@ def batch_throughput(
     kw = {"threshold": threshold, "max_draft_steps": steps, "policy": policy, "temperature": temperature}
     if lookup_tokens is not None:  # batches copy per row too (0: off); None keeps the adapter's default
         kw["lookup_tokens"] = lookup_tokens
+    shape = None
+    if tree:
+        settings = km.generation_settings(tree=True, tree_top_k=tree_top_k, tree_max_nodes=tree_max_nodes)
+        shape = [settings.tree_top_k, settings.tree_max_nodes]
+        kw.update(tree=True, tree_top_k=shape[0], tree_max_nodes=shape[1])
     sampling = sampling_kwargs(temperature)
 
     def vanilla(ids: torch.Tensor, mask: torch.Tensor, seed: int) -> list[list[int]]:  # ids, mask [B, T]
@@ -151,6 +160,6 @@ def batch_throughput(
     path = out_dir / RESULTS
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary["batch"] = results
-    summary["batch_config"] = run_config(km, threshold, steps, policy, temperature, max_new_tokens)
+    summary["batch_config"] = {**run_config(km, threshold, steps, policy, temperature, max_new_tokens), "tree": shape}
     write_file(path, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return summary
