@@ -90,7 +90,8 @@ class BatchRows:
             prompts = [self.input_ids[row, int(self.pad[row]) :].tolist() for row in range(input_ids.shape[0])]
             self.lookups = [Lookup(p, s.lookup_tokens, s.lookup_min_ngram, s.lookup_max_ngram) for p in prompts]
         self.active = list(range(input_ids.shape[0]))  # original index of each row in the caches
-        self._round: tuple | None = None  # what propose left for verify
+        self._round: tuple | None = None  # what propose left for verify: (name, last, drafts, counted, q, exits)
+        self._trees: TreeRound | None = None  # or, for a tree round, its trees
         self._length = 0  # slots of every row before the round
 
     @property
@@ -108,6 +109,7 @@ class BatchRows:
         s, device = self.settings, self.input_ids.device
         self._length = self.base.get_seq_length(0)  # slots of every row before the round
         self._known = self.unread  # the round's exit states join them at verification
+        self._trees = None
         last_t = torch.tensor(last, dtype=torch.long, device=device)  # [b]
         if name == LOOKUP:
             copies = [self.lookups[row].propose(token, k).tokens for row, token in zip(self.active, last, strict=True)]
@@ -115,16 +117,16 @@ class BatchRows:
             drafts = torch.tensor([(c + [0] * k)[:k] for c in copies], dtype=torch.long, device=device)  # [b, k]
             self._round = (name, last_t, drafts, counted, None, None)
         elif name == ADAPTER and s.tree:
-            self._round = (name, last_t, self.draft_trees(last, [min(k, limit) for limit in limits]), None, None, None)
+            self._trees = self.draft_trees(last, [min(k, limit) for limit in limits])
         else:
             caps = torch.tensor([min(k, limit) for limit in limits], device=device)  # [b]
             drafts, counted, q, exits = self.draft(last_t, caps, s.threshold, self.eos)
             self._round = (name, last_t, drafts, counted, q, exits)
 
     def verify(self) -> RoundResult:
+        if self._trees is not None:
+            return self.verify_trees(self._trees)
         name, last, drafts, counted, q, exits = self._round
-        if isinstance(drafts, TreeRound):
-            return self.verify_trees(drafts)
         if name == LOOKUP:
             logits = self.verify_copies(last, drafts)  # [b, k + 1, V]
         else:
@@ -142,8 +144,8 @@ class BatchRows:
         """Keep the active rows ``still``: after a round, each with its last committed token and accepted drafts;
         right after the prefill (``result`` None), as prefilled."""
         keep = torch.tensor(still, device=self.input_ids.device)
-        if result is not None and isinstance(self._round[2], TreeRound):
-            self.keep_paths(keep, self._round[2])
+        if result is not None and self._trees is not None:
+            self.keep_paths(keep, self._trees)
             self.active = [self.active[i] for i in still]
             return
         if result is None:
@@ -390,7 +392,7 @@ class BatchRows:
         self._gather(keep, source, new_len - m)
         index = torch.tensor(unread_slot, device=device)
         self.unread = rnd.states[keep, index][:, None] if m else None  # [b', 1, H]
-        self._known, self._round = None, None
+        self._known, self._trees = None, None
         self.pad = new_len - lengths
 
 
