@@ -55,6 +55,7 @@ def machine() -> dict[str, Any]:
         return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
 
     return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": sh('grep -m1 "model name" /proc/cpuinfo').split(":", 1)[-1].strip(),
         "cpu_bf16_flags": sh("grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo | sort -u").split(),
         "cores": sh("nproc"),
@@ -143,7 +144,7 @@ def compare(ref: list[int], steps: StepLogits, other: list[int]) -> dict[str, An
 def decode_all(km_fast: KangarooModel, km_exact: KangarooModel, tok, ids: list[int], partner: list[int], n: int, eos):
     base = km_fast.base
     pad = tok.pad_token_id
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=base.device)
     out = base.generate(
         x,
         attention_mask=torch.ones_like(x),
@@ -154,8 +155,8 @@ def decode_all(km_fast: KangarooModel, km_exact: KangarooModel, tok, ids: list[i
         return_dict_in_generate=True,
     )
     ref = out.sequences[0, x.shape[1] :].tolist()
-    logits = torch.cat(out.logits, dim=0).float()  # [n_ref, V]
-    batch = tok.pad({"input_ids": [ids, partner]}, padding=True, return_tensors="pt")  # left padding
+    logits = torch.cat(out.logits, dim=0).float().cpu()  # [n_ref, V]
+    batch = tok.pad({"input_ids": [ids, partner]}, padding=True, return_tensors="pt").to(base.device)  # left pad
     both = base.generate(
         batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, max_new_tokens=n, pad_token_id=pad
     )
@@ -262,6 +263,7 @@ def main() -> None:
     p.add_argument("--num-questions", type=int, default=5, help="first N per category")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (the GPU check of issue #24)")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--report", action="store_true", help="only print the summary of the results.json at --out")
     args = p.parse_args()
@@ -273,7 +275,9 @@ def main() -> None:
         return
 
     questions = load_questions(args.questions, None, args.num_questions)
-    km_fast = KangarooModel.from_pretrained(None, adapter=args.adapter, dtype="bfloat16", exact_verify=False)
+    km_fast = KangarooModel.from_pretrained(
+        None, adapter=args.adapter, dtype="bfloat16", device=args.device, exact_verify=False
+    )
     km_exact = KangarooModel(km_fast.base, km_fast.adapter, exact_verify=True)  # same base, loaded once
     assert km_fast.backbone.invariance is None and km_exact.backbone.invariance is not None
     tok = load_tokenizer(km_fast.base)
