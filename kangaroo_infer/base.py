@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .dtype import AUTO, auto_dtype
+from .dtype import resolve_dtype
 from .files import atomic_directory, check_replaceable
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -149,10 +149,7 @@ def random_base(
     values = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     config._attn_implementation = "sdpa"
-    if dtype == AUTO:
-        dtype = auto_dtype(device, kangaroo_home())[0]
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype, device, kangaroo_home())[0]  # "auto" as everywhere ($KANGAROO_DTYPE included)
     check_device(device)
     with torch.device(device or "cpu"):  # initialise in place: a 7B model never passes through host memory twice
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

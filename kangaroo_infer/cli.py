@@ -261,26 +261,63 @@ def _ints(text: str, flag: str = "the list") -> list[int]:
     return values
 
 
+_BENCH_QUESTIONS = {"questions", "categories", "num_questions", "max_new_tokens"}
+_BENCH_DECODING = {"threshold", "steps", "policy", "tree", "tree_top_k", "tree_max_nodes", "lookup_tokens"}
+_BENCH_MODEL = {"adapter", "base", "exit_layer", "init", "dtype", "exact_verify", "pack_weights", "device"}
+QUESTION_BENCHMARK = "a question benchmark"
+
+
+def _bench_mode_reads(tree: bool, base_config: bool) -> dict[str, set[str]]:
+    """Each bench mode and the options it reads (besides --out): any other option given to it would do nothing."""
+    return {
+        QUESTION_BENCHMARK: _BENCH_MODEL | _BENCH_QUESTIONS | _BENCH_DECODING | {
+            "warmup", "no_profile", "temperature", "resume", "overwrite", "peers", "draft_model", "pld_tokens",
+            "spec_bench_dir",
+        },
+        "--sweep": _BENCH_MODEL | _BENCH_QUESTIONS | {"sweep", "policy", "lookup_tokens", "tree"} | (
+            {"threshold", "steps", "sweep_top_k", "sweep_max_nodes"} if tree else {"sweep_thresholds", "sweep_steps"}
+        ),
+        "--batch-size": _BENCH_MODEL | _BENCH_QUESTIONS | _BENCH_DECODING | {"batch_size", "warmup", "temperature"},
+        # a random base from --base-config takes a fresh adapter: no --adapter or --base
+        "--cost-profile-only": (_BENCH_MODEL - ({"adapter", "base"} if base_config else set())) | {
+            "cost_profile_only", "base_config", "context", "tau", "drafts_per_round",
+        },
+    }  # fmt: skip
+
+
+def _check_bench_mode_flags(args: argparse.Namespace) -> None:
+    """One bench mode at a time, and no option it would ignore: each refused by name, with the modes that read it."""
+    chosen = [m for m, on in (("--sweep", args.sweep), ("--batch-size", args.batch_size is not None),
+                              ("--cost-profile-only", args.cost_profile_only)) if on]  # fmt: skip
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} are separate modes of bench; run one at a time.")
+    mode = chosen[0] if chosen else QUESTION_BENCHMARK
+    with_tree, chains = (_bench_mode_reads(tree, args.base_config is not None) for tree in (True, False))
+    defaults = vars(build_parser().parse_args(["bench", f"--out={args.out}"]))
+    for dest, value in vars(args).items():
+        if dest in ("command", "out") or value == defaults[dest] or dest in (with_tree if args.tree else chains)[mode]:
+            continue
+        readers = []
+        for m in with_tree:
+            label = f"in {m}" if m == QUESTION_BENCHMARK else f"with {m}"
+            if dest in with_tree[m] and dest in chains[m]:
+                readers.append(label)
+            elif dest in with_tree[m] or dest in chains[m]:
+                readers.append(f"{label} {'and' if dest in with_tree[m] else 'without'} --tree")
+        where = f"with {mode}" if chosen else f"in {mode} (bench without --sweep, --batch-size or --cost-profile-only)"
+        if args.cost_profile_only and args.base_config:
+            where += " --base-config (a random base with a fresh adapter)"
+        flag = "--" + dest.replace("_", "-")
+        raise ValueError(f"{flag} does nothing {where}; drop it (it is read {', '.join(readers)}).")
+
+
 def _check_bench_cli(args: argparse.Namespace) -> None:
     """Every bench argument that can be checked without the model, before it loads (minutes for a large one) and
     before --out is touched."""
     from . import bench
     from .checks import check_int, check_real
 
-    question_only = {  # flag: what it does to the question benchmark
-        "--resume": (args.resume, "continues"),
-        "--overwrite": (args.overwrite, "restarts"),
-        "--peers": (args.peers, "adds decoders to"),
-        "--pld-tokens": (args.pld_tokens, "sets a peer of"),
-        "--draft-model": (args.draft_model, "sets a peer of"),
-        "--spec-bench-dir": (args.spec_bench_dir, "writes answer files of"),
-    }
-    if args.cost_profile_only or args.batch_size or args.sweep:
-        for flag, (value, what) in question_only.items():
-            if value:
-                raise ValueError(
-                    f"{flag} {what} a question benchmark; drop it with --sweep, --batch-size or --cost-profile-only."
-                )
+    _check_bench_mode_flags(args)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
     if args.peers is not None and not peers:
         raise ValueError("--peers is empty; name peers, e.g. --peers pld.")
@@ -432,15 +469,19 @@ def cost_profile_only(args: argparse.Namespace) -> int:
         if args.exit_layer is None:
             raise ValueError("--base-config builds a fresh adapter: pass --exit-layer too.")
         base = random_base(args.base_config, dtype=args.dtype, device=args.device)
-        km = KangarooModel.from_pretrained(base, exit_layer=args.exit_layer)
+        km = KangarooModel.from_pretrained(
+            base, exit_layer=args.exit_layer, init=args.init, exact_verify=args.exact_verify,
+            pack_weights=args.pack_weights,
+        )  # fmt: skip
     else:
         km = load_model(args)
     summary = bench.profile_only(km, args.out, args.context, args.tau, args.drafts_per_round)
     c, cfg = summary["cost_profile"], summary["config"]
+    exact, packed = ("on" if cfg[key] else "off" for key in ("exact_verify", "packed_weights"))
     print(
         f"cost profile ({cfg['model_type']}, {cfg['num_layers']} layers, {cfg['dtype']}, {cfg['device_name']}, "
-        f"context {c['context_tokens']}): full forward {c['full_forward_1_ms']:.2f} ms, draft step "
-        f"{c['draft_step_ms']:.2f} ms, deep verify of 1/2/4/8 tokens "
+        f"exact verification {exact}, packed weights {packed}, context {c['context_tokens']}): full forward "
+        f"{c['full_forward_1_ms']:.2f} ms, draft step {c['draft_step_ms']:.2f} ms, deep verify of 1/2/4/8 tokens "
         + "/".join(f"{c['deep_verify_ms'][k]:.2f}" for k in ("1", "2", "4", "8"))
         + " ms"
     )

@@ -202,7 +202,7 @@ def test_resume_is_refused_outside_the_question_benchmark(tiny_dirs, tmp_path):
     result = run_bench_subprocess(  # also: python -m kangaroo_infer bench is the entry point
         "--adapter", str(root / "adapter"), "--sweep", "--resume", "--out", str(tmp_path / "o")
     )
-    assert result.returncode == 2 and "--resume continues a question benchmark" in result.stderr
+    assert result.returncode == 2 and "--resume does nothing with --sweep" in result.stderr
 
 
 def test_cost_profile_only_on_a_random_model_from_a_config(tmp_path):
@@ -223,7 +223,24 @@ def test_cost_profile_only_on_a_random_model_from_a_config(tmp_path):
     assert profile["context_tokens"] == 40 and set(profile["deep_verify_ms"]) == {str(k) for k in range(1, 9)}
     assert profile["tau"] == 1.5 and profile["speedup_limit_at_tau"] > 0
     assert summary["config"]["dtype"] == "bfloat16" and summary["config"]["num_layers"] == 4
-    assert "speedup limit at τ=1.5" in result.stdout
+    assert summary["config"]["exact_verify"] is True  # bf16's default
+    assert "speedup limit at τ=1.5" in result.stdout and "exact verification on" in result.stdout
+    fast = run_bench(
+        "--cost-profile-only",
+        "--base-config",
+        str(tmp_path / "cfg.json"),
+        "--exit-layer",
+        "1",
+        "--dtype",
+        "bfloat16",
+        "--no-exact-verify",
+        "--context",
+        "20",
+        "--out",
+        str(tmp_path / "fast"),
+    )
+    assert fast.returncode == 0, fast.stderr  # the flag reaches the random base's model (it was once dropped)
+    assert json.loads((tmp_path / "fast" / "results.json").read_text())["config"]["exact_verify"] is False
     missing = run_bench("--cost-profile-only", "--base-config", str(tmp_path / "nope.json"), "--exit-layer", "1",
                         "--out", str(out))  # fmt: skip
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -106,7 +106,7 @@ def error_line(capsys) -> str:
         (["--peers", "medusa"], "Unknown peers ['medusa']"),
         (["--peers", "lookup", "--lookup-tokens", "0"], "--lookup-tokens 0 turns lookup off (that is --peers plain)"),
         (["--peers", "adapter", "--lookup-tokens", "0"], "--lookup-tokens 0 already makes the kangaroo run that"),
-        (["--context", "0"], "--context must be >= 1"),
+        (["--context", "64"], "--context does nothing in a question benchmark"),
         (["--resume", "--overwrite"], "pass one of them"),
         ([], "already holds 3 answers (answers.jsonl); pass --resume"),
     ],
@@ -212,7 +212,34 @@ def test_peers_are_refused_with_sampling(tiny_dirs, tmp_path, capsys, no_model_l
     assert cli.main(args) == 2
     assert "drop --peers or --temperature" in error_line(capsys)
     assert cli.main(["bench", "--adapter", "a", "--sweep", "--peers", "pld", "--out", str(tmp_path / "o")]) == 2
-    assert "--peers adds decoders to a question benchmark" in error_line(capsys)
+    assert "--peers does nothing with --sweep; drop it (it is read in a question benchmark)" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        (["--sweep", "--batch-size", "4"], "--sweep and --batch-size are separate modes of bench"),
+        (["--cost-profile-only", "--threshold", "0.3"], "--threshold does nothing with --cost-profile-only"),
+        (["--cost-profile-only", "--tree"], "--tree does nothing with --cost-profile-only"),
+        (["--cost-profile-only", "--questions", "q.jsonl"], "--questions does nothing with --cost-profile-only"),
+        (["--base-config", "c.json"], "--base-config does nothing in a question benchmark"),
+        (["--context", "512"], "(it is read with --cost-profile-only)"),
+        (["--cost-profile-only", "--context", "0"], "--context must be >= 1"),
+        (["--batch-size", "4", "--no-profile"], "--no-profile does nothing with --batch-size"),
+        (["--sweep", "--temperature", "0.7"], "--temperature does nothing with --sweep"),
+        (["--sweep", "--tree", "--sweep-steps", "2"], "(it is read with --sweep without --tree)"),
+        (["--sweep", "--tree-top-k", "2"], "--tree-top-k does nothing with --sweep"),
+        (["--sweep", "--sweep-top-k", "2"], "(it is read with --sweep and --tree)"),
+        (["--cost-profile-only", "--base-config", "c.json", "--exit-layer", "1"],
+         "--adapter does nothing with --cost-profile-only --base-config (a random base with a fresh adapter)"),
+    ],
+)  # fmt: skip
+def test_bench_refuses_an_option_its_mode_ignores(tmp_path, capsys, no_model_load, given, message):
+    """Nothing silently ignored: an option the chosen bench mode never reads is refused by name (with the modes that
+    do read it) before anything loads, and two modes at once are refused."""
+    assert cli.main(["bench", "--adapter", "a", *given, "--out", str(tmp_path / "o")]) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "o").exists()
 
 
 def test_assisted_peer_needs_a_draft_model_directory(tiny_dirs, tmp_path, capsys, no_model_load):

@@ -145,6 +145,8 @@ def profile_only(
             "hidden_size": km.base.config.hidden_size,
             "exit_layer": km.exit_layer,
             "dtype": str(km.base.dtype).removeprefix("torch."),
+            "exact_verify": km.backbone.invariance is not None,
+            "packed_weights": km.packing is not None,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(),
