@@ -81,10 +81,11 @@ class GenerationOptions:
         defaults = {**DEFAULT_GENERATION, **defaults}
         return replace(self, **{key: defaults[key] for key in DEFAULT_GENERATION if getattr(self, key) is None})
 
-    def check(self, *, flags: bool = False) -> None:
+    def check(self, *, flags: bool = False, filled: bool = False) -> None:
         """Every option that can be checked without a model (None: the adapter's default, checked once filled in),
-        so the CLI refuses a bad value before a model loads for minutes. ``flags`` names values by their
-        command-line flags (``--steps``) instead of ``generate``'s keywords."""
+        so the CLI refuses a bad value before a model loads for minutes, and an option that would do nothing (a
+        sampling cut for greedy decoding, a tree shape without trees; not checkable once ``filled`` with defaults).
+        ``flags`` names values by their command-line flags (``--steps``) instead of ``generate``'s keywords."""
         flag = {f.name: f.metadata["flag"] for f in fields(self)}
 
         def name(key: str) -> str:
@@ -110,6 +111,20 @@ class GenerationOptions:
         if self.seed is not None:
             rule = "be an integer in [0, 2**63 - 1] (a torch seed)" if flags else "be a non-negative integer or None"
             check_int(name("seed"), self.seed, 0, 2**63 - 1, rule=rule)
+        if self.temperature == 0:
+            for key, off in (("top_p", 1.0), ("top_k", 0)):
+                if getattr(self, key) != off:
+                    raise ValueError(
+                        f"{name(key)} cuts the sampling distribution, and {name('temperature')} 0 decodes greedily; "
+                        f"set {name('temperature')} > 0 to sample, or drop {name(key)}."
+                    )
+        if not (filled or self.tree):
+            for key in ("tree_top_k", "tree_max_nodes"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{name(key)} shapes draft trees, which are off; add {'--tree' if flags else 'tree=True'} or "
+                        f"drop {name(key)}."
+                    )
         if self.tree and self.temperature > 0:
             drop, hot = (name("tree"), name("temperature")) if flags else ("tree", "temperature")
             raise ValueError(f"{'--tree' if flags else 'tree=True'} drafts greedily; drop {drop} for {hot} > 0.")
@@ -162,8 +177,9 @@ class GenerationSettings:
         cls, limits: ModelLimits, defaults: Mapping[str, Any], options: GenerationOptions
     ) -> GenerationSettings:
         """Fill unset options from ``defaults`` (the adapter's, over DEFAULT_GENERATION) and validate everything."""
-        options = options.filled(defaults)
         options.check()
+        options = options.filled(defaults)
+        options.check(filled=True)  # the adapter's defaults too
         sampling = SamplingConfig(options.temperature, options.top_p, options.top_k)
         eos_ids = resolve_eos(options.eos_token_id, limits)
         same = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}

@@ -265,6 +265,10 @@ def test_cli_device_cuda_without_cuda_is_one_error_line(tiny_dirs):
         (["--tree-max-nodes", "0"], "--tree-max-nodes must be an integer >= 1"),
         (["--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63 - 1]"),
         (["--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1]"),
+        # options that would do nothing are refused too
+        (["--top-p", "0.9"], "--top-p cuts the sampling distribution, and --temperature 0 decodes greedily"),
+        (["--top-k", "5"], "set --temperature > 0 to sample, or drop --top-k"),
+        (["--tree-top-k", "3"], "--tree-top-k shapes draft trees, which are off; add --tree or drop --tree-top-k"),
     ],
 )
 def test_generate_numeric_arguments_are_checked_before_the_model_loads(tmp_path, args, message, capsys):

@@ -260,6 +260,8 @@ def test_sampling_stops_at_eos_and_uses_draft_vocabulary():
         ({"temperature": 1.0, "seed": -3}, "seed must be a non-negative integer"),
         ({"temperature": 1.0, "tree": True}, "tree=True drafts greedily"),
         ({"temperature": 1.0, "policy": "nope"}, "Unknown policy"),
+        ({"top_p": 0.9}, "top_p cuts the sampling distribution, and temperature 0 decodes greedily"),
+        ({"tree_max_nodes": 8}, "tree_max_nodes shapes draft trees, which are off; add tree=True"),
     ],
 )
 def test_sampling_argument_errors(kwargs, message):
