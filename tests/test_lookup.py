@@ -199,8 +199,14 @@ def test_lookup_settings_defaults_and_errors(tmp_path):
         assert all(out.lookup_rounds) and out.sequences[0].tolist() == out.sequences[1].tolist()
         sampled = [
             km.generate(
-                ids, max_new_tokens=40, eos_token_id=None, temperature=0.7, seed=seed, policy="fixed",
-                lookup_min_ngram=1, **kw,
+                ids,
+                max_new_tokens=40,
+                eos_token_id=None,
+                temperature=0.7,
+                seed=seed,
+                policy="fixed",
+                lookup_min_ngram=1,
+                **kw,
             )  # fmt: skip
             for seed in range(4)
         ]
