@@ -9,9 +9,9 @@ on an AMD EPYC with avx512_bf16; ``tests/test_bf16.py`` checks the result on any
 - **Attention.** A multi-row pass gives the kernel several query rows, a mask and a longer key block than any of its
   rows would see alone; the kernel's small GEMMs and its softmax round differently then. Here each query row is
   computed as a one-row problem over exactly the keys it may see, alone through the model's attention function without
-  a mask: the call the one-row step makes. (Several rows as one masked batch of one-row problems, grouped by where
-  their keys end, matched one call per row on random inputs but not on SmolLM2's activations: 7 rows of 24 differed
-  after 178 cached tokens. So every row is its own call.)
+  a mask: the call the one-row step makes (on CUDA in its memory layout too: ``one_row_layout``). (Several rows as
+  one masked batch of one-row problems, grouped by where their keys end, matched one call per row on random inputs
+  but not on SmolLM2's activations: 7 rows of 24 differed after 178 cached tokens. So every row is its own call.)
 - **Some linear layers.** A GEMM may split its reduction by the number of rows (bf16 oneDNN: the 1536→576 down
   projection of SmolLM2, not its 576-wide layers). Which shapes do is a property of the machine's kernels, so it is
   probed, not assumed: the first pass of M rows through a weight of a new shape compares an M-row product with M
@@ -65,6 +65,18 @@ class RowKeys:
         return cls(keys, attention)
 
 
+def one_row_layout(
+    query: torch.Tensor,  # [1, Hq, 1, d]
+    key: torch.Tensor,  # [1, Hkv, kv, d]
+    value: torch.Tensor,  # [1, Hkv, kv, d]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same values with the strides transformers' one-row decode step passes: all three contiguous (its rotary
+    embedding returns a fresh query, its cache a fresh concatenation), where a row of a multi-row pass has a query
+    strided over the pass's rows and keys sliced from a longer cache. On CUDA, cuDNN's attention (torch's first choice
+    on Hopper with CUDA 13) builds its execution plan from the strides, so another layout may mean another plan."""
+    return query.clone(memory_format=torch.contiguous_format), key.contiguous(), value.contiguous()
+
+
 def rowwise_attention(
     module: nn.Module,
     query: torch.Tensor,  # [B, Hq, q, d]
@@ -84,7 +96,10 @@ def rowwise_attention(
                 k, v = kb[:, :, keys], vb[:, :, keys]
             else:
                 k, v = kb.index_select(2, keys), vb.index_select(2, keys)
-            out, _ = rows.attention(module, qb[:, :, i : i + 1], k, v, None, **kwargs)  # [1, 1, Hq, d]
+            q = qb[:, :, i : i + 1]
+            if q.is_cuda:  # CPU kernels give the same bits for any layout (tests/test_bf16.py); copies cost 2-19% there
+                q, k, v = one_row_layout(q, k, v)
+            out, _ = rows.attention(module, q, k, v, None, **kwargs)  # [1, 1, Hq, d]
             outs.append(out)
         batch.append(torch.cat(outs, dim=1))
     return torch.cat(batch, dim=0), None

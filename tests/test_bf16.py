@@ -8,10 +8,11 @@ import os
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kangaroo_infer import KangarooModel
-from kangaroo_infer.invariance import RowInvariance
+from kangaroo_infer.invariance import RowInvariance, one_row_layout
 from kangaroo_infer.packed import PackedWeights, packing_available
 from kangaroo_infer.scheduler import PolicyConfig
 
@@ -68,6 +69,36 @@ def test_multi_row_verify_equals_one_row_steps_bit_for_bit(arch, attn):
                     got = [s[:, r] for s in states[:-1]] + [backbone.norm(states[-1])[:, r], logits[:, r]]
                     for depth, (a, b) in enumerate(zip(got, expected[r], strict=True)):
                         assert torch.equal(a, b), f"context {context}, {rows} rows: row {r} differs at state {depth}"
+
+
+def test_one_row_layout_is_the_one_row_steps():
+    """On CUDA the row-wise path hands attention each row's query, keys and values in the layout of the one-row decode
+    step (cuDNN's attention plans depend on strides): the strides recorded from a real one-row step through
+    transformers' attention equal ``one_row_layout``'s for a row sliced from a multi-row pass, values unchanged."""
+    model = bf16_model("llama")
+    seen = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def record(module, query, key, value, mask, **kw):
+        seen.append((query.shape, query.stride(), key.shape, key.stride(), value.stride()))
+        return sdpa(module, query, key, value, mask, **kw)
+
+    prompt = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    AttentionInterface.register("sdpa", record)
+    try:
+        with torch.inference_mode():
+            cache = model(prompt, use_cache=True).cache
+            model(prompt[:, -1:], cache=cache, use_cache=True)  # the decode step: 41 keys
+    finally:
+        AttentionInterface.register("sdpa", sdpa)
+    step = seen[-1]
+    heads, kv_heads, dim = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
+    rows = torch.randn(1, 3, heads, dim).to(BF16).transpose(1, 2)  # [1, Hq, 3, d]: a 3-row pass's projection
+    cache_keys = torch.randn(1, kv_heads, 43, dim).to(BF16)  # the cache after that pass: 40 + 3 keys
+    q, k, v = one_row_layout(rows[:, :, :1], cache_keys[:, :, :41], cache_keys[:, :, :41])  # its first row's view
+    assert (q.shape, q.stride(), k.shape, k.stride(), v.stride()) == step
+    assert torch.equal(q, rows[:, :, :1]) and torch.equal(k, cache_keys[:, :, :41])
+    assert rows[:, :, :1].stride() != q.stride() and cache_keys[:, :, :41].stride() != k.stride()  # not already so
 
 
 def vanilla(model, ids, max_new_tokens):
