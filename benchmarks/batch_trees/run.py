@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from kangaroo_infer import KangarooModel
+from kangaroo_infer.accept import cut_at_eos
 from kangaroo_infer.base import load_tokenizer
+from kangaroo_infer.bench import left_padded
 from kangaroo_infer.dtype import cpu_flags, cpu_name
 from kangaroo_infer.questions import chat_ids, load_questions
 
@@ -42,16 +44,13 @@ def main() -> None:
     km = KangarooModel.from_pretrained("smollm2-135m-instruct", adapter=args.adapter, dtype=getattr(torch, args.dtype))
     base, n, size = km.base, args.max_new_tokens, args.batch_size
     tok = load_tokenizer(base)
-    eos = set(km.resolve_eos("from_generation_config"))
+    eos = km.resolve_eos("from_generation_config")
     pad = base.generation_config.pad_token_id or 0
     prompts = [chat_ids(tok, q.prompt, "cpu") for q in load_questions(args.questions, None, args.num_questions)]
 
-    def cut(tokens: list[int]) -> list[int]:
-        return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
-
     def greedy(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:  # [B, T] -> each row's new tokens
         out = base.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad)
-        return [cut(row) for row in out[:, ids.shape[1] :].tolist()]
+        return [cut_at_eos(row, eos) for row in out[:, ids.shape[1] :].tolist()]
 
     seconds = {
         "vanilla_batched": 0.0,
@@ -66,11 +65,7 @@ def main() -> None:
         own = [greedy(p, torch.ones_like(p))[0] for p in prompts]
         for j, start in enumerate(range(0, len(prompts), size)):
             group = prompts[start : start + size]
-            width = max(p.shape[1] for p in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(group):
-                ids[r, width - p.shape[1] :], mask[r, width - p.shape[1] :] = p[0], 1
+            ids, mask = left_padded(group, pad)
 
             def kangaroo(ids=ids, mask=mask, **kw):
                 out = km.generate(ids, attention_mask=mask, max_new_tokens=n, **kw)

@@ -28,7 +28,9 @@ import kangaroo_infer_old as old  # the worktree's package (see the usage above)
 import torch
 
 import kangaroo_infer as new
+from kangaroo_infer.accept import cut_at_eos
 from kangaroo_infer.base import load_tokenizer
+from kangaroo_infer.bench import left_padded
 from kangaroo_infer.dtype import cpu_flags, cpu_name
 from kangaroo_infer.questions import chat_ids, load_questions
 
@@ -58,19 +60,13 @@ def main() -> None:
     )
     base, n = km_new.base, args.max_new_tokens
     tok = load_tokenizer(base)
-    eos = set(km_new.resolve_eos("from_generation_config"))
+    eos = km_new.resolve_eos("from_generation_config")
     pad = base.generation_config.pad_token_id or 0
     prompts = [chat_ids(tok, q.prompt, "cpu") for q in load_questions(args.questions, None, args.num_questions)]
 
-    def cut(tokens: list[int]) -> list[int]:
-        for i, t in enumerate(tokens):
-            if t in eos:
-                return tokens[: i + 1]
-        return tokens
-
     def greedy(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:  # [B, T] -> each row's new tokens
         out = base.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad)
-        return [cut(row) for row in out[:, ids.shape[1] :].tolist()]
+        return [cut_at_eos(row, eos) for row in out[:, ids.shape[1] :].tolist()]
 
     def vanilla(ids):
         return greedy(ids, torch.ones_like(ids))[0]
@@ -138,11 +134,7 @@ def main() -> None:
         with torch.inference_mode():
             for j, start in enumerate(range(0, len(prompts), size)):
                 group = prompts[start : start + size]
-                width = max(p.shape[1] for p in group)
-                ids = torch.full((len(group), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, p in enumerate(group):
-                    ids[r, width - p.shape[1] :], mask[r, width - p.shape[1] :] = p[0], 1
+                ids, mask = left_padded(group, pad)
 
                 def run_km(km, ids=ids, mask=mask):
                     out = km.generate(ids, attention_mask=mask, max_new_tokens=n)
