@@ -241,23 +241,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str, flag: str = "the list") -> list[float]:
+def _numbers(text: str, flag: str, kind: type = int) -> list:
+    """A comma-separated list of ``kind`` (int or float) from the command line, or one error naming the flag."""
+    example = "integers, e.g. 1,4,8" if kind is int else "numbers, e.g. 0.2,0.4"
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated numbers, e.g. 0.2,0.4; got {text!r}.") from None
+        raise ValueError(f"{flag} takes comma-separated {example}; got {text!r}.") from None
     if not values:
-        raise ValueError(f"{flag} is empty; give comma-separated numbers, e.g. 0.2,0.4.")
-    return values
-
-
-def _ints(text: str, flag: str = "the list") -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, e.g. 1,4,8; got {text!r}.") from None
-    if not values:
-        raise ValueError(f"{flag} is empty; give comma-separated integers, e.g. 1,4,8.")
+        raise ValueError(f"{flag} is empty; give comma-separated {example}.")
     return values
 
 
@@ -325,7 +317,7 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, threshold=args.threshold, steps=args.steps, warmup=args.warmup,
         temperature=args.temperature, tree=args.tree and not args.sweep, tree_top_k=args.tree_top_k,
         tree_max_nodes=args.tree_max_nodes, lookup_tokens=args.lookup_tokens, num_questions=args.num_questions,
-        peers=peers, pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
+        peers=peers, pld_tokens=_numbers(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
         draft_model=args.draft_model, resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
     check_int("--context", args.context, 1, rule="be >= 1 token")
@@ -334,17 +326,17 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
     if args.drafts_per_round is not None:
         check_real("--drafts-per-round", args.drafts_per_round, 0.0, rule="be a finite number >= 0")
     if args.batch_size is not None:
-        for b in _ints(args.batch_size, "--batch-size"):
+        for b in _numbers(args.batch_size, "--batch-size"):
             check_int("--batch-size", b, 1, rule="name positive batch sizes, e.g. 1,4,8")
     if args.sweep:
         if args.tree:
             for flag, text in (("--sweep-top-k", args.sweep_top_k), ("--sweep-max-nodes", args.sweep_max_nodes)):
-                for value in _ints(text, flag):
+                for value in _numbers(text, flag):
                     check_int(flag, value, 1)
         else:
-            for t in _floats(args.sweep_thresholds, "--sweep-thresholds"):
+            for t in _numbers(args.sweep_thresholds, "--sweep-thresholds", float):
                 check_real("--sweep-thresholds", t, 0.0, 1.0, rule="lie in [0, 1]")
-            for g in _ints(args.sweep_steps, "--sweep-steps"):
+            for g in _numbers(args.sweep_steps, "--sweep-steps"):
                 check_int("--sweep-steps", g, 1)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; name a directory (a new one, or one bench wrote).")
@@ -377,7 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tokenizer,
             questions,
             args.out,
-            _ints(args.batch_size),
+            _numbers(args.batch_size, "--batch-size"),
             max_new_tokens=args.max_new_tokens,
             threshold=args.threshold,
             steps=args.steps,
@@ -398,15 +390,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             fixed.update(tree=True, threshold=args.threshold, max_draft_steps=args.steps)
             grid = [
                 {**fixed, "tree_top_k": k, "tree_max_nodes": n}
-                for k in _ints(args.sweep_top_k)
-                for n in _ints(args.sweep_max_nodes)
+                for k in _numbers(args.sweep_top_k, "--sweep-top-k")
+                for n in _numbers(args.sweep_max_nodes, "--sweep-max-nodes")
             ]
             keys = ("tree_top_k", "tree_max_nodes")
         else:
             grid = [
                 {**fixed, "threshold": t, "max_draft_steps": g}
-                for t in _floats(args.sweep_thresholds)
-                for g in _ints(args.sweep_steps)
+                for t in _numbers(args.sweep_thresholds, "--sweep-thresholds", float)
+                for g in _numbers(args.sweep_steps, "--sweep-steps")
             ]
             keys = ("threshold", "max_draft_steps")
         result = bench.sweep(km, tokenizer, questions, args.out, grid, args.max_new_tokens)
@@ -435,7 +427,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         peers=[p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None,
-        pld_tokens=_ints(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
+        pld_tokens=_numbers(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
         spec_bench_dir=args.spec_bench_dir,
         draft_model=args.draft_model,
     )
