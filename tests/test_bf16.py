@@ -101,6 +101,26 @@ def test_one_row_layout_is_the_one_row_steps():
     assert rows[:, :, :1].stride() != q.stride() and cache_keys[:, :, :41].stride() != k.stride()  # not already so
 
 
+# Every kind of greedy round: adapter chains, trees, lookup copies, plain steps, fixed and cost-blind policies (also
+# what benchmarks/cuda_bf16/smoke.py runs on a GPU).
+GREEDY_MODES = (
+    dict(lookup_tokens=0),
+    dict(lookup_tokens=0, tree=True),
+    dict(max_draft_steps=0),
+    dict(policy="fixed"),
+    dict(policy=PolicyConfig(measure_costs=False), threshold=0.0, max_draft_steps=8),
+)
+
+
+def greedy_prompts() -> list[torch.Tensor]:
+    """Two [1, T] prompts long enough that sdpa's multi-row rounding differs; the second repeats a 40-token run, so
+    lookup finds n-grams to copy."""
+    gen = torch.Generator().manual_seed(7)
+    first = torch.randint(3, VOCAB, (1, 150), generator=gen)
+    second = torch.randint(3, VOCAB, (1, 280), generator=gen)
+    return [first, torch.cat([second[:, :40]] * 7, dim=1)]
+
+
 def vanilla(model, ids, max_new_tokens):
     return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
 
@@ -112,22 +132,12 @@ def test_bf16_greedy_identical_chains_trees_lookup(arch):
     model = bf16_model(arch, seed=4, initializer_range=0.02)  # logits close together: rounding flips tokens
     km = KangarooModel.from_pretrained(model, exit_layer=2)
     identity_adapter(km)
-    gen = torch.Generator().manual_seed(7)
     accepted_some = False
-    for prompt_len, repeat in ((150, False), (280, True)):
-        ids = torch.randint(3, VOCAB, (1, prompt_len), generator=gen)
-        if repeat:  # lookup finds n-grams to copy
-            ids = torch.cat([ids[:, :40]] * 7, dim=1)
+    for ids in greedy_prompts():
         ref = vanilla(model, ids, 60)[0].tolist()
-        for kw in (
-            dict(lookup_tokens=0),
-            dict(lookup_tokens=0, tree=True),
-            dict(max_draft_steps=0),
-            dict(policy="fixed"),
-            dict(policy=PolicyConfig(measure_costs=False), threshold=0.0, max_draft_steps=8),
-        ):
+        for kw in GREEDY_MODES:
             out = km.generate(ids, max_new_tokens=60, eos_token_id=None, **kw)
-            assert out.sequences[0].tolist() == ref, f"{arch}, prompt {prompt_len}: mismatch with {kw}"
+            assert out.sequences[0].tolist() == ref, f"{arch}, prompt {ids.shape[1]}: mismatch with {kw}"
             accepted_some |= any(a > 1 for a in out.accept_lengths[1:])
     assert accepted_some
 
