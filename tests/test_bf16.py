@@ -39,6 +39,20 @@ def one_row_states(model, cache: DynamicCache, tokens: torch.Tensor) -> list[lis
     return rows
 
 
+def pass_states(backbone, cache: DynamicCache, tokens: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The same per row of one pass of tokens [1, R] after the cache, layer by layer as Kangaroo's verification runs
+    it (with the backbone's invariance, if any): embedding, layer outputs, final norm, logits."""
+    past = cache.get_seq_length()
+    positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+    hidden = backbone.embed_tokens(tokens)
+    pe = backbone.rotary_emb(hidden, position_ids=positions[None])
+    states = [hidden]
+    for layer in range(backbone.num_layers):
+        states.append(backbone.run_layers(states[-1], layer, layer + 1, pe, positions, cache))
+    logits, normed = backbone.logits(states[-1]), backbone.norm(states[-1])
+    return [[s[:, r] for s in states[:-1]] + [normed[:, r], logits[:, r]] for r in range(tokens.shape[1])]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_multi_row_verify_equals_one_row_steps_bit_for_bit(arch, attn):
@@ -57,17 +71,9 @@ def test_multi_row_verify_equals_one_row_steps_bit_for_bit(arch, attn):
             for rows in (2, 5, 9):
                 new = torch.randint(3, VOCAB, (1, rows), generator=gen)
                 expected = one_row_states(model, copy.deepcopy(prefill), new)
-                cache = copy.deepcopy(prefill)
-                positions = torch.arange(context, context + rows)
-                hidden = backbone.embed_tokens(new)
-                pe = backbone.rotary_emb(hidden, position_ids=positions[None])
-                states = [hidden]
-                for layer in range(backbone.num_layers):
-                    states.append(backbone.run_layers(states[-1], layer, layer + 1, pe, positions, cache))
-                logits = backbone.logits(states[-1])
+                got = pass_states(backbone, copy.deepcopy(prefill), new)
                 for r in range(rows):
-                    got = [s[:, r] for s in states[:-1]] + [backbone.norm(states[-1])[:, r], logits[:, r]]
-                    for depth, (a, b) in enumerate(zip(got, expected[r], strict=True)):
+                    for depth, (a, b) in enumerate(zip(got[r], expected[r], strict=True)):
                         assert torch.equal(a, b), f"context {context}, {rows} rows: row {r} differs at state {depth}"
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import torch
 
-from kangaroo_infer import KangarooModel, invariance, load_tokenizer
-from kangaroo_infer.questions import chat_prompt_ids, load_questions
+sys.path.insert(0, ".")
+from kangaroo_infer import KangarooModel, invariance, load_tokenizer  # noqa: E402
+from kangaroo_infer.questions import chat_prompt_ids, load_questions  # noqa: E402
+from tests.test_bf16 import one_row_states, pass_states  # noqa: E402
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -30,41 +33,19 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def row_states(km: KangarooModel, prefill, tokens: torch.Tensor, mode: str) -> list[list[torch.Tensor]]:
-    """Per row of a pass of tokens [1, R] after the prefill, as exact verification runs it: the embedding, every
-    layer's output but the last, the final norm's output and the logits (what ``output_hidden_states`` lists).
-    ``mode``: exact (as decoding runs it: on CUDA each row's query, keys and values in the one-row step's layout,
-    ``invariance.one_row_layout``), strided (exact, but each row's query and keys as views into the pass and the
-    cache, as before that layout) or batched (no exact verification: the check must see differences there)."""
-    backbone, cache = km.backbone, copy.deepcopy(prefill)
-    past = cache.get_seq_length()
-    positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
-    hidden = backbone.embed_tokens(tokens)
-    pe = backbone.rotary_emb(hidden, position_ids=positions[None])
-    states = [hidden]
-    layout = invariance.one_row_layout
-    if mode == "strided":  # each row's query and keys as views into the pass and the cache (before 2026-12-04)
+    """``pass_states`` of tokens [1, R] after the prefill. ``mode``: exact (as decoding runs it: on CUDA each row's
+    query, keys and values in the one-row step's layout, ``invariance.one_row_layout``), strided (exact, but each
+    row's query and keys as views into the pass and the cache, as before that layout) or batched (no exact
+    verification: the check must see differences there)."""
+    backbone, layout, saved = km.backbone, invariance.one_row_layout, km.backbone.invariance
+    if mode == "strided":
         invariance.one_row_layout = lambda q, k, v: (q, k, v)
-    saved = backbone.invariance
     if mode == "batched":
         backbone.invariance = None
     try:
-        for layer in range(backbone.num_layers):
-            states.append(backbone.run_layers(states[-1], layer, layer + 1, pe, positions, cache))
-        logits = backbone.logits(states[-1])
+        return pass_states(backbone, copy.deepcopy(prefill), tokens)
     finally:
-        invariance.one_row_layout = layout
-        backbone.invariance = saved
-    normed = backbone.norm(states[-1])
-    return [[s[:, r] for s in states[:-1]] + [normed[:, r], logits[:, r]] for r in range(tokens.shape[1])]
-
-
-def one_row_states(model, prefill, tokens: torch.Tensor) -> list[list[torch.Tensor]]:
-    """The same for each token fed alone, as generate's decode step feeds it."""
-    cache, rows = copy.deepcopy(prefill), []
-    for i in range(tokens.shape[1]):
-        out = model(tokens[:, i : i + 1], cache=cache, use_cache=True, output_hidden_states=True)
-        rows.append([h[:, 0] for h in out.hidden_states] + [out.logits[:, 0]])
-    return rows
+        invariance.one_row_layout, backbone.invariance = layout, saved
 
 
 def main() -> None:
@@ -92,7 +73,7 @@ def main() -> None:
     prefill = km.base(ids, use_cache=True).cache
     answer = torch.tensor([vanilla[0]], device=args.device)
     for rows in [int(r) for r in args.rows.split(",")]:
-        expected = one_row_states(km.base, prefill, answer[:, :rows])
+        expected = one_row_states(km.base, copy.deepcopy(prefill), answer[:, :rows])
         for mode in ("exact", "strided", "batched"):
             got = row_states(km, prefill, answer[:, :rows], mode)
             report = []
