@@ -526,7 +526,6 @@ def cmd_eval_adapter(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     commands = {
         "generate": cmd_generate,
         "bench": cmd_bench,
@@ -534,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval-adapter": cmd_eval_adapter,
     }
     try:
-        return commands[args.command](args)
+        with torch.no_grad():  # scoped: called from Python, main() leaves the caller's grad mode as it was
+            return commands[args.command](args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ def cli(capsys):
     def call(*args: str) -> subprocess.CompletedProcess:
         capsys.readouterr()
         code = main(list(args))
+        assert torch.is_grad_enabled(), "main() turned gradients off in its caller (tests after it would not train)"
         out = capsys.readouterr()
         return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
