@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any, NamedTuple
 
 import torch
 
@@ -303,9 +304,40 @@ def _check_bench_mode_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"{flag} does nothing {where}; drop it (it is read {', '.join(readers)}).")
 
 
-def _check_bench_cli(args: argparse.Namespace) -> None:
+class BenchLists(NamedTuple):
+    """bench's comma-separated options, parsed and checked once, before the model loads, for the run to use."""
+
+    peers: list[str] | None
+    pld_tokens: list[int] | None
+    batch_sizes: list[int] | None
+    sweep_grid: list[dict[str, Any]] | None  # --sweep: the settings of each point
+
+
+def _sweep_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--sweep's points: thresholds x steps for chains, top-k x node budgets with --tree; every value checked."""
+    from .checks import check_int, check_real
+
+    fixed: dict[str, Any] = {"policy": args.policy, "lookup_tokens": args.lookup_tokens}
+    if args.tree:
+        top_k = _numbers(args.sweep_top_k, "--sweep-top-k")
+        max_nodes = _numbers(args.sweep_max_nodes, "--sweep-max-nodes")
+        for flag, values in (("--sweep-top-k", top_k), ("--sweep-max-nodes", max_nodes)):
+            for value in values:
+                check_int(flag, value, 1)
+        fixed.update(tree=True, threshold=args.threshold, max_draft_steps=args.steps)
+        return [{**fixed, "tree_top_k": k, "tree_max_nodes": n} for k in top_k for n in max_nodes]
+    thresholds = _numbers(args.sweep_thresholds, "--sweep-thresholds", float)
+    steps = _numbers(args.sweep_steps, "--sweep-steps")
+    for t in thresholds:
+        check_real("--sweep-thresholds", t, 0.0, 1.0, rule="lie in [0, 1]")
+    for g in steps:
+        check_int("--sweep-steps", g, 1)
+    return [{**fixed, "threshold": t, "max_draft_steps": g} for t in thresholds for g in steps]
+
+
+def _check_bench_cli(args: argparse.Namespace) -> BenchLists:
     """Every bench argument that can be checked without the model, before it loads (minutes for a large one) and
-    before --out is touched."""
+    before --out is touched; the list options come back parsed."""
     from . import bench
     from .checks import check_int, check_real
 
@@ -313,31 +345,24 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
     if args.peers is not None and not peers:
         raise ValueError("--peers is empty; name peers, e.g. --peers pld.")
+    pld_tokens = _numbers(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None
     bench.check_bench_args(
         max_new_tokens=args.max_new_tokens, threshold=args.threshold, steps=args.steps, warmup=args.warmup,
         temperature=args.temperature, tree=args.tree and not args.sweep, tree_top_k=args.tree_top_k,
         tree_max_nodes=args.tree_max_nodes, lookup_tokens=args.lookup_tokens, num_questions=args.num_questions,
-        peers=peers, pld_tokens=_numbers(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
-        draft_model=args.draft_model, resume=args.resume, overwrite=args.overwrite,
+        peers=peers, pld_tokens=pld_tokens, draft_model=args.draft_model, resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
     check_int("--context", args.context, 1, rule="be >= 1 token")
     if args.tau is not None:
         check_real("--tau", args.tau, 1.0, rule="be tokens per full forward, a finite number >= 1")
     if args.drafts_per_round is not None:
         check_real("--drafts-per-round", args.drafts_per_round, 0.0, rule="be a finite number >= 0")
+    batch_sizes = None
     if args.batch_size is not None:
-        for b in _numbers(args.batch_size, "--batch-size"):
+        batch_sizes = _numbers(args.batch_size, "--batch-size")
+        for b in batch_sizes:
             check_int("--batch-size", b, 1, rule="name positive batch sizes, e.g. 1,4,8")
-    if args.sweep:
-        if args.tree:
-            for flag, text in (("--sweep-top-k", args.sweep_top_k), ("--sweep-max-nodes", args.sweep_max_nodes)):
-                for value in _numbers(text, flag):
-                    check_int(flag, value, 1)
-        else:
-            for t in _numbers(args.sweep_thresholds, "--sweep-thresholds", float):
-                check_real("--sweep-thresholds", t, 0.0, 1.0, rule="lie in [0, 1]")
-            for g in _numbers(args.sweep_steps, "--sweep-steps"):
-                check_int("--sweep-steps", g, 1)
+    sweep_grid = _sweep_grid(args) if args.sweep else None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; name a directory (a new one, or one bench wrote).")
     if args.cost_profile_only or args.batch_size or args.sweep:
@@ -347,6 +372,7 @@ def _check_bench_cli(args: argparse.Namespace) -> None:
         if args.spec_bench_dir and os.path.exists(args.spec_bench_dir) and not os.path.isdir(args.spec_bench_dir):
             raise ValueError(f"--spec-bench-dir {args.spec_bench_dir} is a file; name a directory.")
         bench.require_matplotlib()
+    return BenchLists(peers, pld_tokens, batch_sizes, sweep_grid)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -354,7 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .base import load_tokenizer
     from .questions import default_questions, load_questions
 
-    _check_bench_cli(args)
+    lists = _check_bench_cli(args)
     if args.cost_profile_only:
         return cost_profile_only(args)
 
@@ -369,7 +395,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tokenizer,
             questions,
             args.out,
-            _numbers(args.batch_size, "--batch-size"),
+            lists.batch_sizes,
             max_new_tokens=args.max_new_tokens,
             threshold=args.threshold,
             steps=args.steps,
@@ -385,23 +411,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"results: {args.out}/results.json")
         return 0
     if args.sweep:
-        fixed = {"policy": args.policy, "lookup_tokens": args.lookup_tokens}
-        if args.tree:
-            fixed.update(tree=True, threshold=args.threshold, max_draft_steps=args.steps)
-            grid = [
-                {**fixed, "tree_top_k": k, "tree_max_nodes": n}
-                for k in _numbers(args.sweep_top_k, "--sweep-top-k")
-                for n in _numbers(args.sweep_max_nodes, "--sweep-max-nodes")
-            ]
-            keys = ("tree_top_k", "tree_max_nodes")
-        else:
-            grid = [
-                {**fixed, "threshold": t, "max_draft_steps": g}
-                for t in _numbers(args.sweep_thresholds, "--sweep-thresholds", float)
-                for g in _numbers(args.sweep_steps, "--sweep-steps")
-            ]
-            keys = ("threshold", "max_draft_steps")
-        result = bench.sweep(km, tokenizer, questions, args.out, grid, args.max_new_tokens)
+        keys = ("tree_top_k", "tree_max_nodes") if args.tree else ("threshold", "max_draft_steps")
+        result = bench.sweep(km, tokenizer, questions, args.out, lists.sweep_grid, args.max_new_tokens)
         for g in result["grid"]:
             print("  ".join(f"{k}={g[k]}" for k in keys) + f"  speedup {g['speedup']:.3f}x  τ {g['tau']:.2f}")
         best = result["best"]
@@ -426,8 +437,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         resume=args.resume,
         overwrite=args.overwrite,
-        peers=[p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None,
-        pld_tokens=_numbers(args.pld_tokens, "--pld-tokens") if args.pld_tokens is not None else None,
+        peers=lists.peers,
+        pld_tokens=lists.pld_tokens,
         spec_bench_dir=args.spec_bench_dir,
         draft_model=args.draft_model,
     )
