@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .dtype import AUTO, DTYPES
+from .dtype import AUTO, DTYPES, machine_line
 
 DTYPE_CHOICES = [AUTO, *DTYPES]
 DTYPE_HELP = "weights dtype (default auto: bf16 where this machine computes it natively and faster, else float32)"
@@ -408,6 +408,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tree_max_nodes=args.tree_max_nodes,
         )
         bench.print_batch_table(summary)
+        print(f"machine: {machine_line(summary['batch_config']['machine'])}")
         print(f"results: {args.out}/results.json")
         return 0
     if args.sweep:
@@ -417,6 +418,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("  ".join(f"{k}={g[k]}" for k in keys) + f"  speedup {g['speedup']:.3f}x  τ {g['tau']:.2f}")
         best = result["best"]
         print("best: " + ", ".join(f"{k} {best[k]}" for k in keys) + f" ({best['speedup']:.3f}x, τ {best['tau']:.2f})")
+        print(f"machine: {machine_line(result['machine'])}")
         return 0
     summary = bench.bench(
         km,
@@ -451,6 +453,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{c['deep_verify_ms']['4']:.1f} ms; speedup limit at τ={summary['overall']['tau']:.2f}: "
             f"{c['speedup_limit_at_measured_tau']:.2f}x"
         )
+    print(f"machine: {machine_line(summary['config']['machine'])}")
     for name in summary["config"].get("spec_bench_files", []):
         print(f"spec-bench answers: {os.path.join(args.spec_bench_dir, name)}")
     print(f"results: {args.out}/results.json")
@@ -482,7 +485,7 @@ def cost_profile_only(args: argparse.Namespace) -> int:
     c, cfg = summary["cost_profile"], summary["config"]
     exact, packed = ("on" if cfg[key] else "off" for key in ("exact_verify", "packed_weights"))
     print(
-        f"cost profile ({cfg['model_type']}, {cfg['num_layers']} layers, {cfg['dtype']}, {cfg['device_name']}, "
+        f"cost profile ({cfg['model_type']}, {cfg['num_layers']} layers, {cfg['dtype']}, {cfg['device']}, "
         f"exact verification {exact}, packed weights {packed}, context {c['context_tokens']}): full forward "
         f"{c['full_forward_1_ms']:.2f} ms, draft step {c['draft_step_ms']:.2f} ms, deep verify of 1/2/4/8 tokens "
         + "/".join(f"{c['deep_verify_ms'][k]:.2f}" for k in ("1", "2", "4", "8"))
@@ -493,6 +496,7 @@ def cost_profile_only(args: argparse.Namespace) -> int:
             f"speedup limit at τ={c['tau']} ({c['mean_drafts_per_round']} drafts/round): "
             f"{c['speedup_limit_at_tau']:.2f}x"
         )
+    print(f"machine: {machine_line(cfg['machine'])}")
     print(f"results: {args.out}/results.json")
     return 0
 

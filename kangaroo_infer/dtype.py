@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,34 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a timing depends on besides the code, for every benchmark result: the CPU and its native-bf16 flags, the
+    cores and the threads torch computes with, the GPU when ``device`` is one, and the versions whose kernels ran."""
+    import transformers
+
+    device = torch.device(device or "cpu")
+    return {
+        "cpu": cpu_name(),
+        "cpu_bf16_flags": sorted(cpu_flags() & set(CPU_BF16_FLAGS)),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def machine_line(record: dict[str, Any]) -> str:
+    """``machine()`` in one printed line, e.g. "AMD EPYC (avx512_bf16), 2 threads of 2 cores, torch 2.13.0"."""
+    flags = ", ".join(record["cpu_bf16_flags"]) or "no native bf16"
+    gpu = f"{record['gpu']} on " if record["gpu"] else ""
+    return (
+        f"{gpu}{record['cpu']} ({flags}), {record['torch_threads']} threads of {record['cores']} cores, "
+        f"torch {record['torch']}, transformers {record['transformers']}"
+    )
 
 
 def _time_linear(dtype: torch.dtype, rows: int, repeats: int = 20) -> float:

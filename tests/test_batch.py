@@ -206,6 +206,7 @@ def test_bench_batch_throughput_cli(tiny_dirs, tmp_path):
         assert row["tau"] > 1.0 and row["tokens"] == row["vanilla_tokens"]
     assert summary["batch"]["1"]["rows_identical_to_vanilla_batch"] == 3
     assert "batched throughput" in result.stdout and summary["batch_config"]["tree"] is None
+    assert summary["batch_config"]["machine"]["torch_threads"] == 1 and "machine: " in result.stdout  # OMP_NUM_THREADS
     tree = subprocess.run(
         [sys.executable, "-m", "kangaroo_infer", "bench", "--adapter", str(root / "adapter"), "--questions",
          str(questions), "--max-new-tokens", "10", "--batch-size", "3", "--tree", "--tree-top-k", "2", "--policy",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kangaroo_infer import cli
+from kangaroo_infer.dtype import cpu_name, machine_line
 from kangaroo_infer.questions import load_questions
 
 KEYS = {"speedup", "tau", "tokens_per_s", "vanilla_tokens_per_s", "identical", "questions"}
@@ -68,6 +69,10 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert summary["config"]["policy"] == "fixed"
     assert summary["config"]["lookup_tokens"] == 12 and summary["config"]["lookup_ngram"] == [2, 3]  # defaults
     assert 0 <= profile["lookup_round_share"] <= 1
+    machine = summary["config"]["machine"]  # the machine the timings belong to, printed and recorded
+    assert machine["cpu"] == cpu_name() and machine["torch"] == torch.__version__ and machine["gpu"] is None
+    assert set(machine["cpu_bf16_flags"]) <= {"avx512_bf16", "amx_bf16"} and machine["torch_threads"] >= 1
+    assert f"machine: {machine_line(machine)}" in result.stdout
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 5
     for a in answers:
@@ -98,6 +103,7 @@ def test_bench_sweep_and_category_filter(tiny_dirs, tmp_path):
     assert [(g["threshold"], g["max_draft_steps"]) for g in sweep["grid"]] == [(0.1, 1), (0.1, 3), (0.9, 1), (0.9, 3)]
     assert all(g["identical"] for g in sweep["grid"])
     assert sweep["best"] == max(sweep["grid"], key=lambda g: g["speedup"])
+    assert sweep["machine"]["cpu"] == cpu_name() and f"machine: {machine_line(sweep['machine'])}" in result.stdout
     assert "best: threshold" in result.stdout
 
 
@@ -224,6 +230,7 @@ def test_cost_profile_only_on_a_random_model_from_a_config(tmp_path):
     assert profile["tau"] == 1.5 and profile["speedup_limit_at_tau"] > 0
     assert summary["config"]["dtype"] == "bfloat16" and summary["config"]["num_layers"] == 4
     assert summary["config"]["exact_verify"] is True  # bf16's default
+    assert summary["config"]["machine"]["cpu"] == cpu_name() and "machine: " in result.stdout
     assert "speedup limit at τ=1.5" in result.stdout and "exact verification on" in result.stdout
     fast = run_bench(
         "--cost-profile-only",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from kangaroo_infer import KangarooModel
 from kangaroo_infer.accept import cut_at_eos
 from kangaroo_infer.base import load_tokenizer
 from kangaroo_infer.bench import left_padded
-from kangaroo_infer.dtype import cpu_flags, cpu_name
+from kangaroo_infer.dtype import machine
 from kangaroo_infer.questions import chat_ids, load_questions
 
 
@@ -97,11 +96,7 @@ def main() -> None:
                     tree_rounds[name] += adapter_rounds  # row-rounds that verified adapter drafts (a tree or chain)
     speed = {name: tokens[name] / seconds[name] for name in seconds}
     result = {
-        "cpu": cpu_name(),
-        "cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "machine": machine(),
         "dtype": args.dtype,
         "questions": len(prompts),
         "batch_size": size,

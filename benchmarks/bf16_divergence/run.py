@@ -21,17 +21,17 @@ import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 import kangaroo_infer
 from kangaroo_infer import KangarooModel, load_tokenizer
+from kangaroo_infer.accept import cut_at_eos
+from kangaroo_infer.dtype import machine
 from kangaroo_infer.questions import chat_prompt_ids, load_questions
 
 HERE = Path(__file__).resolve().parent
@@ -50,23 +50,6 @@ def bf16_ulp(x: float) -> float:
     return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x != 0 else 2.0**-133
 
 
-def machine() -> dict[str, Any]:
-    def sh(cmd: str) -> str:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
-
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cpu": sh('grep -m1 "model name" /proc/cpuinfo').split(":", 1)[-1].strip(),
-        "cpu_bf16_flags": sh("grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo | sort -u").split(),
-        "cores": sh("nproc"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "kangaroo_infer": code_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def code_version() -> str:
     """Which kangaroo_infer ran: this checkout's (its commit, and whether kangaroo_infer/ had uncommitted changes),
     or, imported from elsewhere (PYTHONPATH: e.g. ``git archive`` of a commit while the checkout is being edited),
@@ -78,13 +61,6 @@ def code_version() -> str:
         dirty = subprocess.run([*git, "status", "--porcelain", "kangaroo_infer"], capture_output=True, text=True)
         return f"{head}{' + uncommitted changes' if dirty.stdout.strip() else ''}"
     return f"{os.environ.get('KANGAROO_CODE_COMMIT', 'unknown commit')} (imported from {path})"
-
-
-def cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, tok in enumerate(tokens):
-        if tok in eos:
-            return tokens[: i + 1]
-    return tokens
 
 
 def first_divergence(ref: list[int], other: list[int]) -> int | None:
@@ -294,7 +270,11 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "pad_token_id": tok.pad_token_id,
         "eos_token_ids": sorted(eos),
-        "machine": machine(),
+        "machine": {
+            **machine(args.device),
+            "kangaroo_infer": code_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
     }
     print(json.dumps(config, indent=1), flush=True)
 

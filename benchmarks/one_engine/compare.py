@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import kangaroo_infer as new
 from kangaroo_infer.accept import cut_at_eos
 from kangaroo_infer.base import load_tokenizer
 from kangaroo_infer.bench import left_padded
-from kangaroo_infer.dtype import cpu_flags, cpu_name
+from kangaroo_infer.dtype import machine
 from kangaroo_infer.questions import chat_ids, load_questions
 
 
@@ -102,11 +101,7 @@ def main() -> None:
             for name in names:
                 identical[name] += outs[name] == outs["vanilla"]
     result = {
-        "cpu": cpu_name(),
-        "cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "machine": machine(),
         "dtype": args.dtype,
         "questions": len(prompts),
         "max_new_tokens": n,

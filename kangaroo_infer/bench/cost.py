@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..dtype import machine
 from ..files import write_file
 from ..model import KangarooModel
 from ..scheduler import PLAIN, Scheduler
@@ -148,8 +149,8 @@ def profile_only(
             "exact_verify": km.backbone.invariance is not None,
             "packed_weights": km.packing is not None,
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(),
+            "machine": machine(device),
         },
     }
     write_file(out_dir / RESULTS, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int
-from ..dtype import cpu_name
+from ..dtype import machine
 from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
@@ -313,7 +313,7 @@ def bench(
         summary["cost_profile"] = _profile(km, chat_ids(tokenizer, questions[0].prompt, device), records)
     summary["config"] = dict(settings)
     summary["config"]["dtype_reason"] = km.dtype_reason
-    summary["config"]["cpu"] = cpu_name()
+    summary["config"]["machine"] = machine(device)
     if done:
         summary["config"]["resumed_questions"] = len(finished & set(order))
     if spec_bench_dir is not None:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..accept import cut_at_eos
 from ..checks import check_int
+from ..dtype import machine
 from ..files import write_file
 from ..model import KangarooModel
 from ..questions import Question, chat_ids
@@ -52,7 +53,7 @@ def sweep(
             {**point, "speedup": statistics.fmean(ratios), "tau": new_tokens / forwards, "identical": identical}
         )
     best = max(results, key=lambda g: g["speedup"])
-    result = {"grid": results, "best": best, "questions": len(questions)}
+    result = {"grid": results, "best": best, "questions": len(questions), "machine": machine(device)}
     write_file(out_dir / SWEEP, json.dumps(result, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return result
 
@@ -160,6 +161,10 @@ def batch_throughput(
     path = out_dir / RESULTS
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary["batch"] = results
-    summary["batch_config"] = {**run_config(km, threshold, steps, policy, temperature, max_new_tokens), "tree": shape}
+    summary["batch_config"] = {
+        **run_config(km, threshold, steps, policy, temperature, max_new_tokens),
+        "tree": shape,
+        "machine": machine(km.backbone.embed_tokens.weight.device),
+    }
     write_file(path, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
     return summary
