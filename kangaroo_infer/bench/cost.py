@@ -149,8 +149,7 @@ def profile_only(
             "exact_verify": km.backbone.invariance is not None,
             "packed_weights": km.packing is not None,
             "device": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "machine": machine(device),
+            "machine": machine(device),  # its threads, CPU, GPU and versions
         },
     }
     write_file(out_dir / RESULTS, json.dumps(summary, indent=2) + "\n", OWNER, overwrite=may_replace(out_dir, False))
