@@ -523,3 +523,17 @@ def test_resume_keeps_answers_of_the_earlier_schema(finished):
     assert now[2]["question_id"] == records[2]["question_id"] and now[2]["tstamp"] != records[2]["tstamp"]
     summary = json.loads((out / "results.json").read_text())
     assert summary["config"]["resumed_questions"] == 2 and summary["overall"]["questions"] == 3
+
+
+def test_a_run_that_differs_records_where_it_first_differs(tiny_dirs):
+    """answers.jsonl says at which new token an inexact decoder left vanilla's answer (a prefix: where it ended)."""
+    from kangaroo_infer.bench import DecoderRun, first_difference
+    from kangaroo_infer.bench.records import run_record
+
+    _, _, tokenizer = tiny_dirs
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None and first_difference([1, 5, 3], [1, 2, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2 == first_difference([1, 2, 3], [1, 2])
+    run = DecoderRun(tokens=[5, 6, 7], wall_time=1.0, accept_lengths=[1, 2], decoding_steps=2)
+    assert run_record(run, tokenizer, [5, 6, 8])["first_difference"] == 2
+    assert "first_difference" not in run_record(run, tokenizer, [5, 6, 7])  # identical
+    assert "first_difference" not in run_record(run, tokenizer, None)  # sampled: identity not checked

@@ -31,6 +31,7 @@ import torch
 import kangaroo_infer
 from kangaroo_infer import KangarooModel, load_tokenizer
 from kangaroo_infer.accept import cut_at_eos
+from kangaroo_infer.bench import first_difference
 from kangaroo_infer.dtype import machine
 from kangaroo_infer.questions import chat_prompt_ids, load_questions
 
@@ -61,14 +62,6 @@ def code_version() -> str:
         dirty = subprocess.run([*git, "status", "--porcelain", "kangaroo_infer"], capture_output=True, text=True)
         return f"{head}{' + uncommitted changes' if dirty.stdout.strip() else ''}"
     return f"{os.environ.get('KANGAROO_CODE_COMMIT', 'unknown commit')} (imported from {path})"
-
-
-def first_divergence(ref: list[int], other: list[int]) -> int | None:
-    """First position where the two differ; a length difference counts at the position where the shorter ended."""
-    for t, (a, b) in enumerate(zip(ref, other, strict=False)):
-        if a != b:
-            return t
-    return None if len(ref) == len(other) else min(len(ref), len(other))
 
 
 class StepLogits:
@@ -104,7 +97,7 @@ class StepLogits:
 
 
 def compare(ref: list[int], steps: StepLogits, other: list[int]) -> dict[str, Any]:
-    t = first_divergence(ref, other)
+    t = first_difference(ref, other)
     record: dict[str, Any] = {"length": len(other), "identical": t is None}
     if t is None:
         return record

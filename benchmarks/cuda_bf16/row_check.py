@@ -20,8 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from benchmarks.bf16_divergence.run import first_divergence  # noqa: E402
 from kangaroo_infer import KangarooModel, invariance, load_tokenizer  # noqa: E402
+from kangaroo_infer.bench import first_difference  # noqa: E402
 from kangaroo_infer.questions import chat_prompt_ids, load_questions  # noqa: E402
 from tests.test_bf16 import one_row_states, pass_states  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
     out = km.generate(ids, max_new_tokens=n)
     kangaroo = out.sequences[0, start:].tolist()
     print(f"question {q.question_id}: prompt {start} tokens; vanilla twice identical: {vanilla[0] == vanilla[1]}; "
-          f"kangaroo exact first difference: {first_divergence(vanilla[0], kangaroo)}; "
+          f"kangaroo exact first difference: {first_difference(kangaroo, vanilla[0])}; "
           f"draft lengths of the first rounds: {out.draft_lengths[:8]}", flush=True)  # fmt: skip
     prefill = km.base(ids, use_cache=True).cache
     answer = torch.tensor([vanilla[0]], device=args.device)

@@ -39,7 +39,7 @@ from .out_dir import (
     display_name,
     require_matplotlib,
 )
-from .records import summarize, summarize_decoders, upgrade_record
+from .records import first_difference, summarize, summarize_decoders, upgrade_record
 from .report import plot, print_batch_table, print_table
 from .run import bench, check_bench_args, run_config
 from .spec_bench import spec_bench_model_ids, write_spec_bench
@@ -48,8 +48,8 @@ from .throughput import batch_throughput, left_padded, sweep
 __all__ = [
     "ANSWERS", "DEFAULT_PLD_TOKENS", "OWNER", "PEER_KINDS", "PLOT", "RESULTS", "SETTINGS", "SWEEP", "Decoder",
     "DecoderRun", "DraftModel", "Peer", "PeerRun", "batch_throughput", "bench", "check_bench_args", "check_out_dir",
-    "check_out_files", "cost_profile", "display_name", "left_padded", "make_decoders", "make_peers", "plot",
-    "print_batch_table", "print_table", "profile_only", "require_matplotlib", "rounds_limit", "run_config",
+    "check_out_files", "cost_profile", "display_name", "first_difference", "left_padded", "make_decoders", "make_peers",
+    "plot", "print_batch_table", "print_table", "profile_only", "require_matplotlib", "rounds_limit", "run_config",
     "run_kangaroo", "run_vanilla", "spec_bench_model_ids", "speedup_limit", "summarize", "summarize_decoders", "sweep",
     "upgrade_record", "write_spec_bench",
 ]  # fmt: skip

@@ -3,7 +3,8 @@
 A record is one question: ``question_id``, ``category``, ``source_category``, ``prompt_sha256``, ``tstamp`` and
 ``decoders``: {name: run}, a run being ``turns``, ``new_tokens``, ``wall_time``, ``accept_lengths`` (tokens
 committed per full-model forward), ``decoding_steps`` (those forwards), ``identical`` (its tokens equal vanilla's;
-None when sampled), and for Kangaroo's own loop ``draft_lengths`` and ``lookup_rounds``.
+None when sampled), where they differ ``first_difference`` (the first new token that does), and for Kangaroo's own
+loop ``draft_lengths`` and ``lookup_rounds``.
 
 Records of the earlier schema (Kangaroo's run at the top level, ``tree`` and ``peers`` under keys, vanilla as
 ``vanilla_*`` fields), which ``--resume`` and ``eval-adapter --answers`` meet in older directories, are converted
@@ -19,7 +20,16 @@ from .decoders import KANGAROO, TREE, VANILLA, Decoder, DecoderRun
 
 QUESTION_KEYS = ("question_id", "category", "source_category", "prompt_sha256", "tstamp")
 RUN_KEYS = ("turns", "new_tokens", "wall_time", "accept_lengths", "decoding_steps", "draft_lengths", "lookup_rounds",
-            "identical")  # fmt: skip
+            "identical", "first_difference")  # fmt: skip
+
+
+def first_difference(tokens: list[int], reference: list[int]) -> int | None:
+    """Index of the first token where ``tokens`` departs from ``reference`` (None if equal); when one is a prefix of
+    the other, where the shorter ends. Where an inexact decoder diverged tells a near-tie from a bug."""
+    for i, (a, b) in enumerate(zip(tokens, reference, strict=False)):
+        if a != b:
+            return i
+    return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
 
 
 def run_record(run: DecoderRun, tokenizer: Any, reference: list[int] | None) -> dict[str, Any]:
@@ -34,6 +44,8 @@ def run_record(run: DecoderRun, tokenizer: Any, reference: list[int] | None) -> 
     if run.draft_lengths is not None:
         record["draft_lengths"], record["lookup_rounds"] = run.draft_lengths, run.lookup_rounds
     record["identical"] = None if reference is None else run.tokens == reference
+    if record["identical"] is False:
+        record["first_difference"] = first_difference(run.tokens, reference)
     return record
 
 
