@@ -34,7 +34,7 @@ def main() -> None:
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
     km_eager = KangarooModel.from_pretrained(eager, ADAPTER)
     tokenizer = load_tokenizer(km_sdpa.base)
-    eos = km_sdpa.resolve_eos(km_sdpa.base.generation_config.eos_token_id)
+    eos = km_sdpa.resolve_eos("from_generation_config")
     questions = load_questions("../shared/data/spec_bench/question.jsonl", num_questions=per_category)
 
     def vanilla(model):

@@ -251,8 +251,7 @@ def main() -> None:
     assert km_fast.backbone.invariance is None and km_exact.backbone.invariance is not None
     tok = load_tokenizer(km_fast.base)
     tok.padding_side = "left"
-    eos_cfg = km_fast.base.generation_config.eos_token_id
-    eos = set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])
+    eos = km_fast.resolve_eos("from_generation_config")
     prompts = [chat_prompt_ids(tok, q.prompt) for q in questions]
     config = {
         "model": "SmolLM2-135M-Instruct",
