@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+from interleave import interleaved  # this directory's shared loop
 from transformers import AutoModelForCausalLM
 
 from kangaroo_infer import KangarooModel, load_tokenizer
@@ -51,19 +51,13 @@ def main() -> None:
     }
     names = list(decoders)
     rows = []
-    with torch.inference_mode():
-        warm = chat_ids(tokenizer, questions[0].prompt, "cpu")[:, :32]
-        for decode in decoders.values():
-            decode(warm)
-        for i, q in enumerate(questions):
-            ids = chat_ids(tokenizer, q.prompt, "cpu")  # [1, T]
-            row = {"category": q.category, "question_id": q.question_id, "prompt_tokens": ids.shape[1]}
-            for name in names[i % len(names) :] + names[: i % len(names)]:
-                begin = time.perf_counter()
-                tokens = cut_at_eos(decoders[name](ids).tolist(), eos)
-                row[name] = {"tokens": tokens, "seconds": time.perf_counter() - begin}
-            rows.append(row)
-            print(q.category, ids.shape[1], {n: round(len(row[n]["tokens"]) / row[n]["seconds"], 1) for n in names})
+    prompts = [chat_ids(tokenizer, q.prompt, "cpu") for q in questions]  # [1, T] each
+    for q, ids, timed in zip(questions, prompts, interleaved(decoders, prompts), strict=True):
+        row = {"category": q.category, "question_id": q.question_id, "prompt_tokens": ids.shape[1]}
+        for name, (new_tokens, seconds) in timed.items():
+            row[name] = {"tokens": cut_at_eos(new_tokens.tolist(), eos), "seconds": seconds}
+        rows.append(row)
+        print(q.category, ids.shape[1], {n: round(len(row[n]["tokens"]) / row[n]["seconds"], 1) for n in names})
 
     def tps(row: dict, name: str) -> float:
         return len(row[name]["tokens"]) / row[name]["seconds"]
