@@ -70,6 +70,13 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     check_replaceable(target)  # before the slow conversion: an unfinished foreign directory is refused at once
+    try:  # and a home it cannot write to
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"Cannot write the converted SmolLM2 model under {target.parent}: {error}. "
+            f"Set $KANGAROO_HOME to a writable directory (default ~/.cache/kangaroo)."
+        ) from None
     gguf = _smollm2_gguf()
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF files)

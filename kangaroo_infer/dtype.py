@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,14 @@ def auto_dtype(device: torch.device | str | None, home: Path, flags: set[str] | 
     if not isinstance(cached, dict) or key not in cached:
         cached = cached if isinstance(cached, dict) else {}
         cached[key] = measure_cpu_bf16()
-
-        atomic_write(cache_path, json.dumps(cached, indent=2) + "\n")  # processes measuring at once: one file wins
+        try:
+            atomic_write(cache_path, json.dumps(cached, indent=2) + "\n")  # processes measuring at once: one file wins
+        except OSError as error:  # the cache only saves the next run a timing: decide from this one
+            warnings.warn(
+                f"Could not keep the bf16 timing in {cache_path} ({error}); it will be measured again next time. "
+                f"Set $KANGAROO_HOME to a writable directory, or pass an explicit dtype.",
+                stacklevel=2,
+            )
     timing = cached[key]
     fp32, bf16 = (sum(timing[name].values()) for name in ("float32", "bfloat16"))
     native = "+".join(sorted(flags))

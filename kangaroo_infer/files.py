@@ -57,8 +57,11 @@ def atomic_directory(target: Path, legacy_files: frozenset[str] = frozenset()) -
     """
     target = Path(target)
     check_replaceable(target, legacy_files)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as error:
+        raise ValueError(f"Cannot write {target}: {error}. Choose a writable location for it.") from None
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:
         yield tmp

@@ -220,6 +220,10 @@ def test_dtype_auto_explicit_and_fallback(tmp_path):
     (tmp_path / "dtype.json").write_text(json.dumps(timing))
     dtype, why = auto_dtype("cpu", tmp_path, flags={"amx_bf16"})
     assert dtype == torch.float32 and "slower" in why
+    unwritable = tmp_path / "dtype.json" / "home"  # under a file: no directory can be made there
+    with pytest.warns(UserWarning, match="Could not keep the bf16 timing .*KANGAROO_HOME"):
+        dtype, why = auto_dtype("cpu", unwritable, flags={"avx512_bf16"})  # measured, used, not kept
+    assert dtype in (torch.bfloat16, torch.float32) and "measured" in why
     assert resolve_dtype("float32", "cpu", tmp_path) == (torch.float32, "explicit")
     assert resolve_dtype(torch.bfloat16, "cpu", tmp_path) == (torch.bfloat16, "explicit")
     with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):

@@ -51,6 +51,9 @@ def test_atomic_directory_replaces_only_its_own_output(tmp_path):
         pass
     assert a_file.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "out", "user"]  # no temporary left behind
+    with pytest.raises(ValueError, match=r"Cannot write .*file.txt/out: .*Choose a writable location"):
+        with atomic_directory(a_file / "out"):  # under a file: nothing can be made there
+            pass
 
 
 def test_materialize_refuses_a_foreign_directory_before_converting(kangaroo_home):
@@ -60,6 +63,14 @@ def test_materialize_refuses_a_foreign_directory_before_converting(kangaroo_home
     with pytest.raises(ValueError, match="did not write"):
         materialize_smollm2()
     assert (target / "mine.txt").read_text() == "keep"
+
+
+def test_materialize_names_an_unwritable_home_before_converting(tmp_path, monkeypatch):
+    home_file = tmp_path / "home"
+    home_file.write_text("a file where $KANGAROO_HOME should be a directory")
+    monkeypatch.setenv("KANGAROO_HOME", str(home_file))
+    with pytest.raises(ValueError, match=r"Cannot write the converted SmolLM2 model .*Set \$KANGAROO_HOME"):
+        materialize_smollm2()
 
 
 @pytest.fixture(scope="module")
