@@ -72,7 +72,7 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     try:  # before the slow conversion: a home it cannot write to is refused at once
         check_writable(target)
     except UnwritableError as error:
-        raise UnwritableError(f"{error} Or set $KANGAROO_HOME (default ~/.cache/kangaroo) to one.") from None
+        raise ValueError(f"{error} Or set $KANGAROO_HOME (default ~/.cache/kangaroo) to one.") from None
     check_replaceable(target)  # and an unfinished foreign directory
     gguf = _smollm2_gguf()
     try:

@@ -23,6 +23,10 @@ class UnwritableError(ValueError):
     """A writer could not create its output (or the temporary beside it): the message names the path and the fix."""
 
 
+def _unwritable(path: str | os.PathLike, why: str | OSError) -> UnwritableError:
+    return UnwritableError(f"Cannot write {path}: {why}. Choose a writable location for it.")
+
+
 def check_writable(path: Path) -> None:
     """Refuse ``path`` when its nearest existing folder is not a directory this process may write into (a file, a
     read-only mount): part of the checks callers run before any work, so a long run never ends unable to save."""
@@ -30,9 +34,7 @@ def check_writable(path: Path) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UnwritableError(
-            f"Cannot write {path}: {ancestor} is not a writable directory. Choose a writable location for it."
-        )
+        raise _unwritable(path, f"{ancestor} is not a writable directory")
 
 
 def check_replaceable(target: Path, legacy_files: frozenset[str] = frozenset()) -> None:
@@ -78,7 +80,7 @@ def atomic_directory(target: Path, legacy_files: frozenset[str] = frozenset()) -
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     except OSError as error:
-        raise UnwritableError(f"Cannot write {target}: {error}. Choose a writable location for it.") from None
+        raise _unwritable(target, error) from None
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:
         yield tmp
@@ -145,7 +147,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise UnwritableError(f"Cannot write {path}: {error}. Choose a writable location for it.") from None
+        raise _unwritable(path, error) from None
     os.close(fd)
     tmp = Path(name)
     try:
