@@ -180,7 +180,8 @@ def check_claimable(target: str | os.PathLike, owner: str, *, legacy: bool = Fal
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory; choose another directory (or remove the file).")
-    check_writable(target)
+    if not target.exists():  # a new one must be creatable; an existing one may be complete and read-only (shared)
+        check_writable(target)
     entries = sorted(p.name for p in target.iterdir() if p.name != WRITTEN_LIST) if target.is_dir() else []
     if entries and not legacy and _written_lines(target).get("*") != owner:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
@@ -194,6 +195,9 @@ def check_claimable(target: str | os.PathLike, owner: str, *, legacy: bool = Fal
 def claim_directory(target: str | os.PathLike, owner: str, *, legacy: bool = False, fix: str = "") -> Path:
     """``check_claimable``, then create the directory and mark it as ``owner``'s (a ``*`` line in its list)."""
     target = check_claimable(target, owner, legacy=legacy, fix=fix)
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(target, error) from None
     _record_written(target, "*", owner)
     return target

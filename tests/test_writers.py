@@ -130,6 +130,9 @@ def test_distill_dir_holding_user_files_is_refused_before_any_stage(tmp_path):
         (legacy / "conversations.jsonl").write_text("")
         validate_config(compose(config_name="train", overrides=["experiment=tiny", "distill=greedy",
                                                                 f"distill.dir={legacy}"]))  # fmt: skip
+        a_file = folder / "conversations.jsonl"  # a new cache directory that cannot be made: refused at once too
+        with pytest.raises(ValueError, match=r"Cannot write .*conversations.jsonl/cache/train: .*not a writable"):
+            validate_config(compose(config_name="train", overrides=["experiment=tiny", f"cache.dir={a_file}/cache"]))
     assert sorted(p.name for p in folder.iterdir()) == ["conversations.jsonl"]
 
 
