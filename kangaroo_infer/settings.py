@@ -209,6 +209,11 @@ class GenerationSettings:
                 f"shorten the prompt by at least {length - limit + 1} tokens ({length + wanted - limit} to get all "
                 f"max_new_tokens={wanted})."
             )
+        if wanted >= limit:  # no shorter prompt can make room: only max_new_tokens can
+            raise ValueError(
+                f"max_new_tokens ({wanted}) alone reaches the model's {limit} positions; with this {length}-token "
+                f"prompt lower it to at most {limit - length}."
+            )
         raise ValueError(
             f"Prompt ({length} tokens) + max_new_tokens ({wanted}) = {length + wanted} exceeds the model's {limit} "
             f"positions; shorten the prompt by {length + wanted - limit} tokens or lower max_new_tokens to "

@@ -178,6 +178,7 @@ def test_bad_generate_inputs():
         (dict(input_ids=torch.tensor([[5, VOCAB]])), "outside the vocabulary"),
         (dict(input_ids=ok, max_new_tokens=0), "max_new_tokens must be a positive integer"),
         (dict(input_ids=ok, max_new_tokens=254), r"exceeds the model's 256 positions.*max_new_tokens to 253"),
+        (dict(input_ids=ok, max_new_tokens=9999), r"max_new_tokens \(9999\) alone reaches .*lower it to at most 253"),
         (
             dict(input_ids=torch.ones(1, 257, dtype=torch.long), max_new_tokens=1),
             r"no room for new tokens in the model's 256 positions; shorten the prompt by at least 2 tokens",
