@@ -189,6 +189,7 @@ class RowInvariance:
         self.layer_linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers]
         self.lm_head = lm_head
         self._ways: dict[tuple, type | None] = {}
+        self._patches: dict[tuple, dict[nn.Linear, type]] = {}  # per (layers, rows, head): the linears to patch, how
         self._generator = torch.Generator().manual_seed(0)  # probe inputs; the caller's RNG is left alone
 
     def row_dependent(self, linear: nn.Linear, rows: int) -> bool:
@@ -232,13 +233,15 @@ class RowInvariance:
         """Within: attention under ``ROWWISE`` (the layers must get ``RowKeys`` as their mask), and the linears of
         ``layers`` (and the LM head with ``head``) that are row-dependent at ``rows`` rows patched to compute each row
         as a one-row product (``way``)."""
-        linears = [m for i in layers for m in self.layer_linears[i]] + ([self.lm_head] if head else [])
-        ways = {m: self.way(m, rows) for m in linears}
-        patched = [m for m, way in ways.items() if way is not None]
+        key = (layers.start, layers.stop, rows, head)
+        patches = self._patches.get(key)
+        if patches is None:  # once per kind of pass: ~200 linears a pass made the lookups 2% of decoding
+            linears = [m for i in layers for m in self.layer_linears[i]] + ([self.lm_head] if head else [])
+            patches = self._patches[key] = {m: way for m in linears if (way := self.way(m, rows)) is not None}
         saved = self.config._attn_implementation_internal
         self.config._attn_implementation_internal = ROWWISE  # the attribute behind the validating setter
         try:
-            with forwards_replaced(patched, lambda m: ways[m](m)):
+            with forwards_replaced(list(patches), lambda m: patches[m](m)):
                 yield
         finally:
             self.config._attn_implementation_internal = saved
