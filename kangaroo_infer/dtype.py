@@ -16,6 +16,7 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,22 @@ def machine_line(record: dict[str, Any]) -> str:
     )
 
 
+def call_seconds(fn: Callable[[], object], calls: int) -> list[float]:
+    """How long each of ``calls`` calls of ``fn`` took, in seconds: the one timing loop behind every choice the
+    runtime makes by measuring (this dtype, ``invariance``'s way of computing a row-dependent layer)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def _time_linear(dtype: torch.dtype, rows: int, repeats: int = 20) -> float:
     weight = torch.randn(*TIMING_SHAPE).to(dtype)
     x = torch.randn(rows, TIMING_SHAPE[1]).to(dtype)
-    times = []
     with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            times.append(time.perf_counter() - start)
+        times = call_seconds(lambda: torch.nn.functional.linear(x, weight), repeats)
     return sorted(times)[len(times) // 2]
 
 

@@ -26,7 +26,6 @@ is left alone: vanilla ``generate`` computes it as one pass over the prompt too.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .dtype import call_seconds
 
 ROWWISE = "kangaroo_rowwise"  # the attention implementation name a multi-row pass runs under
 # Output elements a probe compares per (shape, rows). A kernel that sums in another order for M rows than for one
@@ -250,9 +251,4 @@ class RowInvariance:
 def _fastest_call(fn: Callable, x: torch.Tensor) -> float:
     """The shortest of ``TIMED_CALLS`` calls, in seconds, after one untimed call (the kernel's first-use setup)."""
     fn(x)
-    times = []
-    for _ in range(TIMED_CALLS):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_seconds(partial(fn, x), TIMED_CALLS))

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from kangaroo_infer.dtype import machine
 from kangaroo_infer.packed import PackedWeights
 
-
-def mean_us(fn, x: torch.Tensor, calls: int = 200) -> float:
-    for _ in range(20):
-        fn(x)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn(x)
-    return (time.perf_counter() - start) / calls * 1e6
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bf16_attention"))
+from layouts import best_us  # noqa: E402  (the sibling benchmark's timing: best of 3 means of 200 calls)
 
 
 def main() -> None:
@@ -55,7 +51,7 @@ def main() -> None:
             entry = {}
             for name, fn in ways.items():
                 differing = sum(int((fn(x) != ref).sum()) for x, ref in zip(inputs, refs, strict=True))
-                us = min(mean_us(fn, inputs[0]) for _ in range(3))
+                us = best_us(partial(fn, inputs[0]))
                 entry[name] = {"differing_outputs": differing, "of": rows * 576 * args.trials, "us": round(us, 1)}
             result["rows"][rows] = entry
             print(rows, json.dumps(entry), flush=True)
