@@ -93,10 +93,9 @@ def rowwise_attention(
 ) -> tuple[torch.Tensor, None]:  # [B, q, Hq, d]
     """Each query row as a one-row problem over its own keys: bit for bit what a one-row forward computes."""
     rows = attention_mask
-    batch = []
+    outs = []  # B · q one-row outputs [1, 1, Hq, d], batch row by batch row
     for b in range(query.shape[0]):
         qb, kb, vb = query[b : b + 1], key[b : b + 1], value[b : b + 1]
-        outs = []
         for i, keys in enumerate(rows.keys[b]):
             if isinstance(keys, slice):
                 k, v = kb[:, :, keys], vb[:, :, keys]
@@ -107,8 +106,7 @@ def rowwise_attention(
                 q, k, v = one_row_layout(q, k, v)
             out, _ = rows.attention(module, q, k, v, None, **kwargs)  # [1, 1, Hq, d]
             outs.append(out)
-        batch.append(torch.cat(outs, dim=1))
-    return torch.cat(batch, dim=0), None
+    return torch.cat(outs, dim=1).view(query.shape[0], query.shape[2], *outs[0].shape[2:]), None
 
 
 AttentionInterface.register(ROWWISE, rowwise_attention)

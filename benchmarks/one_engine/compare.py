@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="4,8")
     parser.add_argument("--adapter", default="checkpoints/smollm2-135m-instruct")
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--batches-only", action="store_true", help="single prompts: only vanilla (each row's own answer); no ratios"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     km_new = new.KangarooModel.from_pretrained("smollm2-135m-instruct", adapter=args.adapter, dtype=dtype)
@@ -82,6 +85,8 @@ def main() -> None:
         "new_adapter_only": lambda ids: kangaroo(km_new, ids, lookup_tokens=0),
         "new_batch_of_one": lambda ids: kangaroo(km_new, ids, attention_mask=torch.ones_like(ids)),
     }
+    if args.batches_only:
+        single = {"vanilla": vanilla}
     for fn in single.values():  # warm-up
         fn(prompts[0])
     seconds = dict.fromkeys(single, 0.0)
@@ -115,10 +120,11 @@ def main() -> None:
     }
     single_res = result["single"]
     speed = {name: run["tokens_per_s"] for name, run in single_res.items()}
-    single_res["batch_of_one_vs_prompt_path"] = speed["new_batch_of_one"] / speed["new_defaults"]
-    for kind in ("defaults", "adapter_only"):
-        single_res[f"new_vs_old_{kind}"] = speed[f"new_{kind}"] / speed[f"old_{kind}"]
-        single_res[f"new_{kind}_vs_vanilla"] = speed[f"new_{kind}"] / speed["vanilla"]
+    if not args.batches_only:
+        single_res["batch_of_one_vs_prompt_path"] = speed["new_batch_of_one"] / speed["new_defaults"]
+        for kind in ("defaults", "adapter_only"):
+            single_res[f"new_vs_old_{kind}"] = speed[f"new_{kind}"] / speed[f"old_{kind}"]
+            single_res[f"new_{kind}_vs_vanilla"] = speed[f"new_{kind}"] / speed["vanilla"]
 
     batch_res = {}
     for size in [int(b) for b in args.batch_sizes.split(",") if b]:
