@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .dtype import resolve_dtype
 from .files import UnwritableError, atomic_directory, check_replaceable
@@ -121,6 +128,19 @@ def load_base(
     return model.eval()
 
 
+def base_config(base: str | os.PathLike | PreTrainedModel | None) -> PretrainedConfig | None:
+    """The base model's config, read before its weights (``dtype="auto"`` times its linear shapes); None where it
+    cannot be read, and loading the model then says why."""
+    if isinstance(base, PreTrainedModel):
+        return base.config
+    if base is None:
+        return None
+    try:
+        return AutoConfig.from_pretrained(resolve_base_path(str(base)))
+    except (OSError, ValueError):
+        return None
+
+
 def check_device(device: torch.device | str | None) -> None:
     """A device this machine has, checked before any weights are loaded (not after a minute of loading)."""
     if device is None:
@@ -144,15 +164,13 @@ def random_base(
 ) -> PreTrainedModel:
     """A base model with random weights built from a config.json (or its directory): for cost profiles of model
     sizes that need no real weights (e.g. Vicuna-7B's shape on a GPU)."""
-    from transformers import AutoConfig
-
     path = Path(config_path).expanduser()
     if not path.exists():
         raise ValueError(f"Base config {str(path)!r} does not exist; pass a config.json or a directory holding one.")
     values = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     config._attn_implementation = "sdpa"
-    dtype = resolve_dtype(dtype, device, kangaroo_home())[0]  # "auto" as everywhere ($KANGAROO_DTYPE included)
+    dtype = resolve_dtype(dtype, device, kangaroo_home(), config)[0]  # "auto" as everywhere ($KANGAROO_DTYPE too)
     check_device(device)
     with torch.device(device or "cpu"):  # initialise in place: a 7B model never passes through host memory twice
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from transformers import PreTrainedModel
 
 from .adapter import INITS, KangarooAdapter, check_exit_layer, read_adapter_config
 from .arch import Backbone
-from .base import kangaroo_home, load_base
+from .base import base_config, kangaroo_home, load_base
 from .batch import BatchRows
 from .cache import KangarooCache
 from .draft import DraftHead, adapter_logits, shallow_step
@@ -113,14 +114,8 @@ class KangarooModel:
         it natively and faster, else fp32 (``dtype.py``; a loaded model keeps its own); ``dtype_reason`` says which
         and why. ``exact_verify``, ``pack_weights``: see ``KangarooModel``.
         """
-        if isinstance(base_model, PreTrainedModel) and dtype == AUTO:
-            dtype, reason = None, "the loaded model's own"
-        else:
-            dtype, reason = resolve_dtype(dtype, device, kangaroo_home())
         options = {"exact_verify": exact_verify, "pack_weights": pack_weights}
-        km = cls._load(base_model, adapter, exit_layer, dtype, device, init, options)
-        km.dtype_reason = reason
-        return km
+        return cls._load(base_model, adapter, exit_layer, dtype, device, init, options)
 
     @classmethod
     def _load(cls, base_model, adapter, exit_layer, dtype, device, init, options: dict[str, Any]) -> KangarooModel:
@@ -131,10 +126,12 @@ class KangarooModel:
                 raise ValueError("A fresh adapter (adapter=None) needs exit_layer=ℓ, the number of shallow layers.")
             if init not in INITS:
                 raise ValueError(f"Unknown adapter init {init!r}; choose one of {list(INITS)}.")
-            base = load_base(base_model, dtype, device)
+            base, reason = _load_base(base_model, dtype, device)
             check_exit_layer(exit_layer, base.config.num_hidden_layers)
             name = None if isinstance(base_model, PreTrainedModel) else str(base_model)
-            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), **options)
+            km = cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), **options)
+            km.dtype_reason = reason
+            return km
         config = read_adapter_config(adapter)
         if exit_layer is not None and exit_layer != config.exit_layer:
             raise ValueError(
@@ -145,8 +142,10 @@ class KangarooModel:
             if not config.base_model:
                 raise ValueError(f"Adapter {adapter} records no base model; pass base_model=... explicitly.")
             base_model = resolve_recorded_base(config.base_model, Path(adapter))
-        base = load_base(base_model, dtype, device)
-        return cls(base, KangarooAdapter.from_pretrained(adapter, base), **options)
+        base, reason = _load_base(base_model, dtype, device)
+        km = cls(base, KangarooAdapter.from_pretrained(adapter, base), **options)
+        km.dtype_reason = reason
+        return km
 
     @property
     def limits(self) -> ModelLimits:
@@ -255,3 +254,12 @@ def resolve_recorded_base(recorded: str, adapter_dir: Path) -> str:
     if not Path(recorded).is_absolute() and candidate.exists():
         return str(candidate)
     return recorded
+
+
+def _load_base(base_model, dtype, device) -> tuple[PreTrainedModel, str]:
+    """The base in the dtype asked for, and why that dtype: "auto" times this model's own linear shapes (read from
+    its config before any weights load); a loaded model under "auto" keeps its own."""
+    if isinstance(base_model, PreTrainedModel) and dtype == AUTO:
+        return load_base(base_model, None, device), "the loaded model's own"
+    dtype, reason = resolve_dtype(dtype, device, kangaroo_home(), partial(base_config, base_model))
+    return load_base(base_model, dtype, device), reason

@@ -88,18 +88,19 @@ class PackedWeights:
             same = self._equal[(*shape, rows)] = self._probe(weight, bias, packed, rows)
         if not same:
             return nn.functional.linear(x, weight, bias)
-        out = self._run(x.reshape(rows, x.shape[-1]), packed, bias)  # [rows, N]
+        out = self.run(x.reshape(rows, x.shape[-1]), packed, bias)  # [rows, N]
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [rows, K] -> [rows, N]
+        """The packed kernel itself (``pack``'s output), unprobed."""
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
     @torch.inference_mode()
     def _probe(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int) -> bool:
         try:
             return agree_on_random_inputs(
-                weight, rows, self._generator, partial(self._run, packed=packed, bias=bias),
+                weight, rows, self._generator, partial(self.run, packed=packed, bias=bias),
                 partial(nn.functional.linear, weight=weight, bias=bias),
             )  # fmt: skip
         except RuntimeError:

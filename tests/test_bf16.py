@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, DynamicCache, LlamaConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kangaroo_infer import KangarooModel
@@ -230,7 +230,7 @@ def test_row_dependent_layer_gives_one_row_products(packed):
 def test_dtype_auto_explicit_and_fallback(tmp_path):
     """auto: fp32 on a CPU without bf16 instructions whatever the timing; with them, what the cached timing says
     (measured on first use, then read from $KANGAROO_HOME/dtype.json); an explicit dtype always wins."""
-    from kangaroo_infer.dtype import auto_dtype, cpu_name, resolve_dtype
+    from kangaroo_infer.dtype import auto_dtype, cpu_name, decode_linears, resolve_dtype
 
     dtype, why = auto_dtype("cpu", tmp_path, flags={"avx2", "fma"})
     assert dtype == torch.float32 and "without native bf16" in why
@@ -244,6 +244,19 @@ def test_dtype_auto_explicit_and_fallback(tmp_path):
     (tmp_path / "dtype.json").write_text(json.dumps(timing))
     dtype, why = auto_dtype("cpu", tmp_path, flags={"amx_bf16"})
     assert dtype == torch.float32 and "slower" in why
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    assert decode_linears(config) == {(64, 64): 6, (32, 64): 6, (160, 64): 6, (64, 160): 3, (300, 64): 1}
+    dtype, why = auto_dtype("cpu", tmp_path, flags={"avx512_bf16"}, config=config)  # this model's own linears
+    timing = json.loads((tmp_path / "dtype.json").read_text())
+    (shaped,) = [k for k in timing if k != key]  # timed apart from the 2048x2048 layer, by its shapes
+    assert "64x160:3" in shaped and set(timing[shaped]["float32"]) == {"1", "3"} and "this model's linears" in why
+    faster = sum(timing[shaped]["bfloat16"].values()) < sum(timing[shaped]["float32"].values())
+    assert dtype == (torch.bfloat16 if faster else torch.float32), why
+    timing[shaped] = {"float32": {"1": 3.0, "3": 3.0}, "bfloat16": {"1": 1.0, "3": 1.0}}  # read, not timed again
+    (tmp_path / "dtype.json").write_text(json.dumps(timing))
+    assert auto_dtype("cpu", tmp_path, flags={"avx512_bf16"}, config=config)[0] == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", tmp_path, lambda: config)[0] == torch.float32  # $KANGAROO_DTYPE pins auto
     unwritable = tmp_path / "dtype.json" / "home"  # under a file: no directory can be made there
     with pytest.warns(UserWarning, match="Could not keep the bf16 timing .*KANGAROO_HOME"):
         dtype, why = auto_dtype("cpu", unwritable, flags={"avx512_bf16"})  # measured, used, not kept
@@ -262,8 +275,9 @@ def test_dtype_auto_explicit_and_fallback(tmp_path):
         os.environ["KANGAROO_DTYPE"] = "float32"
 
 
-def test_from_pretrained_dtype(tiny_dirs, kangaroo_home):
-    """A path loads in the dtype asked for (explicit wins over auto); a loaded model keeps its own under auto."""
+def test_from_pretrained_dtype(tiny_dirs, kangaroo_home, monkeypatch):
+    """A path loads in the dtype asked for (explicit wins over auto); auto times the base's own linear shapes (read
+    from its config before the weights); a loaded model keeps its own under auto."""
     root, model, _ = tiny_dirs
     km = KangarooModel.from_pretrained(None, adapter=root / "adapter", dtype="float32")
     assert km.base.dtype == torch.float32 and km.dtype_reason == "explicit" and km.backbone.invariance is None
@@ -272,6 +286,12 @@ def test_from_pretrained_dtype(tiny_dirs, kangaroo_home):
     km = KangarooModel.from_pretrained(None, adapter=root / "adapter")  # auto, pinned by $KANGAROO_DTYPE here
     assert km.dtype_reason == "$KANGAROO_DTYPE" and km.base.dtype == torch.float32
     assert KangarooModel.from_pretrained(model, exit_layer=2).base.dtype == model.dtype
+    monkeypatch.delenv("KANGAROO_DTYPE")
+    km = KangarooModel.from_pretrained(None, adapter=root / "adapter")  # auto, as on a user's machine
+    if "without native bf16" not in km.dtype_reason:  # a CPU with avx512_bf16 / AMX: timed, cached by the shapes
+        assert "this model's linears" in km.dtype_reason
+        (key,) = json.loads((kangaroo_home / "dtype.json").read_text())
+        assert f"{model.config.vocab_size}x{model.config.hidden_size}:1" in key  # its LM head among them
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
