@@ -13,7 +13,10 @@ import torch
 from .dtype import AUTO, DTYPES, machine_line
 
 DTYPE_CHOICES = [AUTO, *DTYPES]
-DTYPE_HELP = "weights dtype (default auto: bf16 where this machine computes it natively and faster, else float32)"
+DTYPE_HELP = (
+    "weights dtype (default auto: bf16 where this machine computes it natively and faster for this model's layers, "
+    "else float32)"
+)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
