@@ -115,10 +115,14 @@ class KangarooModel:
         and why. ``exact_verify``, ``pack_weights``: see ``KangarooModel``.
         """
         options = {"exact_verify": exact_verify, "pack_weights": pack_weights}
-        return cls._load(base_model, adapter, exit_layer, dtype, device, init, options)
+        km, reason = cls._load(base_model, adapter, exit_layer, dtype, device, init, options)
+        km.dtype_reason = reason
+        return km
 
     @classmethod
-    def _load(cls, base_model, adapter, exit_layer, dtype, device, init, options: dict[str, Any]) -> KangarooModel:
+    def _load(
+        cls, base_model, adapter, exit_layer, dtype, device, init, options: dict[str, Any]
+    ) -> tuple[KangarooModel, str]:  # the model, and why its dtype
         if adapter is None:
             if base_model is None:
                 raise ValueError("Name a base model (base_model=...) or an adapter checkpoint (adapter=DIR).")
@@ -129,9 +133,7 @@ class KangarooModel:
             base, reason = _load_base(base_model, dtype, device)
             check_exit_layer(exit_layer, base.config.num_hidden_layers)
             name = None if isinstance(base_model, PreTrainedModel) else str(base_model)
-            km = cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), **options)
-            km.dtype_reason = reason
-            return km
+            return cls(base, KangarooAdapter.for_base(base, exit_layer, init=init, base_name=name), **options), reason
         config = read_adapter_config(adapter)
         if exit_layer is not None and exit_layer != config.exit_layer:
             raise ValueError(
@@ -143,9 +145,7 @@ class KangarooModel:
                 raise ValueError(f"Adapter {adapter} records no base model; pass base_model=... explicitly.")
             base_model = resolve_recorded_base(config.base_model, Path(adapter))
         base, reason = _load_base(base_model, dtype, device)
-        km = cls(base, KangarooAdapter.from_pretrained(adapter, base), **options)
-        km.dtype_reason = reason
-        return km
+        return cls(base, KangarooAdapter.from_pretrained(adapter, base), **options), reason
 
     @property
     def limits(self) -> ModelLimits:
