@@ -150,8 +150,8 @@ def test_greedy_answers_in_bf16_run_packed_and_equal_generate(tiny_dirs, monkeyp
     model = copy.deepcopy(model).to(torch.bfloat16)
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in QUESTIONS]
     runs = []
-    real_run = PackedWeights._run
-    monkeypatch.setattr(PackedWeights, "_run", staticmethod(lambda *a, **k: runs.append(1) or real_run(*a, **k)))
+    real_run = PackedWeights.run
+    monkeypatch.setattr(PackedWeights, "run", staticmethod(lambda *a, **k: runs.append(1) or real_run(*a, **k)))
     answers = greedy_answers(model, prompts, 20)
     monkeypatch.undo()
     assert bool(runs) == packing_available(model.lm_head.weight)  # the packed kernel ran wherever it exists
