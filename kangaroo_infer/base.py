@@ -128,13 +128,9 @@ def load_base(
     return model.eval()
 
 
-def base_config(base: str | os.PathLike | PreTrainedModel | None) -> PretrainedConfig | None:
-    """The base model's config, read before its weights (``dtype="auto"`` times its linear shapes); None where it
-    cannot be read, and loading the model then says why."""
-    if isinstance(base, PreTrainedModel):
-        return base.config
-    if base is None:
-        return None
+def base_config(base: str | os.PathLike) -> PretrainedConfig | None:
+    """The config of a base model named by path, hub id or alias, read before its weights (``dtype="auto"`` times its
+    linear shapes); None where it cannot be read, and loading the model then says why."""
     try:
         return AutoConfig.from_pretrained(resolve_base_path(str(base)))
     except (OSError, ValueError):

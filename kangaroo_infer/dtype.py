@@ -99,12 +99,17 @@ def call_seconds(fn: Callable[[], object], calls: int) -> list[float]:
     return times
 
 
+def _median_seconds(fn: Callable[[], object], calls: int) -> float:
+    """The median of ``calls`` timed calls: the statistic of the dtype's timings."""
+    times = sorted(call_seconds(fn, calls))
+    return times[len(times) // 2]
+
+
 def _time_linear(dtype: torch.dtype, rows: int, repeats: int = 20) -> float:
     weight = torch.randn(*TIMING_SHAPE).to(dtype)
     x = torch.randn(rows, TIMING_SHAPE[1]).to(dtype)
     with torch.inference_mode():
-        times = call_seconds(lambda: torch.nn.functional.linear(x, weight), repeats)
-    return sorted(times)[len(times) // 2]
+        return _median_seconds(lambda: torch.nn.functional.linear(x, weight), repeats)
 
 
 def measure_cpu_bf16() -> dict:
@@ -153,8 +158,7 @@ def measure_decode_linears(shapes: dict[tuple[int, int], int]) -> dict:
                     else:
                         call = partial(PackedWeights.run, x, packed, None)
                     call()
-                    times = sorted(call_seconds(call, DECODE_CALLS))
-                    timing[name][str(rows)] += count * times[len(times) // 2]
+                    timing[name][str(rows)] += count * _median_seconds(call, DECODE_CALLS)
     return timing
 
 
